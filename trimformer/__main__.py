@@ -1,0 +1,3 @@
+from trimformer.cli import main
+
+main()

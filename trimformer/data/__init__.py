@@ -1,0 +1,8 @@
+"""Text datasets (CSV, TSV, JSONL, built-in examples) and tokenization."""
+
+from __future__ import annotations
+
+from .datasets import BUILTIN_DATASETS, SPLITS, TextDataset, load_dataset, map_labels
+from .tokenize import Encoder, iter_batches
+
+__all__ = ["BUILTIN_DATASETS", "SPLITS", "Encoder", "TextDataset", "iter_batches", "load_dataset", "map_labels"]

@@ -1,0 +1,203 @@
+"""Hugging Face folders of the BERT family: sequence classification and sentence embeddings."""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from ..fsutil import hash_files
+from .base import TASKS, LoadedSource, SourceIO
+from .tokenizer import load_tokenizer
+
+__all__ = ["SUPPORTED_ARCHITECTURES", "is_hf_folder", "load_hf", "read_pooling"]
+
+logger = logging.getLogger(__name__)
+
+# model_type -> graph inputs. MiniLM checkpoints are model_type "bert".
+SUPPORTED_ARCHITECTURES: dict[str, tuple[str, ...]] = {
+    "bert": ("input_ids", "attention_mask", "token_type_ids"),
+    "distilbert": ("input_ids", "attention_mask"),
+    "roberta": ("input_ids", "attention_mask"),
+    "xlm-roberta": ("input_ids", "attention_mask"),
+}
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+def is_hf_folder(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and any((folder / f).is_file() for f in _WEIGHT_FILES)
+
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{folder / 'config.json'} is not valid JSON: {exc}") from exc
+    if not isinstance(config, dict):
+        raise UserError(f"{folder / 'config.json'} must hold a JSON object")
+    return config
+
+
+def _infer_task(config: dict[str, Any]) -> str:
+    archs = config.get("architectures") or []
+    if any(str(a).endswith("ForSequenceClassification") for a in archs):
+        return "sequence-classification"
+    return "feature-extraction"
+
+
+def read_pooling(folder: Path) -> tuple[str, bool]:
+    """Pooling mode and normalisation declared by a sentence-transformers folder (mean by default)."""
+    mode, normalize = "mean", False
+    pooling_file = folder / "1_Pooling" / "config.json"
+    if pooling_file.is_file():
+        cfg = json.loads(pooling_file.read_text(encoding="utf-8"))
+        if cfg.get("pooling_mode_cls_token"):
+            mode = "cls"
+        elif cfg.get("pooling_mode_max_tokens"):
+            mode = "max"
+    modules_file = folder / "modules.json"
+    if modules_file.is_file():
+        modules = json.loads(modules_file.read_text(encoding="utf-8"))
+        normalize = any("Normalize" in str(m.get("type", "")) for m in modules if isinstance(m, dict))
+    return mode, normalize
+
+
+def _load_state_dict_safely(folder: Path) -> dict[str, torch.Tensor] | None:
+    """Only a pickle checkpoint needs care: load it ourselves with ``weights_only=True``."""
+    if (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file():
+        return None
+    path = folder / "pytorch_model.bin"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+        raise UserError(
+            f"refusing {path}: it is not a plain tensor checkpoint (weights_only loading failed); "
+            "convert it to model.safetensors with a trusted tool"
+        ) from exc
+    if not isinstance(state, dict):
+        raise UserError(f"{path} holds no state dict; convert it to model.safetensors")
+    return state
+
+
+class ClassifierHead(nn.Module):
+    """Graph signature for sequence classification: token tensors in, ``logits`` out."""
+
+    def __init__(self, model: nn.Module, input_names: tuple[str, ...]) -> None:
+        super().__init__()
+        self.model = model
+        self.input_names = input_names
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        kwargs = dict(zip(self.input_names, inputs, strict=True))
+        return self.model(**kwargs).logits
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str, normalize: bool) -> torch.Tensor:
+    if mode == "cls":
+        pooled = hidden[:, 0]
+    elif mode == "max":
+        masked = hidden.masked_fill(mask.unsqueeze(-1) == 0, -1e9)
+        pooled = masked.max(dim=1).values
+    else:
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+    if normalize:
+        pooled = torch.nn.functional.normalize(pooled, p=2.0, dim=-1)
+    return pooled
+
+
+class EmbeddingHead(nn.Module):
+    """Graph signature for feature extraction: ``sentence_embedding`` with the folder's pooling."""
+
+    def __init__(self, model: nn.Module, input_names: tuple[str, ...], mode: str, normalize: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.input_names = input_names
+        self.mode = mode
+        self.normalize = normalize
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        kwargs = dict(zip(self.input_names, inputs, strict=True))
+        hidden = self.model(**kwargs).last_hidden_state
+        return pool(hidden, kwargs["attention_mask"], self.mode, self.normalize)
+
+
+def load_hf(folder: Path, task: str | None = None, num_labels: int | None = None) -> LoadedSource:
+    """Load a Hugging Face folder; ``num_labels`` re-heads a model for fine-tuning."""
+    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
+
+    config_dict = _read_config(folder)
+    model_type = str(config_dict.get("model_type", ""))
+    if model_type not in SUPPORTED_ARCHITECTURES:
+        supported = ", ".join(sorted(SUPPORTED_ARCHITECTURES))
+        raise UserError(
+            f"{folder} holds a {model_type or 'unknown'!s} model; supported architectures: {supported} "
+            "(MiniLM checkpoints are bert)"
+        )
+    task = task or _infer_task(config_dict)
+    if task not in TASKS:
+        raise UserError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
+    input_names = SUPPORTED_ARCHITECTURES[model_type]
+    state_dict = _load_state_dict_safely(folder)
+    # Eager attention exports to the plain MatMul/Softmax pattern that fusion and pruning recognise.
+    kwargs: dict[str, Any] = {"attn_implementation": "eager", "local_files_only": True}
+    if state_dict is not None:
+        kwargs["state_dict"] = state_dict
+    try:
+        config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+        if task == "sequence-classification":
+            if num_labels is not None and num_labels != config.num_labels:
+                config.num_labels = num_labels
+                config.id2label = {i: f"LABEL_{i}" for i in range(num_labels)}
+                config.label2id = {v: k for k, v in config.id2label.items()}
+            model = AutoModelForSequenceClassification.from_pretrained(
+                str(folder), config=config, ignore_mismatched_sizes=num_labels is not None, **kwargs
+            )
+        else:
+            model = AutoModel.from_pretrained(str(folder), config=config, **kwargs)
+    except UserError:
+        raise
+    except Exception as exc:
+        raise UserError(f"cannot load the model in {folder}: {str(exc).splitlines()[0]}") from exc
+    model.eval()
+    tokenizer = load_tokenizer(folder)
+    labels: list[str] | None = None
+    module: nn.Module
+    if task == "sequence-classification":
+        id2label = model.config.id2label
+        labels = [str(id2label[i]) for i in range(model.config.num_labels)]
+        module = ClassifierHead(model, input_names)
+        outputs: tuple[str, ...] = ("logits",)
+        axes: dict[str, tuple[str | int, ...]] = {"logits": ("batch", len(labels))}
+    else:
+        mode, normalize = read_pooling(folder)
+        module = EmbeddingHead(model, input_names, mode, normalize)
+        outputs = ("sentence_embedding",)
+        axes = {"sentence_embedding": ("batch", int(model.config.hidden_size))}
+        config_dict["trimformer_pooling"] = {"mode": mode, "normalize": normalize}
+    max_positions = int(getattr(model.config, "max_position_embeddings", 512))
+    # RoBERTa reserves padding_idx + 1 positions.
+    if model_type in ("roberta", "xlm-roberta"):
+        max_positions -= 2
+    weight_files = [folder / f for f in _WEIGHT_FILES if (folder / f).is_file()]
+    return LoadedSource(
+        kind="hf",
+        folder=folder,
+        architecture=model_type,
+        task=task,
+        model=model,
+        module=module.eval(),
+        io=SourceIO(input_names=input_names, output_names=outputs, output_axes=axes),
+        tokenizer=tokenizer,
+        labels=labels,
+        max_length=min(max_positions, 512),
+        pad_token_id=int(getattr(model.config, "pad_token_id", 0) or 0),
+        config=config_dict,
+        files_hash="sha256:" + hash_files([folder / "config.json", *weight_files], folder),
+    )
