@@ -15,7 +15,7 @@ endif
 
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test lint format demo bench clean train export validate
+.PHONY: install test lint format demo bench bench-peers clean train export validate
 
 install: $(STAMP)
 
@@ -52,6 +52,21 @@ $(TEACHER_ONNX)/model.onnx: $(TEACHER)/trimformer_train.json
 
 demo: $(TEACHER_ONNX)/model.onnx
 	$(TF) validate $(TEACHER_ONNX) --data builtin:tweets --reference $(TEACHER) --out $(DEMO)/report
+
+# --- benchmark: every variant side by side in one run (docs/BENCHMARKS.md) --------------
+# Peers get their own virtual environments: Optimum needs transformers<4.58. A peer that does not
+# install leaves its rows marked "skipped" with the reason.
+PEERS := optimum olive
+
+bench-peers: $(foreach p,$(PEERS),bench/.venvs/$(p)/.installed)
+
+bench/.venvs/%/.installed: bench/peers/%.txt constraints-peers.txt
+	$(PYTHON) -m venv bench/.venvs/$*
+	bench/.venvs/$*/bin/pip install -q -r bench/peers/$*.txt || echo "peer $* did not install; its rows will be skipped"
+	touch $@
+
+bench: $(TEACHER_ONNX)/model.onnx bench-peers
+	$(PY) -m bench.run
 
 # --- one target per stage, for build scripts: make export MODEL=dir OUT=dir ---------------
 train: $(STAMP)

@@ -21,7 +21,9 @@ WORDS = POSITIVE + NEGATIVE + NEUTRAL + list("abcdefghijklmnopqrstuvwxyz")
 
 
 def make_tokenizer() -> Tokenizer:
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + WORDS + ["##" + c for c in "abcdefghijklmnopqrstuvwxyz"])}
+    vocab = {
+        tok: i for i, tok in enumerate(SPECIALS + WORDS + ["##" + c for c in "abcdefghijklmnopqrstuvwxyz"])
+    }
     tok = Tokenizer(WordPiece(vocab, unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
@@ -44,21 +46,37 @@ def _hf_config(model_type: str, task: str, layers: int, hidden: int, heads: int,
     common = {"vocab_size": vocab_size() + 2, "pad_token_id": 0}
     label_kwargs = {}
     if task == "sequence-classification":
-        label_kwargs = {"id2label": dict(enumerate(LABELS)), "label2id": {l: i for i, l in enumerate(LABELS)}}
+        label_kwargs = {"id2label": dict(enumerate(LABELS)), "label2id": {name: i for i, name in enumerate(LABELS)}}
     if model_type == "bert":
         return BertConfig(
-            hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=ffn,
-            max_position_embeddings=128, **common, **label_kwargs,
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            intermediate_size=ffn,
+            max_position_embeddings=128,
+            **common,
+            **label_kwargs,
         )
     if model_type == "distilbert":
         return DistilBertConfig(
-            dim=hidden, n_layers=layers, n_heads=heads, hidden_dim=ffn, max_position_embeddings=128,
-            **common, **label_kwargs,
+            dim=hidden,
+            n_layers=layers,
+            n_heads=heads,
+            hidden_dim=ffn,
+            max_position_embeddings=128,
+            **common,
+            **label_kwargs,
         )
     if model_type == "roberta":
         return RobertaConfig(
-            hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=ffn,
-            max_position_embeddings=130, type_vocab_size=1, **common, **label_kwargs,
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            intermediate_size=ffn,
+            max_position_embeddings=130,
+            type_vocab_size=1,
+            **common,
+            **label_kwargs,
         )
     raise ValueError(model_type)
 
@@ -92,7 +110,16 @@ def make_hf_model(
             json.dumps({"word_embedding_dimension": hidden, f"pooling_mode_{pooling}": True})
         )
         (folder / "modules.json").write_text(
-            json.dumps([{"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}])
+            json.dumps(
+                [
+                    {
+                        "idx": 2,
+                        "name": "2",
+                        "path": "2_Normalize",
+                        "type": "sentence_transformers.models.Normalize",
+                    }
+                ]
+            )
         )
     return folder
 
@@ -102,8 +129,13 @@ def make_plain_model(
 ) -> Path:
     torch.manual_seed(seed)
     config = PlainConfig(
-        vocab_size=vocab_size(), hidden_size=hidden, num_heads=heads, num_layers=layers, ffn_size=ffn,
-        max_length=128, labels=list(LABELS),
+        vocab_size=vocab_size(),
+        hidden_size=hidden,
+        num_heads=heads,
+        num_layers=layers,
+        ffn_size=ffn,
+        max_length=128,
+        labels=list(LABELS),
     )
     model = PlainTransformerClassifier(config)
     model.save(folder)

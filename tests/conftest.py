@@ -9,7 +9,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from builders import make_csv, make_hf_model, make_plain_model  # noqa: E402
+from builders import make_csv, make_hf_model, make_plain_model
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,6 @@ import json
 import pickle
 from pathlib import Path
 
-import pytest
 from builders import make_csv, make_hf_model
 from click.testing import CliRunner
 
@@ -16,7 +15,8 @@ from trimformer.cli.commands import cli
 
 def invoke(*args: str) -> tuple[int, str]:
     result = CliRunner().invoke(cli, ["--quiet", *args])
-    return result.exit_code, result.output + (result.stderr if result.stderr_bytes is not None else "")
+    # click >= 8.2 mixes stderr into ``output``.
+    return result.exit_code, result.output
 
 
 def assert_user_error(code: int, output: str, pattern: str) -> None:
@@ -48,22 +48,54 @@ def test_export_then_validate_json(tiny_bert: Path, tiny_csv: Path, tmp_path: Pa
     code, out = invoke("--json", "export", str(tiny_bert), "--out", str(tmp_path / "a"))
     assert code == 0, out
     assert json.loads(out)["opset"] == 17
-    code, out = invoke("--json", "validate", str(tmp_path / "a"), "--data", str(tiny_csv), "--grid", "1x8",
-                       "--runs", "2", "--warmup", "0", "--reference", str(tiny_bert), "--max-accuracy-drop", "0.5")
+    code, out = invoke(
+        "--json",
+        "validate",
+        str(tmp_path / "a"),
+        "--data",
+        str(tiny_csv),
+        "--grid",
+        "1x8",
+        "--runs",
+        "2",
+        "--warmup",
+        "0",
+        "--reference",
+        str(tiny_bert),
+        "--max-accuracy-drop",
+        "0.5",
+    )
     assert code == 0, out
     report = json.loads(out)
     assert report["gates"]["passed"] and report["agreement"] == 1.0
 
 
-def test_gate_failure_exits_1_and_still_writes_the_report(tiny_bert_onnx: Path, tiny_csv: Path, tmp_path: Path) -> None:
-    code, out = invoke("validate", str(tiny_bert_onnx), "--data", str(tiny_csv), "--grid", "1x8", "--runs", "2",
-                       "--reference", str(tiny_bert_onnx), "--min-speedup", "50", "--out", str(tmp_path / "r"))
+def test_gate_failure_exits_1_and_still_writes_the_report(
+    tiny_bert_onnx: Path, tiny_csv: Path, tmp_path: Path
+) -> None:
+    code, out = invoke(
+        "validate",
+        str(tiny_bert_onnx),
+        "--data",
+        str(tiny_csv),
+        "--grid",
+        "1x8",
+        "--runs",
+        "2",
+        "--reference",
+        str(tiny_bert_onnx),
+        "--min-speedup",
+        "50",
+        "--out",
+        str(tmp_path / "r"),
+    )
     assert code == 1
     assert "validation gate failed: min_speedup" in out
     assert json.loads((tmp_path / "r" / "report.json").read_text())["gates"]["passed"] is False
 
 
 # --- the bad-input matrix -------------------------------------------------------------------
+
 
 def test_model_path_missing(tmp_path: Path) -> None:
     code, out = invoke("export", str(tmp_path / "nope"), "--out", str(tmp_path / "o"))
@@ -104,8 +136,16 @@ def test_pickle_only_checkpoint_refused(tmp_path: Path) -> None:
 
 def test_dataset_without_the_column(tiny_bert_onnx: Path, tmp_path: Path) -> None:
     data = make_csv(tmp_path / "d.csv", rows=5)
-    code, out = invoke("validate", str(tiny_bert_onnx), "--data", str(data), "--text-column", "body",
-                       "--out", str(tmp_path / "r"))
+    code, out = invoke(
+        "validate",
+        str(tiny_bert_onnx),
+        "--data",
+        str(data),
+        "--text-column",
+        "body",
+        "--out",
+        str(tmp_path / "r"),
+    )
     assert_user_error(code, out, r"no column 'body' \(columns: text, label\)")
     assert not (tmp_path / "r").exists()
 
@@ -139,8 +179,16 @@ def test_corrupt_onnx(tiny_bert_onnx: Path, tiny_csv: Path, tmp_path: Path) -> N
 
 
 def test_provider_not_installed(tiny_bert_onnx: Path, tiny_csv: Path, tmp_path: Path) -> None:
-    code, out = invoke("validate", str(tiny_bert_onnx), "--data", str(tiny_csv), "--provider", "tensorrt",
-                       "--out", str(tmp_path / "r"))
+    code, out = invoke(
+        "validate",
+        str(tiny_bert_onnx),
+        "--data",
+        str(tiny_csv),
+        "--provider",
+        "tensorrt",
+        "--out",
+        str(tmp_path / "r"),
+    )
     assert_user_error(code, out, r"provider 'tensorrt' is not available .*it has: .*cpu")
     assert not (tmp_path / "r").exists()
 
@@ -155,7 +203,9 @@ def test_existing_output_without_overwrite(tiny_bert: Path, tmp_path: Path) -> N
 
 def test_train_output_exists_without_overwrite(tiny_bert: Path, tiny_csv: Path, tmp_path: Path) -> None:
     (tmp_path / "o").mkdir()
-    code, out = invoke("train", "--model", str(tiny_bert), "--data", str(tiny_csv), "--out", str(tmp_path / "o"))
+    code, out = invoke(
+        "train", "--model", str(tiny_bert), "--data", str(tiny_csv), "--out", str(tmp_path / "o")
+    )
     assert_user_error(code, out, "already exists")
 
 
@@ -171,5 +221,7 @@ def test_unknown_builtin_dataset(tiny_bert_onnx: Path) -> None:
 
 
 def test_debug_shows_traceback(tmp_path: Path) -> None:
-    result = CliRunner().invoke(cli, ["--debug", "export", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
+    result = CliRunner().invoke(
+        cli, ["--debug", "export", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]
+    )
     assert result.exception is not None and result.exit_code != 0

@@ -24,8 +24,12 @@ def _run(artifact: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
 
 @pytest.mark.parametrize(
     ("model_type", "task"),
-    [("bert", "sequence-classification"), ("distilbert", "sequence-classification"),
-     ("roberta", "sequence-classification"), ("bert", "feature-extraction")],
+    [
+        ("bert", "sequence-classification"),
+        ("distilbert", "sequence-classification"),
+        ("roberta", "sequence-classification"),
+        ("bert", "feature-extraction"),
+    ],
 )
 def test_export_has_dynamic_axes_and_matches_pytorch(tmp_path: Path, model_type: str, task: str) -> None:
     src = make_hf_model(tmp_path / "src", model_type=model_type, task=task)

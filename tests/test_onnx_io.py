@@ -60,5 +60,5 @@ def test_truncated_model_is_a_user_error(tiny_bert_onnx: Path, tmp_path: Path) -
     data = (tiny_bert_onnx / "model.onnx").read_bytes()
     bad = tmp_path / "model.onnx"
     bad.write_bytes(data[: len(data) // 3])
-    with pytest.raises(UserError, match="corrupt or truncated|not a readable ONNX"):
+    with pytest.raises(UserError, match=r"corrupt or truncated|not a readable ONNX"):
         load_onnx(bad)

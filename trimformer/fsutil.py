@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .errors import UserError
 
-__all__ = ["atomic_output_dir", "check_output_dir", "hash_files", "sha256_file", "sha256_bytes"]
+__all__ = ["atomic_output_dir", "check_output_dir", "hash_files", "sha256_bytes", "sha256_file"]
 
 _CHUNK = 1 << 20
 
@@ -49,7 +49,9 @@ def hash_files(paths: list[Path], root: Path) -> str:
 def check_output_dir(out: Path, overwrite: bool) -> None:
     """Refuse an existing output folder unless the user asked to replace it."""
     if out.exists() and not overwrite:
-        raise UserError(f"output folder {out} already exists; pass --overwrite to replace it or choose another --out")
+        raise UserError(
+            f"output folder {out} already exists; pass --overwrite to replace it or choose another --out"
+        )
     if out.exists() and not out.is_dir():
         raise UserError(f"output path {out} exists and is not a folder; remove it or choose another --out")
 

@@ -63,7 +63,9 @@ def check_external_data(model: onnx.ModelProto, base_dir: Path) -> list[Path]:
                 "the model's folder (symlink)"
             )
         if not target.is_file():
-            raise UserError(f"model is incomplete: external data file {location!r} is missing next to model.onnx")
+            raise UserError(
+                f"model is incomplete: external data file {location!r} is missing next to model.onnx"
+            )
         files.add(target)
     return sorted(files)
 

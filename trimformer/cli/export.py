@@ -21,7 +21,9 @@ from .options import overwrite_option
 @click.option("--atol", type=float, default=1e-4, show_default=True, help="Parity tolerance per output.")
 @overwrite_option
 @pass_state
-def export_command(state: State, model: str, out: str, task: str | None, opset: int, atol: float, overwrite: bool) -> None:
+def export_command(
+    state: State, model: str, out: str, task: str | None, opset: int, atol: float, overwrite: bool
+) -> None:
     """Export MODEL (a trained model folder) to an ONNX artifact, checked against PyTorch.
 
     \b

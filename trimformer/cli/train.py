@@ -18,7 +18,9 @@ from .options import data_columns, overwrite_option
 @click.option("--max-length", type=int, default=64, show_default=True, help="Tokens per text.")
 @click.option("--lr", type=float, default=5e-5, show_default=True, help="Peak learning rate.")
 @click.option("--warmup", type=float, default=0.1, show_default=True, help="Warm-up fraction of the steps.")
-@click.option("--eval-every", type=int, default=100, show_default=True, help="Evaluate on the dev split every N steps.")
+@click.option(
+    "--eval-every", type=int, default=100, show_default=True, help="Evaluate on the dev split every N steps."
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @data_columns
 @overwrite_option

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import click
 
 from ..errors import GateFailed
@@ -15,19 +13,42 @@ from .options import data_columns
 @click.argument("model")
 @click.option("--data", required=True, help="Dataset to evaluate on (.csv, .tsv, .jsonl or builtin:tweets).")
 @click.option("--reference", default=None, help="Artifact or PyTorch model folder to compare against.")
-@click.option("--provider", default="cpu", show_default=True, help="cpu, cuda, tensorrt, openvino, coreml or dml.")
+@click.option(
+    "--provider", default="cpu", show_default=True, help="cpu, cuda, tensorrt, openvino, coreml or dml."
+)
+@click.option("--providers", default=None, help="Several providers, comma-separated (e.g. cuda,tensorrt).")
+@click.option("--device-id", type=int, default=0, show_default=True, help="GPU for cuda/tensorrt.")
+@click.option("--trt-cache", default=None, type=click.Path(), help="TensorRT engine cache folder.")
+@click.option("--trt-fp16", is_flag=True, help="Let TensorRT build fp16 engines.")
+@click.option("--trt-int8", is_flag=True, help="Let TensorRT build int8 engines (for QDQ models).")
 @click.option("--threads", type=int, default=None, help="Threads for inference [default: all cores].")
 @click.option("--grid", default="1x128,32x128", show_default=True, help="Latency shapes, BATCHxSEQ,...")
-@click.option("--split", default="auto", show_default=True, help="all, train, dev, test (auto: test for built-ins).")
+@click.option(
+    "--split", default="auto", show_default=True, help="all, train, dev, test (auto: test for built-ins)."
+)
 @click.option("--limit", type=int, default=None, help="Use at most N examples.")
 @click.option("--runs", type=int, default=30, show_default=True, help="Minimum timed runs per shape.")
 @click.option("--warmup", type=int, default=5, show_default=True, help="Untimed runs per shape first.")
-@click.option("--max-accuracy-drop", type=float, default=None, help="Gate: points of accuracy lost vs reference.")
-@click.option("--min-speedup", type=float, default=None, help="Gate: p50 speed-up over the reference, every shape.")
+@click.option(
+    "--max-accuracy-drop", type=float, default=None, help="Gate: points of accuracy lost vs reference."
+)
+@click.option(
+    "--min-speedup", type=float, default=None, help="Gate: p50 speed-up over the reference, every shape."
+)
 @click.option("--out", default=None, type=click.Path(), help="Report folder [default: MODEL/report].")
 @data_columns
 @pass_state
-def validate_command(state: State, model: str, grid: str, **kwargs: object) -> None:
+def validate_command(
+    state: State,
+    model: str,
+    grid: str,
+    providers: str | None,
+    device_id: int,
+    trt_cache: str | None,
+    trt_fp16: bool,
+    trt_int8: bool,
+    **kwargs: object,
+) -> None:
     """Validate MODEL (an artifact folder) with onnxruntime; exit 1 when a gate fails.
 
     \b
@@ -35,9 +56,16 @@ def validate_command(state: State, model: str, grid: str, **kwargs: object) -> N
       trimformer validate work/teacher-onnx --data builtin:tweets --reference work/teacher \\
           --max-accuracy-drop 1.0
     """
+    from ..pipeline.runners import ProviderOptions
     from ..pipeline.validate import ValidateConfig, parse_grid, validate
 
-    config = ValidateConfig(model=model, grid=parse_grid(grid), **kwargs)  # type: ignore[arg-type]
+    config = ValidateConfig(
+        model=model,
+        grid=parse_grid(grid),
+        providers=tuple(p.strip() for p in providers.split(",") if p.strip()) if providers else (),
+        provider_options=ProviderOptions(device_id, trt_cache, trt_fp16, trt_int8),
+        **kwargs,  # type: ignore[arg-type]
+    )
     try:
         report = validate(config)
     except GateFailed:

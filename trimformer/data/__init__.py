@@ -5,4 +5,12 @@ from __future__ import annotations
 from .datasets import BUILTIN_DATASETS, SPLITS, TextDataset, load_dataset, map_labels
 from .tokenize import Encoder, iter_batches
 
-__all__ = ["BUILTIN_DATASETS", "SPLITS", "Encoder", "TextDataset", "iter_batches", "load_dataset", "map_labels"]
+__all__ = [
+    "BUILTIN_DATASETS",
+    "SPLITS",
+    "Encoder",
+    "TextDataset",
+    "iter_batches",
+    "load_dataset",
+    "map_labels",
+]

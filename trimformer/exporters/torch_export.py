@@ -53,7 +53,9 @@ def _vocab_size(source: LoadedSource) -> int:
 def _trace(source: LoadedSource, config: ExportConfig, path: Path) -> None:
     batch, seq = config.trace_shape
     seq = min(seq, source.max_length)
-    feeds = random_feeds(config.input_names, batch, seq, _vocab_size(source), seed=1234, pad_token_id=source.pad_token_id)
+    feeds = random_feeds(
+        config.input_names, batch, seq, _vocab_size(source), seed=1234, pad_token_id=source.pad_token_id
+    )
     args = tuple(torch.from_numpy(feeds[n]) for n in config.input_names)
     with torch.inference_mode(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -106,7 +108,9 @@ def export_source(
     params: dict[str, Any] | None = None,
 ) -> ExportResult:
     if not MIN_OPSET <= opset <= MAX_OPSET:
-        raise UserError(f"opset {opset} is not supported; choose {MIN_OPSET} to {MAX_OPSET} (default {DEFAULT_OPSET})")
+        raise UserError(
+            f"opset {opset} is not supported; choose {MIN_OPSET} to {MAX_OPSET} (default {DEFAULT_OPSET})"
+        )
     if atol <= 0:
         raise UserError(f"--atol must be positive, got {atol}")
     started = time.perf_counter()
@@ -177,4 +181,6 @@ def export_model(
 ) -> ExportResult:
     """Export a trained model folder to an artifact folder, parity-checked against PyTorch."""
     source = load_source(model, task=task)
-    return export_source(source, Path(out), opset=opset, atol=atol, overwrite=overwrite, params={"task": source.task})
+    return export_source(
+        source, Path(out), opset=opset, atol=atol, overwrite=overwrite, params={"task": source.task}
+    )

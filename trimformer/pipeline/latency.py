@@ -22,7 +22,12 @@ class LatencyStats:
     runs: int
 
     def to_dict(self) -> dict[str, float]:
-        return {"mean": round(self.mean, 4), "p50": round(self.p50, 4), "p90": round(self.p90, 4), "p99": round(self.p99, 4)}
+        return {
+            "mean": round(self.mean, 4),
+            "p50": round(self.p50, 4),
+            "p90": round(self.p90, 4),
+            "p99": round(self.p99, 4),
+        }
 
 
 def summarize(samples_ms: list[float]) -> LatencyStats:

@@ -136,7 +136,7 @@ def _save(source: LoadedSource, state: dict[str, torch.Tensor], labels: list[str
         source.model.save(folder)  # type: ignore[operator]
         source.tokenizer.save(str(folder / "tokenizer.json"))
         return
-    config = source.model.config  # type: ignore[union-attr]
+    config: Any = source.model.config
     config.id2label = dict(enumerate(labels))
     config.label2id = {label: i for i, label in enumerate(labels)}
     source.model.save_pretrained(str(folder), safe_serialization=True)  # type: ignore[operator]
@@ -151,7 +151,7 @@ def train(config: TrainConfig) -> TrainResult:
     config.validate()
     check_output_dir(Path(config.out), config.overwrite)
     started = time.perf_counter()
-    columns = {
+    columns: dict[str, Any] = {
         "text_column": config.text_column,
         "text_pair_column": config.text_pair_column,
         "label_column": config.label_column,
@@ -159,10 +159,14 @@ def train(config: TrainConfig) -> TrainResult:
     train_set = load_dataset(config.data, split="train", seed=config.seed, **columns)
     dev_set = load_dataset(config.data, split="dev", seed=config.seed, limit=config.eval_limit, **columns)
     if train_set.labels is None:
-        raise UserError(f"dataset {train_set.name} has no labels; training needs a label column (--label-column)")
+        raise UserError(
+            f"dataset {train_set.name} has no labels; training needs a label column (--label-column)"
+        )
     labels = _labels_for(train_set)
     if len(labels) < 2:
-        raise UserError(f"dataset {train_set.name} has only one label ({labels[0]}); training needs at least two")
+        raise UserError(
+            f"dataset {train_set.name} has only one label ({labels[0]}); training needs at least two"
+        )
     source = load_source(config.model, task="sequence-classification", num_labels=len(labels))
     if source.kind == "plain" and source.labels != labels:
         raise UserError(f"the plain model's labels {source.labels} differ from the data's {labels}")
@@ -238,7 +242,9 @@ def train(config: TrainConfig) -> TrainResult:
             "trimformer": __version__,
             "base_model_hash": source.files_hash,
             "data": Path(config.data).name if not config.data.startswith("builtin:") else config.data,
-            "params": {k: v for k, v in asdict(config).items() if k not in ("out", "overwrite", "model", "data")},
+            "params": {
+                k: v for k, v in asdict(config).items() if k not in ("out", "overwrite", "model", "data")
+            },
             "result": {k: v for k, v in result.to_dict().items() if k != "out"},
         }
         (tmp / TRAIN_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")

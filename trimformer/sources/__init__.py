@@ -45,15 +45,15 @@ def load_source(spec: str | Path, task: str | None = None, num_labels: int | Non
     if not folder.exists():
         raise UserError(f"model path {folder} does not exist")
     if not folder.is_dir():
-        raise UserError(f"model path {folder} is a file; pass the folder that holds config.json and the weights")
+        raise UserError(
+            f"model path {folder} is a file; pass the folder that holds config.json and the weights"
+        )
     if is_plain_folder(folder):
         return load_plain(folder)
     if is_hf_folder(folder):
         return load_hf(folder, task=task, num_labels=num_labels)
     if (folder / "config.json").is_file():
-        raise UserError(
-            f"{folder} has config.json but no weights (model.safetensors or pytorch_model.bin)"
-        )
+        raise UserError(f"{folder} has config.json but no weights (model.safetensors or pytorch_model.bin)")
     raise UserError(
         f"no model in {folder}: expected a Hugging Face folder (config.json + model.safetensors) "
         "or a trimformer plain model (trimformer_model.json + model.safetensors)"

@@ -69,7 +69,7 @@ def read_pooling(folder: Path) -> tuple[str, bool]:
 
 
 def _load_state_dict_safely(folder: Path) -> dict[str, torch.Tensor] | None:
-    """Only a pickle checkpoint needs care: load it ourselves with ``weights_only=True``."""
+    """Only a pickle checkpoint needs care: open it with ``weights_only=True``."""
     if (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file():
         return None
     path = folder / "pytorch_model.bin"
@@ -144,11 +144,11 @@ def load_hf(folder: Path, task: str | None = None, num_labels: int | None = None
     if task not in TASKS:
         raise UserError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
     input_names = SUPPORTED_ARCHITECTURES[model_type]
-    state_dict = _load_state_dict_safely(folder)
+    # A pickle checkpoint is opened with weights_only=True first: a file that needs more than plain
+    # tensors is refused before transformers (or anything else) unpickles it.
+    _load_state_dict_safely(folder)
     # Eager attention exports to the plain MatMul/Softmax pattern that fusion and pruning recognise.
     kwargs: dict[str, Any] = {"attn_implementation": "eager", "local_files_only": True}
-    if state_dict is not None:
-        kwargs["state_dict"] = state_dict
     try:
         config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
         if task == "sequence-classification":

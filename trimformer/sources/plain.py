@@ -82,7 +82,9 @@ class PlainTransformerClassifier(nn.Module):
         pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
         return self.classifier(pooled)
 
-    def _attention(self, attn: nn.MultiheadAttention, hidden: torch.Tensor, additive: torch.Tensor) -> torch.Tensor:
+    def _attention(
+        self, attn: nn.MultiheadAttention, hidden: torch.Tensor, additive: torch.Tensor
+    ) -> torch.Tensor:
         # nn.MultiheadAttention's functional form bakes the traced batch size into its reshapes;
         # the same computation written with -1 for the head axis exports with dynamic shapes and
         # in the Q/K/V pattern that fusion and head pruning recognise.
@@ -98,7 +100,9 @@ class PlainTransformerClassifier(nn.Module):
         key = split_heads(F.linear(hidden, weight[size : 2 * size], bias[size : 2 * size]))
         value = split_heads(F.linear(hidden, weight[2 * size :], bias[2 * size :]))
         scores = torch.matmul(query, key.transpose(-1, -2)) / math.sqrt(head_dim)
-        probs = F.dropout(torch.softmax(scores + additive[:, None, None, :], dim=-1), attn.dropout, self.training)
+        probs = F.dropout(
+            torch.softmax(scores + additive[:, None, None, :], dim=-1), attn.dropout, self.training
+        )
         context = torch.matmul(probs, value).transpose(1, 2)
         return attn.out_proj(context.reshape(hidden.shape[0], hidden.shape[1], -1))
 
@@ -106,7 +110,9 @@ class PlainTransformerClassifier(nn.Module):
         folder.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
         save_file(state, str(folder / "model.safetensors"))
-        (folder / PLAIN_CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2) + "\n", encoding="utf-8")
+        (folder / PLAIN_CONFIG_FILE).write_text(
+            json.dumps(asdict(self.config), indent=2) + "\n", encoding="utf-8"
+        )
 
 
 def is_plain_folder(folder: Path) -> bool:
@@ -131,7 +137,9 @@ def load_plain(folder: Path) -> LoadedSource:
         state = load_file(str(weights))
         model.load_state_dict(state, strict=True)
     except Exception as exc:
-        raise UserError(f"weights in {weights} do not match {PLAIN_CONFIG_FILE}: {str(exc).splitlines()[0]}") from exc
+        raise UserError(
+            f"weights in {weights} do not match {PLAIN_CONFIG_FILE}: {str(exc).splitlines()[0]}"
+        ) from exc
     model.eval()
     return LoadedSource(
         kind="plain",

@@ -9,7 +9,7 @@ from tokenizers import Tokenizer
 
 from ..errors import UserError
 
-__all__ = ["TOKENIZER_FILES", "load_tokenizer", "configure_tokenizer"]
+__all__ = ["TOKENIZER_FILES", "configure_tokenizer", "load_tokenizer"]
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,71 @@
+"""Baseline variants made with onnxruntime's own tools, each run as its own process.
+
+``python -m bench.producers ort-dynamic SRC_DIR OUT_DIR`` or
+``python -m bench.producers ort-static SRC_DIR OUT_DIR CALIBRATION_JSONL``. The harness runs these in
+subprocesses so that each variant's wall time and peak memory are its own.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+class _JsonlReader:
+    """onnxruntime's CalibrationDataReader protocol over pre-tokenized rows (batch 1)."""
+
+    def __init__(self, path: Path, input_names: list[str]) -> None:
+        self.rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        self.input_names = input_names
+        self.index = 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.index >= len(self.rows):
+            return None
+        row = self.rows[self.index]
+        self.index += 1
+        return {name: np.asarray([row[name]], dtype=np.int64) for name in self.input_names}
+
+    def rewind(self) -> None:
+        self.index = 0
+
+
+def _prepare(src: Path, out: Path) -> None:
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+
+
+def ort_dynamic(src: Path, out: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    _prepare(src, out)
+    quantize_dynamic(src / "model.onnx", out / "model.onnx", per_channel=True, weight_type=QuantType.QInt8)
+
+
+def ort_static(src: Path, out: Path, calibration: Path) -> None:
+    import onnx
+    from onnxruntime.quantization import quantize_static
+
+    _prepare(src, out)
+    names = [i.name for i in onnx.load(str(src / "model.onnx"), load_external_data=False).graph.input]
+    # quantize_static as a user calls it: its defaults (QDQ, S8S8, per-tensor, MinMax).
+    quantize_static(src / "model.onnx", out / "model.onnx", _JsonlReader(calibration, names))
+
+
+def main(argv: list[str]) -> None:
+    kind, src, out = argv[0], Path(argv[1]), Path(argv[2])
+    if kind == "ort-dynamic":
+        ort_dynamic(src, out)
+    elif kind == "ort-static":
+        ort_static(src, out, Path(argv[3]))
+    else:
+        raise SystemExit(f"unknown producer {kind}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

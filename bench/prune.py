@@ -1,0 +1,197 @@
+"""Bench for structured pruning on the MiniLM tweets teacher (issue 4 targets).
+
+Targets, post-training (no retraining), measured in one run:
+* half the encoder FLOPs removed: accuracy drop <= 1.0 point, agreement >= 0.95 vs the unpruned model;
+* FP32 p50 latency at 1x128 <= 0.6x the unpruned FP32 (interleaved rounds, >= 200 runs each, 2 threads);
+* pruning with Fisher importance and reconstruction under 180 s on 2 cores;
+* pruned then int8: accuracy within 1.5 points (quantize pass if registered, else quantize_dynamic).
+
+Usage: ``.venv/bin/python -m bench.prune [--teacher DIR --teacher-onnx DIR --flops 0.5]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+RESULTS = Path(__file__).parent / "results" / "prune.json"
+
+
+def _session(path: Path, threads: int = 2) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _predict(session: ort.InferenceSession, batches: list[dict[str, np.ndarray]]) -> np.ndarray:
+    names = [i.name for i in session.get_inputs()]
+    return np.concatenate([session.run(None, {n: b[n] for n in names})[0].argmax(-1) for b in batches])
+
+
+def _latency(
+    sessions: dict[str, ort.InferenceSession], feeds: dict[str, np.ndarray], runs: int
+) -> dict[str, float]:
+    """p50 ms per model, interleaved in rounds of 20 calls after warm-up."""
+    samples: dict[str, list[float]] = {k: [] for k in sessions}
+    for s in sessions.values():
+        names = [i.name for i in s.get_inputs()]
+        for _ in range(10):
+            s.run(None, {n: feeds[n] for n in names})
+    rounds = max(1, runs // 20)
+    for _ in range(rounds):
+        for key, s in sessions.items():
+            names = [i.name for i in s.get_inputs()]
+            f = {n: feeds[n] for n in names}
+            for _ in range(20):
+                t0 = time.perf_counter()
+                s.run(None, f)
+                samples[key].append((time.perf_counter() - t0) * 1000)
+    return {k: float(np.percentile(v, 50)) for k, v in samples.items()}
+
+
+def _int8(pruned: Path, out: Path) -> tuple[Path, str]:
+    from trimformer.passes.base import PASS_REGISTRY
+
+    if "quantize" in PASS_REGISTRY:
+        from trimformer.artifact import ModelArtifact
+        from trimformer.passes.base import PassContext, apply_pass
+
+        config_cls, _ = PASS_REGISTRY["quantize"]
+        artifact, _ = apply_pass(
+            ModelArtifact.open(pruned), "quantize", config_cls(), PassContext(), out, overwrite=True
+        )
+        return artifact.model_path, "trimformer quantize pass (defaults)"
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / "model.onnx"
+    quantize_dynamic(str(pruned / "model.onnx"), str(target), per_channel=True, weight_type=QuantType.QInt8)
+    return target, "onnxruntime quantize_dynamic (per-channel int8)"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--teacher", default="work/demo/teacher")
+    parser.add_argument("--teacher-onnx", default="work/demo/teacher-onnx")
+    parser.add_argument("--data", default="builtin:tweets")
+    parser.add_argument("--flops", type=float, default=0.5)
+    parser.add_argument("--samples", type=int, default=256)
+    parser.add_argument("--runs", type=int, default=200)
+    parser.add_argument("--limit", type=int, default=None, help="test examples (default: all)")
+    parser.add_argument("--work", default="work/prune/bench")
+    args = parser.parse_args()
+
+    import torch
+
+    torch.set_num_threads(2)
+    from trimformer.artifact import ModelArtifact
+    from trimformer.data import Encoder, load_dataset, map_labels
+    from trimformer.data.tokenize import iter_batches
+    from trimformer.passes.prune import PruneConfig
+    from trimformer.pipeline.prune_stage import PruneStageConfig, run_prune
+    from trimformer.progress import set_progress_enabled
+    from trimformer.sources.tokenizer import load_tokenizer
+
+    set_progress_enabled(False)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    teacher_onnx = Path(args.teacher_onnx)
+    artifact = ModelArtifact.open(teacher_onnx)
+    pruned_dir = work / "pruned"
+    started = time.perf_counter()
+    summary = run_prune(
+        PruneStageConfig(
+            model=str(teacher_onnx),
+            out=str(pruned_dir),
+            calibration=args.data,
+            source=args.teacher,
+            samples=args.samples,
+            overwrite=True,
+            prune=PruneConfig(flops=args.flops, importance="fisher"),
+        )
+    )
+    prune_seconds = time.perf_counter() - started
+
+    names = [i.name for i in artifact.meta.inputs]
+    tokenizer = load_tokenizer(teacher_onnx)
+    vocab = tokenizer.get_vocab_size()
+    encoder = Encoder(
+        tokenizer,
+        names,
+        artifact.meta.tokenizer.max_length,
+        artifact.meta.tokenizer.pad_token_id,
+    )
+    test = load_dataset(args.data, split="test", limit=args.limit)
+    labels = artifact.meta.labels or []
+    targets = np.asarray(map_labels(test.labels, labels)) if test.labels is not None else None
+    batches = [feeds for feeds, _ in iter_batches(test, encoder, 64)]
+    with tempfile.TemporaryDirectory() as tmp:
+        int8_path, int8_how = _int8(pruned_dir, Path(tmp) / "int8")
+        sessions = {
+            "unpruned_fp32": _session(teacher_onnx / "model.onnx"),
+            "pruned_fp32": _session(pruned_dir / "model.onnx"),
+            "pruned_int8": _session(int8_path),
+        }
+        preds = {k: _predict(s, batches) for k, s in sessions.items()}
+        rng = np.random.default_rng(0)
+        feeds = {
+            "input_ids": rng.integers(5, min(20000, vocab), size=(1, 128), dtype=np.int64),
+            "attention_mask": np.ones((1, 128), dtype=np.int64),
+            "token_type_ids": np.zeros((1, 128), dtype=np.int64),
+        }
+        p50 = _latency(sessions, feeds, args.runs)
+    acc = {k: float((v == targets).mean()) if targets is not None else None for k, v in preds.items()}
+    agreement = float((preds["pruned_fp32"] == preds["unpruned_fp32"]).mean())
+    base = acc["unpruned_fp32"] or 0.0
+    result: dict[str, Any] = {
+        "flops_removed": summary["flops_removed"],
+        "params_removed": summary["params_removed"],
+        "accuracy": acc,
+        "accuracy_drop_points": {k: round(100 * (base - (v or 0.0)), 2) for k, v in acc.items()},
+        "agreement_pruned_vs_unpruned": agreement,
+        "latency_p50_ms_1x128": p50,
+        "latency_ratio_pruned_vs_unpruned": p50["pruned_fp32"] / p50["unpruned_fp32"],
+        "prune_seconds": round(prune_seconds, 1),
+        "int8_method": int8_how,
+        "size_bytes": summary["size_bytes"],
+        "heads_per_layer": [row["heads"][1] for row in summary["layers"]],
+        "neurons_per_layer": [row["neurons"][1] for row in summary["layers"]],
+        "test_examples": len(test),
+        "targets": {
+            "accuracy_drop_le_1.0": 100 * (base - (acc["pruned_fp32"] or 0.0)) <= 1.0,
+            "agreement_ge_0.95": agreement >= 0.95,
+            "latency_ratio_le_0.6": p50["pruned_fp32"] / p50["unpruned_fp32"] <= 0.6,
+            "prune_under_180s": prune_seconds < 180,
+            "int8_drop_le_1.5": 100 * (base - (acc["pruned_int8"] or 0.0)) <= 1.5,
+        },
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(f"{'model':<16}{'accuracy':>10}{'drop pts':>10}{'p50 ms 1x128':>14}")
+    for key in sessions:
+        a = acc[key]
+        print(
+            f"{key:<16}{(a or 0) * 100:>9.2f}%{result['accuracy_drop_points'][key]:>10.2f}{p50[key]:>14.2f}"
+        )
+    print(
+        f"FLOPs removed {summary['flops_removed']:.1%}, agreement {agreement:.3f}, latency ratio "
+        f"{result['latency_ratio_pruned_vs_unpruned']:.2f}, prune {prune_seconds:.0f} s, int8 via {int8_how}"
+    )
+    print("targets:", json.dumps(result["targets"]))
+    print(f"written {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""Measuring the produced variants into table rows (all in this one process and run)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.measure import SessionRunner, interleaved_latency, predict_all
+from bench.opcount import count_ops, measure_peak
+
+__all__ = ["measure_variants"]
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    z = np.exp(x - x.max(-1, keepdims=True))
+    return z / z.sum(-1, keepdims=True)
+
+
+def _size_mb(folder: Path) -> float:
+    files = [p for p in folder.iterdir() if p.is_file() and (p.suffix in (".onnx", ".data", ".safetensors"))]
+    return round(sum(p.stat().st_size for p in files) / 1e6, 2)
+
+
+def measure_variants(variants: list[Any], teacher: Path, threads: int, rounds: int, limit: int | None
+                     ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    from trimformer.data import Encoder, load_dataset, map_labels
+    from trimformer.pipeline.runners import TorchRunner
+    from trimformer.sources import load_source
+    from trimformer.sources.tokenizer import load_tokenizer
+
+    source = load_source(teacher)
+    assert source.labels is not None
+    test = load_dataset("builtin:tweets", split="test", limit=limit)
+    targets = map_labels(test.labels or [], source.labels)
+    names = ("input_ids", "attention_mask", "token_type_ids")
+    encoder = Encoder(load_tokenizer(teacher), names, 128, source.pad_token_id)
+    padded_1 = [encoder([test.texts[0]], pad_to=128)]
+    padded_32 = [encoder(test.texts[:32], pad_to=128)]
+    natural = [encoder([t]) for t in test.texts[:200]]
+
+    live = [v for v in variants if v.skipped is None]
+    runners: dict[str, Any] = {}
+    for v in live:
+        if v.torch:
+            runners[v.name] = TorchRunner(source, threads).run
+        else:
+            runners[v.name] = SessionRunner(v.path / "model.onnx", threads).run
+    print("measuring accuracy ...", flush=True)
+    logits = {name: predict_all(run, encoder, test) for name, run in runners.items()}
+    reference = logits[live[0].name] if live and live[0].torch else None
+    print("measuring latency ...", flush=True)
+    samples = interleaved_latency(
+        runners, {"1x128": padded_1, "natural": natural, "32x128": padded_32}, rounds,
+        {"1x128": 20, "natural": 20, "32x128": 2},
+    )
+    print("measuring the machine's peak ...", flush=True)
+    peaks = {"int8": measure_peak("MatMulInteger", threads), "fp32": measure_peak("MatMul", threads)}
+    fp32_name = next((v.name for v in live if v.name.startswith("ORT FP32")), None)
+    fp32_ops = count_ops(live[1].path / "model.onnx") if fp32_name else None
+    rows: list[dict[str, Any]] = []
+    fp32_p50 = float(np.percentile(samples[fp32_name]["1x128"], 50)) if fp32_name else None
+    for v in variants:
+        row: dict[str, Any] = {"variant": v.name, "group": v.group, "note": v.note}
+        if v.skipped is not None:
+            row["skipped"] = v.skipped
+            rows.append(row)
+            continue
+        out = logits[v.name]
+        s = samples[v.name]
+        p50 = float(np.percentile(s["1x128"], 50))
+        ops = fp32_ops if v.torch else count_ops(v.path / "model.onnx")
+        row.update({
+            "accuracy": round(float((out.argmax(-1) == targets).mean()), 4),
+            "agreement": None if reference is None else round(float((out.argmax(-1) == reference.argmax(-1)).mean()), 4),
+            "mean_kl": None if reference is None else round(float(
+                (_softmax(reference) * (np.log(_softmax(reference) + 1e-12) - np.log(_softmax(out) + 1e-12))).sum(-1).mean()
+            ), 5),
+            "p50_1x128_ms": round(p50, 3),
+            "p90_1x128_ms": round(float(np.percentile(s["1x128"], 90)), 3),
+            "p50_natural_ms": round(float(np.percentile(s["natural"], 50)), 3),
+            "p90_natural_ms": round(float(np.percentile(s["natural"], 90)), 3),
+            "throughput_32x128_per_s": round(32 * 1000.0 / float(np.median(s["32x128"])), 1),
+            "speedup_vs_ort_fp32": None if fp32_p50 is None else round(fp32_p50 / p50, 3),
+            "runs_1x128": len(s["1x128"]),
+            "size_mb": _size_mb(v.path),
+            "produce_seconds": v.produce.get("seconds"),
+            "produce_peak_rss_mb": v.produce.get("peak_rss_mb"),
+            "gops_1x128": None if ops is None else round(ops / 1e9, 3),
+            "achieved_fraction_of_peak": None if ops is None else round(ops / (p50 / 1000.0) / peaks[v.precision], 4),
+            "precision": v.precision,
+        })
+        rows.append(row)
+    machine = {"peak_int8_tops": round(peaks["int8"] / 1e12, 3), "peak_fp32_tflops": round(peaks["fp32"] / 1e12, 3),
+               "test_examples": len(test)}
+    return rows, machine

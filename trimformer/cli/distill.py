@@ -1,0 +1,140 @@
+"""``trimformer distill``: retrain a smaller student from a teacher before export."""
+
+from __future__ import annotations
+
+import os
+
+import click
+
+from .main import State, emit, pass_state
+from .options import data_columns, overwrite_option
+
+
+@click.command("distill")
+@click.option("--teacher", required=True, help="Trained model folder (Hugging Face or plain).")
+@click.option(
+    "--data",
+    required=True,
+    help="Texts to distil on (.csv, .tsv, .jsonl or builtin:tweets); labels optional.",
+)
+@click.option("--out", required=True, type=click.Path(), help="Folder for the student.")
+@click.option(
+    "--layers",
+    default=None,
+    help="Layer-dropped student: a count (3, evenly spaced) or teacher layers (0,2,4).",
+)
+@click.option(
+    "--from-pruning",
+    default=None,
+    help="Pruned student: a pruning_record.json or the pruned artifact folder.",
+)
+@click.option("--student", default=None, help="Start from this model folder (same vocabulary and labels).")
+@click.option("--student-layers", type=int, default=None, help="Random student of this shape: layers ...")
+@click.option("--student-hidden", type=int, default=None, help="... hidden size ...")
+@click.option("--student-heads", type=int, default=None, help="... attention heads ...")
+@click.option("--student-ffn", type=int, default=None, help="... and feed-forward size.")
+@click.option(
+    "--temperature",
+    type=float,
+    default=2.0,
+    show_default=True,
+    help="Softmax temperature of the soft targets.",
+)
+@click.option(
+    "--alpha",
+    type=float,
+    default=0.5,
+    show_default=True,
+    help="Weight of the soft-target loss; cross-entropy on labels gets 1 - alpha.",
+)
+@click.option(
+    "--hidden-weight", type=float, default=0.0, show_default=True, help="Weight of the hidden-state MSE."
+)
+@click.option(
+    "--attention-weight", type=float, default=0.0, show_default=True, help="Weight of the attention KL."
+)
+@click.option(
+    "--embedding-loss",
+    type=click.Choice(["cosine", "mse"]),
+    default="cosine",
+    show_default=True,
+    help="Output loss for feature-extraction models.",
+)
+@click.option("--ignore-labels", is_flag=True, help="Pure distillation: use the data's texts only.")
+@click.option("--steps", type=int, default=1000, show_default=True, help="Optimizer steps.")
+@click.option(
+    "--batch-size", type=int, default=32, show_default=True, help="Rows per micro-batch and process."
+)
+@click.option(
+    "--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per optimizer step."
+)
+@click.option("--max-length", type=int, default=64, show_default=True, help="Tokens per text.")
+@click.option("--lr", type=float, default=1e-4, show_default=True, help="Peak learning rate (AdamW).")
+@click.option("--warmup", type=float, default=0.1, show_default=True, help="Warm-up fraction of the steps.")
+@click.option("--weight-decay", type=float, default=0.01, show_default=True)
+@click.option(
+    "--eval-every", type=int, default=200, show_default=True, help="Evaluate on the dev split every N steps."
+)
+@click.option("--eval-limit", type=int, default=2000, show_default=True, help="Dev rows to evaluate on.")
+@click.option(
+    "--group-by-length/--no-group-by-length",
+    default=True,
+    show_default=True,
+    help="Batch texts of similar length together (less padding, faster on CPU).",
+)
+@click.option(
+    "--time-limit",
+    type=float,
+    default=None,
+    help="Stop after this many seconds of training, keeping the best dev weights so far.",
+)
+@click.option(
+    "--save-every", type=int, default=None, help="Checkpoint every N steps [default: --eval-every]."
+)
+@click.option(
+    "--checkpoint-dir", type=click.Path(), default=None, help="Checkpoint folder [default: OUT.ckpt]."
+)
+@click.option(
+    "--resume/--no-resume",
+    default=True,
+    show_default=True,
+    help="Continue from a checkpoint if one is there.",
+)
+@click.option("--keep-checkpoint", is_flag=True, help="Keep the checkpoint after a finished run.")
+@click.option(
+    "--nproc-per-node",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Processes on this machine (DistributedDataParallel under torchrun).",
+)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@data_columns
+@overwrite_option
+@pass_state
+def distill_command(state: State, **kwargs: object) -> None:
+    """Distil a teacher into a smaller student that `trimformer export` takes.
+
+    \b
+    Examples:
+      trimformer distill --teacher work/teacher --data builtin:tweets --out work/student --layers 3
+      trimformer distill --teacher work/teacher --data builtin:tweets --out work/recovered \\
+          --from-pruning work/pruned-onnx --steps 600
+      trimformer distill --teacher work/teacher --data builtin:tweets --out work/student \\
+          --layers 0,2,4 --nproc-per-node 2
+    """
+    from ..pipeline.distill import DistillConfig, distill
+
+    result = distill(DistillConfig(**kwargs))  # type: ignore[arg-type]
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # under torchrun only rank 0 reports
+    share = result.parameters / max(result.teacher_parameters, 1)
+    emit(
+        state,
+        result.to_dict(),
+        f"distilled a {result.student['kind']} student ({result.parameters / 1e6:.1f} M parameters, "
+        f"{share:.0%} of the teacher) in {result.seconds:.0f} s; best dev {result.metric} "
+        f"{result.best_dev_score:.4f} at step {result.best_step} (teacher {result.teacher_dev_score:.4f}); "
+        f"saved to {result.out}",
+    )

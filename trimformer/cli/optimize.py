@@ -1,0 +1,36 @@
+"""``trimformer optimize``: run a list of passes with their default settings."""
+
+from __future__ import annotations
+
+import click
+
+from .main import State, emit, pass_state
+from .options import overwrite_option
+
+
+@click.command("optimize")
+@click.argument("model")
+@click.option("--passes", required=True, help="Comma-separated pass names, in order (e.g. fuse,quantize).")
+@click.option("--out", required=True, type=click.Path(), help="Artifact folder to write.")
+@click.option("--calibration", default=None, help="Dataset for passes that calibrate (.csv/.jsonl/builtin:...).")
+@click.option("--samples", type=int, default=256, show_default=True, help="Calibration samples.")
+@overwrite_option
+@pass_state
+def optimize_command(
+    state: State, model: str, passes: str, out: str, calibration: str | None, samples: int, overwrite: bool
+) -> None:
+    """Run passes on MODEL (an artifact folder) with their defaults; a recipe sets their parameters.
+
+    \b
+    Example:
+      trimformer optimize work/teacher-onnx --passes fp16 --out work/teacher-fp16
+    """
+    from ..pipeline.optimize import optimize
+
+    names = [p.strip() for p in passes.split(",") if p.strip()]
+    artifact, stats = optimize(model, names, out, calibration=calibration, samples=samples, overwrite=overwrite)
+    emit(
+        state,
+        {"artifact": str(artifact.path), "passes": stats, "size_mb": round(artifact.size_bytes() / 1e6, 3)},
+        f"ran {', '.join(names)}; wrote {artifact.path} ({artifact.size_bytes() / 1e6:.1f} MB)",
+    )

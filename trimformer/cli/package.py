@@ -1,0 +1,73 @@
+"""``trimformer package``: artifact (+ validation report) -> bundle folder and .tar.gz."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..errors import UserError
+from .main import State, emit, pass_state
+from .options import overwrite_option
+
+
+def _read_recipe(path: str | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"recipe file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read recipe file {path}: {exc}") from exc
+
+
+@click.command("package")
+@click.argument("model")
+@click.option(
+    "--out", required=True, type=click.Path(), help="Bundle folder to write; the archive is OUT.tar.gz."
+)
+@click.option(
+    "--report", default=None, help="report.json (or its folder) from `trimformer validate` on MODEL."
+)
+@click.option("--recipe", default=None, help="Recipe file to record in the manifest.")
+@click.option(
+    "--ort", "ort_format", is_flag=True, help="Add an ORT-format copy (model.ort) for minimal builds."
+)
+@overwrite_option
+@pass_state
+def package_command(
+    state: State,
+    model: str,
+    out: str,
+    report: str | None,
+    recipe: str | None,
+    ort_format: bool,
+    overwrite: bool,
+) -> None:
+    """Package MODEL (an artifact folder) into a self-verifying bundle folder and OUT.tar.gz.
+
+    \b
+    Example:
+      trimformer package work/student-int8 --out dist/sentiment \\
+          --report work/student-int8/report/report.json --ort
+      trimformer verify dist/sentiment.tar.gz
+    """
+    from ..pipeline.package import package_artifact
+
+    result = package_artifact(
+        model,
+        out,
+        report=report,
+        recipe_text=_read_recipe(recipe),
+        ort_format=ort_format,
+        overwrite=overwrite,
+    )
+    info = result.to_dict()
+    note = "" if info["validated"] else " (no --report: the manifest carries no metrics)"
+    emit(
+        state,
+        info,
+        f"packaged {model} into {info['folder']} and {info['archive']} ({len(info['files'])} files, "
+        f"{info['size_mb']:.1f} MB){note}\ndigest {info['digest']}",
+    )

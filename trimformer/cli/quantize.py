@@ -1,0 +1,107 @@
+"""``trimformer quantize``: static (or dynamic) int8 quantization of an artifact."""
+
+from __future__ import annotations
+
+import click
+
+from .main import State, emit, pass_state
+from .options import data_columns, overwrite_option
+
+
+@click.command("quantize")
+@click.argument("model")
+@click.option("--out", required=True, type=click.Path(), help="Artifact folder to write.")
+@click.option("--calibration", default=None, help="Calibration data (.csv, .tsv, .jsonl or builtin:tweets).")
+@click.option("--preset", default="cpu-vnni", show_default=True, help="Target: cpu-vnni, cpu-avx2, arm64, tensorrt.")
+@click.option("--method", default="minmax", show_default=True, help="Calibration: minmax, entropy, percentile.")
+@click.option("--format", "fmt", default=None, help="qoperator or qdq [default: the preset's].")
+@click.option("--samples", type=int, default=512, show_default=True, help="Calibration rows to use.")
+@click.option("--batch-size", type=int, default=16, show_default=True, help="Calibration batch size.")
+@click.option("--pad-to", type=int, default=None, help="Pad calibration batches to this many tokens.")
+@click.option("--per-channel/--per-tensor", default=None, help="Weight scales [default: the preset's].")
+@click.option("--calibration-cache", default=None, type=click.Path(), help="Reuse ranges saved by an earlier run.")
+@click.option("--exclude", multiple=True, help="Node name to keep in float (repeatable).")
+@click.option("--eval", "eval_data", default=None, help="Labelled data for the accuracy-aware mode.")
+@click.option("--max-accuracy-drop", type=float, default=None, help="Accuracy points the int8 model may lose.")
+@click.option("--eval-limit", type=int, default=1000, show_default=True, help="Evaluation rows to use.")
+@click.option("--dynamic", is_flag=True, help="onnxruntime dynamic quantization instead (for comparison).")
+@click.option("--no-fuse", is_flag=True, help="Do not run the transformer fusions first.")
+@data_columns
+@overwrite_option
+@pass_state
+def quantize_command(
+    state: State,
+    model: str,
+    out: str,
+    calibration: str | None,
+    preset: str,
+    method: str,
+    fmt: str | None,
+    samples: int,
+    batch_size: int,
+    pad_to: int | None,
+    per_channel: bool | None,
+    calibration_cache: str | None,
+    exclude: tuple[str, ...],
+    eval_data: str | None,
+    max_accuracy_drop: float | None,
+    eval_limit: int,
+    dynamic: bool,
+    no_fuse: bool,
+    text_column: str | None,
+    text_pair_column: str | None,
+    label_column: str | None,
+    overwrite: bool,
+) -> None:
+    """Quantize MODEL (an artifact folder) to int8, calibrated on --calibration data.
+
+    \b
+    Examples:
+      trimformer quantize work/teacher-onnx --calibration builtin:tweets --out work/int8
+      trimformer quantize work/teacher-onnx --calibration builtin:tweets --out work/int8 \\
+          --eval builtin:tweets --max-accuracy-drop 0.5
+    """
+    from ..passes.quantize import QuantizeConfig
+    from ..pipeline.quantize_stage import QuantizeStageConfig, run_quantize
+
+    config = QuantizeConfig(
+        preset=preset,
+        method=method,
+        format=fmt,
+        per_channel=per_channel,
+        samples=samples,
+        exclude=list(exclude),
+        fuse=not no_fuse,
+        max_accuracy_drop=max_accuracy_drop,
+        dynamic=dynamic,
+        calibration_cache=calibration_cache,
+    )
+    result = run_quantize(
+        QuantizeStageConfig(
+            model=model,
+            out=out,
+            quantize=config,
+            calibration=calibration,
+            eval=eval_data,
+            batch_size=batch_size,
+            pad_to=pad_to,
+            eval_limit=eval_limit,
+            overwrite=overwrite,
+            text_column=text_column,
+            text_pair_column=text_pair_column,
+            label_column=label_column,
+        )
+    )
+    kept = result["float_nodes"]
+    human = (
+        f"quantized {result['quantized']} of {result['quantizable']} nodes to int8 "
+        f"({result['settings']['preset']}, {result['settings']['format']}"
+        f"{', dynamic' if dynamic else ''}); {result['input_size_mb']:.1f} MB -> {result['size_mb']:.1f} MB; "
+        f"output rel. error {result['output_rel_error']}; wrote {out}"
+    )
+    if kept:
+        human += "\nkept in float: " + "; ".join(f"{k['node']} ({k['reason']})" for k in kept)
+    aware = result.get("accuracy_aware") or {}
+    if "final_drop_points" in aware:
+        human += f"\naccuracy drop {aware['final_drop_points']:.2f} points (budget {aware['budget_points']:g})"
+    emit(state, result, human)

@@ -1,0 +1,150 @@
+"""``fp16``: convert a model to float16, keeping numerically sensitive ops in float32.
+
+Wraps onnxruntime's maintained converter (``onnxruntime.transformers.float16``). LayerNorm,
+Softmax and (by default) the residual Adds that feed a LayerNorm stay float32: half precision
+loses the small differences those ops amplify, and residual sums overflow fp16 on long inputs.
+Inputs and outputs keep their types, so callers feed and read the same arrays as before. The
+pass checks itself: the converted graph is run against the original on random inputs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+from onnx_ir.passes import FunctionalPass
+from pydantic import Field
+
+from ..errors import ParityError, UserError
+from .base import PassConfig, PassContext, PassReport, register_pass
+
+__all__ = ["SENSITIVE_OPS", "Fp16Config", "Fp16Pass", "random_graph_feeds"]
+
+logger = logging.getLogger(__name__)
+
+SENSITIVE_OPS = (
+    "LayerNormalization",
+    "SkipLayerNormalization",
+    "SimplifiedLayerNormalization",
+    "SkipSimplifiedLayerNormalization",
+    "EmbedLayerNormalization",
+    "Softmax",
+    "ReduceMean",
+    "Pow",
+    "Sqrt",
+)
+_NORMS = {"LayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNormalization"}
+
+
+class Fp16Config(PassConfig):
+    keep_io_types: bool = True
+    keep_ops: list[str] = Field(default_factory=lambda: list(SENSITIVE_OPS))
+    keep_residual_adds: bool = True
+    # Largest allowed |fp16 - fp32| over the outputs on the self-check inputs.
+    atol: float = Field(default=2e-2, gt=0)
+    check_shapes: list[tuple[int, int]] = Field(default_factory=lambda: [(2, 16), (1, 64)])
+
+
+def random_graph_feeds(model: onnx.ModelProto, batch: int, seq: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Token-id style feeds for a Transformer graph: ids within the embedding table, full masks."""
+    rng = np.random.default_rng(seed)
+    initializer_rows = {init.name: int(init.dims[0]) for init in model.graph.initializer if init.dims}
+    vocab_for: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.op_type == "Gather" and node.input[0] in initializer_rows:
+            vocab_for[node.input[1]] = min(
+                vocab_for.get(node.input[1], 1 << 30), initializer_rows[node.input[0]]
+            )
+    feeds = {}
+    for value in model.graph.input:
+        name = value.name
+        if "mask" in name:
+            feeds[name] = np.ones((batch, seq), dtype=np.int64)
+        elif "type" in name:
+            feeds[name] = np.zeros((batch, seq), dtype=np.int64)
+        else:
+            high = vocab_for.get(name, 100)
+            feeds[name] = rng.integers(min(5, high - 1), high, size=(batch, seq), dtype=np.int64)
+    return feeds
+
+
+def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+class Fp16Pass(FunctionalPass):
+    def __init__(self, config: Fp16Config, ctx: PassContext) -> None:
+        super().__init__()
+        self.config = config
+        self.ctx = ctx
+
+    def requires(self, model: ir.Model) -> None:
+        floats = [v for v in model.graph.initializers.values() if v.dtype == ir.DataType.FLOAT]
+        if not floats:
+            raise UserError("fp16: the model has no float32 weights to convert (already fp16 or int8?)")
+
+    def _residual_adds(self, proto: onnx.ModelProto) -> list[str]:
+        consumers: dict[str, list[onnx.NodeProto]] = {}
+        for node in proto.graph.node:
+            for name in node.input:
+                consumers.setdefault(name, []).append(node)
+        return [
+            node.name
+            for node in proto.graph.node
+            if node.op_type == "Add" and any(c.op_type in _NORMS for c in consumers.get(node.output[0], []))
+        ]
+
+    def call(self, model: ir.Model) -> PassReport:
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        proto = ir.to_proto(model)
+        for index, node in enumerate(proto.graph.node):
+            if not node.name:
+                node.name = f"{node.op_type}_{index}"
+        blocked_nodes = self._residual_adds(proto) if self.config.keep_residual_adds else []
+        converted = convert_float_to_float16(
+            proto,
+            keep_io_types=self.config.keep_io_types,
+            op_block_list=list(self.config.keep_ops),
+            node_block_list=blocked_nodes,
+            disable_shape_infer=False,
+        )
+        worst = 0.0
+        for index, (batch, seq) in enumerate(self.config.check_shapes):
+            feeds = random_graph_feeds(proto, batch, seq, seed=self.ctx.seed + index)
+            for want, got in zip(_run(proto, feeds), _run(converted, feeds), strict=True):
+                diff = float(np.max(np.abs(want.astype(np.float64) - got.astype(np.float64))))
+                worst = max(worst, diff)
+                if not np.isfinite(diff) or diff > self.config.atol:
+                    raise ParityError(
+                        f"fp16: outputs differ from float32 by {diff:.3g} at {batch}x{seq} "
+                        f"(tolerance {self.config.atol:g}); keep more ops in float32 or raise atol"
+                    )
+        kept = Counter(
+            node.op_type
+            for node in converted.graph.node
+            if node.op_type in self.config.keep_ops or node.name in set(blocked_nodes)
+        )
+        fp16_weights = sum(1 for t in converted.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16)
+        stats = {
+            "fp16_initializers": fp16_weights,
+            "kept_float32_ops": dict(kept),
+            "kept_residual_adds": len(blocked_nodes),
+            "max_abs_diff": worst,
+        }
+        logger.info(
+            "fp16: %d weights in float16, kept %s in float32, max diff %.2g", fp16_weights, dict(kept), worst
+        )
+        return PassReport(ir.from_proto(converted), True, stats)
+
+
+@register_pass("fp16", Fp16Config)
+def _make(config: Fp16Config, ctx: PassContext) -> Fp16Pass:
+    return Fp16Pass(config, ctx)

@@ -1,0 +1,396 @@
+"""The ``quantize`` pass: static int8 with onnxruntime's calibrators and quantizers.
+
+Order of work (each step measured; see docs/QUANTIZATION.md):
+
+1. fuse first (``fuse`` pass machinery) unless the graph already has fused Attention, so the int8
+   model keeps the Attention / SkipLayerNormalization / BiasGelu kernels;
+2. type every tensor (onnxruntime's symbolic shape inference, contrib ops included);
+3. calibrate the inputs of the chosen nodes, one batch at a time (flat memory), or reuse a cache;
+4. quantize with onnxruntime's quantizer: ``qoperator`` = its IntegerOps operators driven by
+   constant calibrated scales (QAttention, MatMulInteger rewritten to MatMulIntegerToFloat,
+   QEmbedLayerNormalization); ``qdq`` = its QDQ quantizer with MatMul outputs left float;
+5. accuracy-aware mode: rank the quantized nodes by isolated sensitivity and return the worst to
+   float until the accuracy drop fits the budget (:class:`GateFailed` if it never does).
+
+``dynamic=True`` runs onnxruntime's dynamic quantization on the fused graph instead, for comparison.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from onnx_ir.passes import FunctionalPass
+
+from ..errors import GateFailed, UserError
+from .base import PassConfig, PassContext, PassReport, register_pass
+from .fuse import FuseConfig, fuse_proto
+from .quant_calibrate import calibrate, infer_types, load_ranges, save_ranges
+from .quant_graph import (
+    Candidate,
+    float_op_summary,
+    fuse_matmul_integer_to_float,
+    name_nodes,
+    quantizable_nodes,
+    quantized_ops,
+)
+from .quant_presets import FORMATS, METHODS, PRESETS, QuantPreset, check_choice, get_preset
+from .quant_sensitivity import node_sensitivity
+
+__all__ = ["RANGES_FILE", "QuantizeConfig", "QuantizePass", "quantize_model"]
+
+logger = logging.getLogger(__name__)
+
+RANGES_FILE = "calibration_ranges.json"
+
+
+class QuantizeConfig(PassConfig):
+    preset: str = "cpu-vnni"
+    method: str = "minmax"
+    # None: the preset's.
+    format: str | None = None
+    per_channel: bool | None = None
+    reduce_range: bool | None = None
+    samples: int = 512
+    percentile: float = 99.999
+    # Node names to keep in float whatever the policy says.
+    exclude: list[str] = []
+    fuse: bool = True
+    num_heads: int = 0
+    hidden_size: int = 0
+    # Accuracy-aware mode: largest accepted drop, in accuracy points, against the float model.
+    max_accuracy_drop: float | None = None
+    dynamic: bool = False
+    # A ranges file (onnxruntime's cache format) to reuse instead of calibrating.
+    calibration_cache: str | None = None
+    sensitivity_batches: int = 2
+
+    def check(self) -> QuantPreset:
+        preset = get_preset(self.preset)
+        check_choice("method", self.method, METHODS)
+        if self.format is not None:
+            check_choice("format", self.format, FORMATS)
+        if self.samples < 1:
+            raise UserError(f"samples must be at least 1, got {self.samples}")
+        if not 0.0 < self.percentile <= 100.0:
+            raise UserError(f"percentile must be in (0, 100], got {self.percentile}")
+        if self.max_accuracy_drop is not None and self.max_accuracy_drop < 0:
+            raise UserError(f"--max-accuracy-drop must be 0 or more points, got {self.max_accuracy_drop}")
+        return preset
+
+    def resolved(self) -> dict[str, Any]:
+        """The effective settings: the preset's, overridden by what was given."""
+        preset = self.check()
+        fmt = self.format or preset.format
+        return {
+            "preset": preset.name,
+            "format": fmt,
+            "activation_type": preset.activation_type,
+            "weight_type": preset.weight_type,
+            "per_channel": preset.per_channel if self.per_channel is None else self.per_channel,
+            "reduce_range": preset.reduce_range if self.reduce_range is None else self.reduce_range,
+            "symmetric_activations": preset.symmetric_activations,
+            "attention": preset.attention and fmt == "qoperator",
+            "embeddings": preset.embeddings and fmt == "qoperator",
+        }
+
+
+def _qtype(name: str) -> Any:
+    from onnxruntime.quantization import QuantType
+
+    return {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}[name]
+
+
+def quantize_model(
+    model: onnx.ModelProto, ranges: Any, settings: dict[str, Any], nodes: list[str], dynamic: bool = False
+) -> tuple[onnx.ModelProto, dict[str, int]]:
+    """Quantize ``nodes`` of a typed float model with onnxruntime's quantizers; returns the model
+    and the counts of our post-rewrites."""
+    from onnxruntime.quantization.onnx_quantizer import ONNXQuantizer
+    from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
+    from onnxruntime.quantization.quant_utils import QuantizationMode
+
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    op_types = ["MatMul", "Attention", "EmbedLayerNormalization"]
+    extra: dict[str, Any] = {
+        "MatMulConstBOnly": True,
+        "ActivationSymmetric": settings["symmetric_activations"],
+        "WeightSymmetric": True,
+    }
+    act, weight = _qtype(settings["activation_type"]), _qtype(settings["weight_type"])
+    rewrites = {"matmul_integer_to_float": 0}
+    if dynamic:
+        quantizer = ONNXQuantizer(
+            work, settings["per_channel"], settings["reduce_range"], QuantizationMode.IntegerOps, False,
+            weight, act, None, nodes, [], op_types, extra,
+        )
+    elif settings["format"] == "qoperator":
+        quantizer = ONNXQuantizer(
+            work, settings["per_channel"], settings["reduce_range"], QuantizationMode.IntegerOps, True,
+            weight, act, ranges, nodes, [], op_types, extra,
+        )
+    else:
+        # MatMul outputs stay float: onnxruntime then runs DQ -> MatMul as MatMulIntegerToFloat
+        # instead of requantizing every output (QLinearMatMul + DequantizeLinear, measured slower).
+        extra["OpTypesToExcludeOutputQuantization"] = ["MatMul"]
+        quantizer = QDQQuantizer(
+            work, settings["per_channel"], settings["reduce_range"], weight, act, ranges, nodes, [], ["MatMul"], extra
+        )
+    try:
+        quantized = quantizer.quantize_model()
+    except Exception as exc:
+        raise UserError(f"onnxruntime's quantizer failed: {' '.join(str(exc).split())[:300]}") from exc
+    if not dynamic and settings["format"] == "qoperator":
+        rewrites["matmul_integer_to_float"] = fuse_matmul_integer_to_float(quantized)
+    return quantized, rewrites
+
+
+def _quantized_names(model: onnx.ModelProto, candidates: list[Candidate]) -> list[str]:
+    """Candidates that really became integer ops: onnxruntime names the integer node
+    ``<name>_quant`` (IntegerOps), or keeps the MatMul and feeds it a DequantizeLinear (QDQ)."""
+    integer_ops = {"MatMulInteger", "MatMulIntegerToFloat", "QAttention", "QEmbedLayerNormalization"}
+    int_nodes = {n.name for n in model.graph.node if n.op_type in integer_ops}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    dq_fed = {
+        n.name
+        for n in model.graph.node
+        if n.op_type == "MatMul" and n.input[1] in producers and producers[n.input[1]].op_type == "DequantizeLinear"
+    }
+    return [c.name for c in candidates if c.name in dq_fed or f"{c.name}_quant" in int_nodes]
+
+
+class QuantizePass(FunctionalPass):
+    def __init__(self, config: QuantizeConfig, ctx: PassContext) -> None:
+        super().__init__()
+        self.config = config
+        self.ctx = ctx
+
+    # -- steps ---------------------------------------------------------------------------------
+    def _prepare(self, proto: onnx.ModelProto, stats: dict[str, Any]) -> onnx.ModelProto:
+        already = quantized_ops(proto)
+        if already:
+            ops = ", ".join(f"{k} x{v}" for k, v in sorted(already.items()))
+            raise UserError(f"the model is already quantized ({ops}); quantize the float artifact instead")
+        if self.config.fuse and not any(n.op_type in ("Attention", "MultiHeadAttention") for n in proto.graph.node):
+            fuse_cfg = FuseConfig(num_heads=self.config.num_heads, hidden_size=self.config.hidden_size)
+            proto, fuse_stats = fuse_proto(proto, fuse_cfg, self.ctx.scratch)
+            stats["fusion"] = fuse_stats
+        else:
+            stats["fusion"] = {"fusions": {}, "skipped": "already fused" if self.config.fuse else "fuse=false"}
+        proto = infer_types(proto, self.ctx.scratch)
+        name_nodes(proto)
+        return proto
+
+    def _ranges(self, proto: onnx.ModelProto, candidates: list[Candidate], settings: dict[str, Any], scratch: Path,
+                stats: dict[str, Any]) -> Any:
+        needed = sorted({c.activation for c in candidates if c.activation})
+        started = time.perf_counter()
+        cfg = self.config
+        if cfg.calibration_cache is not None:
+            path = Path(cfg.calibration_cache)
+            if not path.is_file():
+                raise UserError(f"calibration cache {path} does not exist; drop --calibration-cache to calibrate")
+            ranges = load_ranges(path)
+            method = str(getattr(ranges, "calibration_method", "")).rsplit(".", 1)[-1].lower()
+            if method and method != cfg.method:
+                raise UserError(f"calibration cache {path} holds {method} ranges, not {cfg.method}; pass --method {method}")
+            missing = [n for n in needed if n not in ranges]
+            if missing:
+                raise UserError(
+                    f"calibration cache {path} does not match this model ({len(missing)} tensors missing, e.g. "
+                    f"{missing[0]!r}); delete it to recalibrate"
+                )
+            stats["calibration"] = {"method": cfg.method, "cache": "reused", "seconds": round(time.perf_counter() - started, 2)}
+            return ranges
+        make_source = self.ctx.require_calibration("quantize")
+        # Calibrate the activations the quantizer reads (the chosen nodes' inputs), nothing else.
+        ranges, rows = calibrate(
+            proto, make_source, cfg.method, ["MatMul", "Attention"], cfg.samples, scratch,
+            percentile=cfg.percentile, symmetric=settings["symmetric_activations"],
+        )
+        missing = [n for n in needed if n not in ranges]
+        if missing:
+            raise UserError(f"calibration produced no range for {missing[0]!r}; the graph's types could not be inferred")
+        cache = scratch / RANGES_FILE
+        save_ranges(ranges, cache)
+        self.ctx.data["calibration_cache_file"] = str(cache)
+        stats["calibration"] = {
+            "method": cfg.method, "rows": rows, "cache": RANGES_FILE, "seconds": round(time.perf_counter() - started, 2)
+        }
+        return ranges
+
+    def _feeds(self, count: int) -> list[dict[str, np.ndarray]]:
+        if self.ctx.calibration is None:
+            return []
+        source, feeds = self.ctx.calibration(), []
+        while len(feeds) < count and (feed := source.get_next()) is not None:
+            feeds.append(feed)
+        return feeds
+
+    def _output_error(self, reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> float | None:
+        """Relative L2 error of output 0 against the float graph on calibration batches."""
+        import onnxruntime as ort
+
+        if not feeds:
+            return None
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        sessions = [ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"])
+                    for m in (reference, candidate)]
+        num = den = 0.0
+        for feed in feeds:
+            ref, got = (np.asarray(s.run(None, feed)[0], dtype=np.float64) for s in sessions)
+            num += float(np.sum((got - ref) ** 2))
+            den += float(np.sum(ref**2))
+        return round(float(np.sqrt(num / max(den, 1e-30))), 5)
+
+    def _accuracy_aware(
+        self, float_proto: onnx.ModelProto, typed: onnx.ModelProto, quantized: onnx.ModelProto,
+        candidates: list[Candidate], chosen: list[str], ranges: Any, settings: dict[str, Any], stats: dict[str, Any],
+    ) -> onnx.ModelProto:
+        cfg = self.config
+        assert cfg.max_accuracy_drop is not None
+        if self.ctx.evaluate is None:
+            raise UserError("--max-accuracy-drop needs an evaluation set; pass --eval DATA")
+        budget = cfg.max_accuracy_drop
+        base = self.ctx.evaluate(float_proto)
+        tried: list[dict[str, Any]] = []
+
+        def drop_of(model: onnx.ModelProto, n_float: int) -> float:
+            score = self.ctx.evaluate(model)  # type: ignore[misc]
+            drop = round((base - score) * 100.0, 4)
+            tried.append({"float_nodes": n_float, "accuracy": round(score, 5), "drop_points": drop})
+            return drop
+
+        drop = drop_of(quantized, 0)
+        accuracy: dict[str, Any] = {"float_accuracy": round(base, 5), "budget_points": budget, "tried": tried}
+        stats["accuracy_aware"] = accuracy
+        if drop <= budget:
+            accuracy.update(returned_to_float=[], final_drop_points=drop)
+            return quantized
+        feeds = self._feeds(cfg.sensitivity_batches)
+        by_name = {c.name: c for c in candidates}
+        sens = node_sensitivity(
+            typed, [by_name[n] for n in chosen], ranges, feeds,
+            signed_activations=settings["activation_type"] == "int8",
+            symmetric=settings["symmetric_activations"], per_channel=settings["per_channel"],
+            reduce_range=settings["reduce_range"],
+        )
+        order = sorted(chosen, key=lambda n: -sens[n])
+        accuracy["sensitivity"] = {n: round(sens[n], 5) for n in order}
+        best: tuple[int, onnx.ModelProto, float] | None = None
+
+        def attempt(k: int) -> tuple[onnx.ModelProto, float]:
+            keep = [n for n in chosen if n not in set(order[:k])]
+            # With every node float the candidate is the fused float graph.
+            model = typed if not keep else quantize_model(typed, ranges, settings, keep, cfg.dynamic)[0]
+            return model, drop_of(model, k)
+
+        # Doubling, then bisection: about 2 log2(n) evaluations instead of n.
+        lo, k = 0, 1
+        while True:
+            k = min(k, len(order))
+            model, drop = attempt(k)
+            if drop <= budget:
+                best = (k, model, drop)
+                break
+            lo = k
+            if k == len(order):
+                break
+            k *= 2
+        if best is None:
+            stats["accuracy_aware"]["final_drop_points"] = drop
+            raise GateFailed(
+                f"accuracy budget of {budget:g} points cannot be met: the drop is still {drop:.2f} points "
+                f"with every one of the {len(order)} quantizable nodes in float; nothing was written"
+            )
+        hi = best[0]
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            model, drop = attempt(mid)
+            if drop <= budget:
+                best, hi = (mid, model, drop), mid
+            else:
+                lo = mid
+        k, model, drop = best
+        accuracy["returned_to_float"] = [
+            {"node": n, "op": by_name[n].op_type, "sensitivity": round(sens[n], 5),
+             "reason": f"sensitivity rank {i + 1} of {len(order)}; returned to float to fit the {budget:g}-point budget"}
+            for i, n in enumerate(order[:k])
+        ]
+        accuracy["final_drop_points"] = drop
+        return model
+
+    # -- the pass --------------------------------------------------------------------------------
+    def call(self, model: ir.Model) -> PassReport:
+        cfg = self.config
+        settings = cfg.resolved()
+        started = time.perf_counter()
+        stats: dict[str, Any] = {"settings": settings, "method": cfg.method, "dynamic": cfg.dynamic}
+        float_proto = ir.to_proto(model)
+        self.ctx.scratch.mkdir(parents=True, exist_ok=True)
+        typed = self._prepare(float_proto, stats)
+        phases = {"prepare": round(time.perf_counter() - started, 2)}
+        candidates = quantizable_nodes(typed, settings["attention"] or cfg.dynamic, settings["embeddings"] or cfg.dynamic)
+        if not candidates:
+            raise UserError("the graph has nothing to quantize (no MatMul with a constant weight, no Attention); "
+                            "quantize an exported Transformer")
+        unknown = [n for n in cfg.exclude if n not in {c.name for c in candidates}]
+        if unknown:
+            raise UserError(f"--exclude names {unknown[0]!r}, which is not a quantizable node of this graph")
+        chosen = [c.name for c in candidates if c.name not in cfg.exclude]
+        self.ctx.scratch.mkdir(parents=True, exist_ok=True)
+        scratch_dir = tempfile.TemporaryDirectory(prefix="trimformer-quant-", dir=self.ctx.scratch)
+        scratch = Path(scratch_dir.name)
+        try:
+            ranges = None if cfg.dynamic else self._ranges(typed, candidates, settings, scratch, stats)
+            phases["calibrate"] = round(time.perf_counter() - started - sum(phases.values()), 2)
+            quantized, rewrites = quantize_model(typed, ranges, settings, chosen, cfg.dynamic)
+            phases["quantize"] = round(time.perf_counter() - started - sum(phases.values()), 2)
+            if cfg.max_accuracy_drop is not None:
+                quantized = self._accuracy_aware(float_proto, typed, quantized, candidates, chosen, ranges, settings, stats)
+            if self.ctx.data.get("calibration_cache_file"):
+                # Keep the cache beyond the scratch folder's life: the stage copies it into the artifact.
+                kept = Path(tempfile.mkdtemp(prefix="trimformer-ranges-", dir=self.ctx.scratch)) / RANGES_FILE
+                kept.write_bytes(Path(self.ctx.data["calibration_cache_file"]).read_bytes())
+                self.ctx.data["calibration_cache_file"] = str(kept)
+        finally:
+            scratch_dir.cleanup()
+        done = set(_quantized_names(quantized, candidates))
+        returned = {r["node"]: r["reason"] for r in stats.get("accuracy_aware", {}).get("returned_to_float", [])}
+        float_nodes = []
+        for c in candidates:
+            if c.name in done:
+                continue
+            reason = returned.get(c.name) or ("excluded by the user" if c.name in cfg.exclude else
+                                              "left float by onnxruntime's quantizer (no range or unsupported)")
+            float_nodes.append({"node": c.name, "op": c.op_type, "reason": reason})
+        stats.update(
+            quantizable=len(candidates),
+            quantized=len(done),
+            quantized_ops=quantized_ops(quantized),
+            rewrites=rewrites,
+            float_nodes=float_nodes,
+            float_ops=float_op_summary(typed, [c for c in candidates if c.name in done]),
+            output_rel_error=self._output_error(float_proto, quantized, self._feeds(1)),
+            seconds=round(time.perf_counter() - started, 2),
+            phase_seconds=phases,
+        )
+        logger.info("quantize: %d of %d nodes int8 (%s)", len(done), len(candidates), settings["format"])
+        return PassReport(ir.from_proto(quantized), modified=True, stats=stats)
+
+
+@register_pass("quantize", QuantizeConfig)
+def make_quantize_pass(config: QuantizeConfig, ctx: PassContext) -> QuantizePass:
+    config.check()
+    return QuantizePass(config, ctx)
+
+
+__all__ += ["PRESETS", "METHODS", "FORMATS"]

@@ -1,0 +1,550 @@
+"""The recipe: one TOML file that declares every stage from a trained model to a shipped bundle.
+
+::
+
+    seed = 0
+    [model]      source = "builtin:minilm" | model folder | exported artifact folder
+    [model.train]   optional fine-tune first (the keys of TrainConfig)
+    [data]       source = "builtin:tweets" | .csv/.tsv/.jsonl, columns, calibration and eval sizes
+    [distill]    optional teacher -> student (the keys of DistillConfig)
+    [export]     opset, atol
+    [[passes]]   name = "prune", then that pass's own parameters; in order
+    [validate]   providers, grid, gates
+    [package]    bundle options (needs [validate]: a bundle carries the metrics it was validated with)
+
+Everything is checked before anything runs: unknown keys, wrong types, missing files, unknown
+passes (against the registry), each pass's parameters (with the pass's own config class), and a
+stage order that cannot work. Each problem is reported as ``FILE: KEY: problem; allowed: ...``.
+Relative paths are read relative to the recipe file's folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import itertools
+import logging
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
+
+from ..errors import UserError
+
+__all__ = [
+    "KNOWN_PASS_MODULES",
+    "PASS_ORDER",
+    "DataSection",
+    "ExportSection",
+    "Gates",
+    "ModelSection",
+    "PackageSection",
+    "PassSpec",
+    "Recipe",
+    "ValidateSection",
+    "known_passes",
+    "load_recipe",
+    "parse_recipe",
+]
+
+logger = logging.getLogger(__name__)
+
+# Modules whose import registers passes; absent ones (not written or not installed) are skipped.
+KNOWN_PASS_MODULES = ("trimformer.passes.fuse", "trimformer.passes.prune", "trimformer.passes.quantize")
+
+# Passes whose relative order is fixed: pruning edits float MatMul weights, so it must see the
+# graph before fusion rewrites the attention block and before quantization replaces the weights.
+PASS_ORDER = {"prune": 0, "fuse": 1, "quantize": 2}
+
+# Keys of the stage functions' configs that the runner fills in itself.
+_RUNNER_KEYS = {"model", "teacher", "data", "out", "overwrite", "seed", "checkpoint_dir"}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TrainSpec(_Strict):
+    """``[model.train]``: fine-tune the model before anything else; keys checked against TrainConfig."""
+
+    data: str | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {"data": value.get("data"), "params": {k: v for k, v in value.items() if k != "data"}}
+        return value
+
+
+class ModelSection(_Strict):
+    source: str
+    task: Literal["sequence-classification", "feature-extraction"] | None = None
+    train: TrainSpec | None = None
+
+
+class DataSection(_Strict):
+    source: str
+    text_column: str | None = None
+    text_pair_column: str | None = None
+    label_column: str | None = None
+    calibration_samples: int = Field(default=256, ge=1)
+    calibration_batch_size: int = Field(default=16, ge=1)
+    # Fixed width for calibration batches (static calibrators stack activations); capped at the
+    # model's maximum length. null: pad each batch to its longest row.
+    calibration_pad_to: int | None = Field(default=128, ge=1)
+    eval_split: Literal["all", "train", "dev", "test"] = "dev"
+    eval_limit: int | None = Field(default=500, ge=1)
+
+
+class ExportSection(_Strict):
+    opset: int = Field(default=17, ge=11, le=21)
+    atol: float = Field(default=1e-4, gt=0)
+
+
+class PassSpec(_Strict):
+    """``[[passes]]``: ``name`` plus the pass's own parameters (validated by its config class)."""
+
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        if isinstance(value, dict) and "params" not in value:
+            return {"name": value.get("name"), "params": {k: v for k, v in value.items() if k != "name"}}
+        return value
+
+
+class Gates(_Strict):
+    max_accuracy_drop: float | None = Field(default=None, ge=0)
+    min_speedup: float | None = Field(default=None, gt=0)
+
+
+class ValidateSection(_Strict):
+    providers: list[str] = Field(default_factory=lambda: ["cpu"], min_length=1)
+    grid: list[str] = Field(default_factory=lambda: ["1x128", "32x128"], min_length=1)
+    split: Literal["auto", "all", "train", "dev", "test"] = "auto"
+    limit: int | None = Field(default=None, ge=1)
+    threads: int | None = Field(default=None, ge=1)
+    batch_size: int = Field(default=64, ge=1)
+    runs: int = Field(default=30, ge=1)
+    warmup: int = Field(default=5, ge=0)
+    min_seconds: float = Field(default=1.0, ge=0)
+    natural_samples: int = Field(default=100, ge=1)
+    # Measure every intermediate model too, for the report's accuracy/latency plot.
+    variants: bool = True
+    gates: Gates = Field(default_factory=lambda: Gates())
+
+    @field_validator("grid", mode="before")
+    @classmethod
+    def _grid(cls, value: Any) -> Any:
+        return [part.strip() for part in value.split(",")] if isinstance(value, str) else value
+
+    @field_validator("providers", mode="before")
+    @classmethod
+    def _providers(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+
+class PackageSection(_Strict):
+    ort_format: bool = False
+
+
+class Recipe(_Strict):
+    name: str | None = None
+    description: str | None = None
+    seed: int = 0
+    model: ModelSection
+    data: DataSection | None = None
+    distill: dict[str, Any] | None = None
+    export: ExportSection = Field(default_factory=lambda: ExportSection())
+    passes: list[PassSpec] = Field(default_factory=list)
+    validate_: ValidateSection | None = Field(default=None, alias="validate")
+    package: PackageSection | None = None
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    # Filled by parse_recipe, not by the file.
+    _path: Path | None = PrivateAttr(None)
+    _text: str = PrivateAttr("")
+    _model_is_artifact: bool = PrivateAttr(False)
+
+    @property
+    def path(self) -> Path | None:
+        return self._path
+
+    @property
+    def text(self) -> str:
+        """The recipe file as written (it travels into the bundle)."""
+        return self._text
+
+    @property
+    def model_is_artifact(self) -> bool:
+        """model.source is an exported artifact: no train, distill or export stage."""
+        return self._model_is_artifact
+
+    @property
+    def folder(self) -> Path:
+        return self.path.parent if self.path is not None else Path(".")
+
+    def resolve(self, spec: str) -> str:
+        """A path relative to the recipe's folder; ``builtin:`` names unchanged."""
+        if spec.startswith("builtin:"):
+            return spec
+        path = Path(spec).expanduser()
+        return str(path if path.is_absolute() else (self.folder / path))
+
+    @property
+    def train_data(self) -> str:
+        assert self.data is not None
+        spec = self.model.train.data if self.model.train and self.model.train.data else self.data.source
+        return self.resolve(spec)
+
+
+# -- registry access ----------------------------------------------------------------------------
+def known_passes() -> dict[str, Any]:
+    """The pass registry after importing every module that registers passes."""
+    for module in KNOWN_PASS_MODULES:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+            logger.debug("pass module %s is not available", module)
+    from ..passes.base import PASS_REGISTRY
+
+    return PASS_REGISTRY
+
+
+def _stage_config(module: str, name: str) -> type | None:
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name != module:
+            raise
+        return None
+    return getattr(mod, name, None)
+
+
+def dataclass_model(cls: type, exclude: set[str]) -> type[BaseModel]:
+    """A strict pydantic model with a dataclass's fields (minus ``exclude``), to check a table."""
+    hints = typing.get_type_hints(cls)
+    fields: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name in exclude:
+            continue
+        if f.default is not dataclasses.MISSING:
+            default: Any = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = ...
+        fields[f.name] = (hints[f.name], default)
+    return create_model(cls.__name__, __config__=ConfigDict(extra="forbid"), **fields)  # type: ignore[call-overload,no-any-return]
+
+
+# -- messages -----------------------------------------------------------------------------------
+def _loc_text(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def _unwrap(annotation: Any) -> Any:
+    """The model class inside Optional[...] / list[...]."""
+    for arg in typing.get_args(annotation) or ():
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+        inner = _unwrap(arg)
+        if inner is not None:
+            return inner
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return None
+
+
+def _allowed_at(root: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Field names of the model that holds ``loc[-1]``."""
+    cls: Any = root
+    for part in loc[:-1]:
+        if isinstance(part, int) or cls is None:
+            continue
+        field = _field_by_key(cls, part)
+        cls = _unwrap(field.annotation) if field is not None else None
+    if cls is None:
+        return []
+    # PassSpec and TrainSpec gather the free keys under "params"; that name is not a key to write.
+    hidden = {"params"} if cls in (PassSpec, TrainSpec) else set()
+    return [field.alias or name for name, field in cls.model_fields.items() if name not in hidden]
+
+
+def _field_by_key(cls: type[BaseModel], key: str) -> Any:
+    for name, field in cls.model_fields.items():
+        if key in (name, field.alias):
+            return field
+    return None
+
+
+def _describe(error: Any, root: type[BaseModel], prefix: tuple[Any, ...]) -> tuple[str, str]:
+    loc = tuple(error["loc"])
+    where = _loc_text(prefix + loc)
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return where, "unknown key; allowed: " + ", ".join(_allowed_at(root, loc))
+    if kind == "missing":
+        return where, "missing required key"
+    got = error.get("input")
+    shown = "a table" if isinstance(got, dict) else repr(got)
+    return where, f"{error['msg'][0].lower()}{error['msg'][1:]} (got {shown[:60]})"
+
+
+def _raise(path: Path, problems: list[tuple[str, str]]) -> typing.NoReturn:
+    first = [f"{path}: {where}: {what}" for where, what in problems[:3]]
+    more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+    raise UserError("; ".join(first) + more)
+
+
+def _pydantic_problems(
+    exc: ValidationError, root: type[BaseModel], prefix: tuple[Any, ...] = ()
+) -> list[tuple[str, str]]:
+    return [_describe(error, root, prefix) for error in exc.errors()]
+
+
+# -- loading ------------------------------------------------------------------------------------
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and check a recipe file; every problem is a UserError naming the file and the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(
+            f"recipe {path} does not exist" if not path.exists() else f"recipe {path} is not a file"
+        )
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read recipe {path}: {exc}") from exc
+    return parse_recipe(text, path)
+
+
+def parse_recipe(text: str, path: Path) -> Recipe:
+    import tomllib
+
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"{path}: not valid TOML ({exc})") from exc
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        _raise(path, _pydantic_problems(exc, Recipe))
+    recipe._path = path
+    recipe._text = text
+    _check(recipe, path)
+    return recipe
+
+
+def _check(recipe: Recipe, path: Path) -> None:
+    problems: list[tuple[str, str]] = []
+    problems += _check_files(recipe)
+    problems += _check_stage_tables(recipe)
+    problems += _check_passes(recipe)
+    problems += _check_validate(recipe)
+    problems += _check_order(recipe)
+    if problems:
+        _raise(path, problems)
+
+
+def _check_files(recipe: Recipe) -> list[tuple[str, str]]:
+    from ..sources import BUILTIN_MODELS  # type: ignore[attr-defined]
+
+    problems = []
+    source = recipe.model.source
+    if source.startswith("builtin:"):
+        if source not in BUILTIN_MODELS:
+            problems.append(
+                ("model.source", f"unknown built-in model {source!r}; known: {', '.join(BUILTIN_MODELS)}")
+            )
+    else:
+        folder = Path(recipe.resolve(source))
+        if not folder.exists():
+            problems.append(
+                (
+                    "model.source",
+                    f"{folder} does not exist; give a model folder, an artifact or builtin:minilm",
+                )
+            )
+        elif not folder.is_dir():
+            problems.append(("model.source", f"{folder} is a file; give the model's folder"))
+        else:
+            recipe._model_is_artifact = (folder / "model.onnx").is_file() and (
+                folder / "trimformer.json"
+            ).is_file()
+    data_specs = []
+    if recipe.data is not None:
+        data_specs.append(("data.source", recipe.data.source))
+    if recipe.model.train is not None and recipe.model.train.data:
+        data_specs.append(("model.train.data", recipe.model.train.data))
+    for key, spec in data_specs:
+        if spec.startswith("builtin:"):
+            from ..data import BUILTIN_DATASETS
+
+            if spec not in BUILTIN_DATASETS:
+                problems.append(
+                    (key, f"unknown built-in dataset {spec!r}; known: {', '.join(BUILTIN_DATASETS)}")
+                )
+            continue
+        file = Path(recipe.resolve(spec))
+        if not file.is_file():
+            problems.append(
+                (key, f"{file} does not exist; give a .csv, .tsv or .jsonl file or builtin:tweets")
+            )
+        elif file.suffix.lower() not in (".csv", ".tsv", ".txt", ".jsonl", ".ndjson"):
+            problems.append((key, f"{file.name} is not a dataset; allowed formats: .csv, .tsv, .jsonl"))
+    return problems
+
+
+def _check_table(table: dict[str, Any], cls: type | None, where: str, missing: str) -> list[tuple[str, str]]:
+    if cls is None:
+        return [(where, missing)]
+    model = dataclass_model(cls, _RUNNER_KEYS)
+    problems = []
+    for key in sorted(set(table) & _RUNNER_KEYS):
+        problems.append((f"{where}.{key}", "set by the recipe (model, data, seed sections); remove it"))
+    clean = {k: v for k, v in table.items() if k not in _RUNNER_KEYS}
+    try:
+        model.model_validate(clean)
+    except ValidationError as exc:
+        problems += _pydantic_problems(exc, model, tuple(where.split(".")))
+    return problems
+
+
+def _check_stage_tables(recipe: Recipe) -> list[tuple[str, str]]:
+    problems = []
+    if recipe.model.train is not None:
+        from .train import TrainConfig
+
+        problems += _check_table(recipe.model.train.params, TrainConfig, "model.train", "")
+    if recipe.distill is not None:
+        cls = _stage_config("trimformer.pipeline.distill", "DistillConfig")
+        problems += _check_table(
+            recipe.distill,
+            cls,
+            "distill",
+            "the distill stage needs trimformer.pipeline.distill (DistillConfig), which this install lacks",
+        )
+    return problems
+
+
+def _check_passes(recipe: Recipe) -> list[tuple[str, str]]:
+    if not recipe.passes:
+        return []
+    registry = known_passes()
+    problems = []
+    for index, spec in enumerate(recipe.passes):
+        if spec.name not in registry:
+            known = ", ".join(sorted(registry)) or "none registered"
+            problems.append((f"passes[{index}].name", f"unknown pass {spec.name!r}; known passes: {known}"))
+            continue
+        config_cls = registry[spec.name][0]
+        try:
+            config_cls.model_validate(spec.params)
+        except ValidationError as exc:
+            problems += _pydantic_problems(exc, config_cls, ("passes", index))
+    return problems
+
+
+def _check_validate(recipe: Recipe) -> list[tuple[str, str]]:
+    section = recipe.validate_
+    if section is None:
+        return []
+    from .runners import PROVIDERS, resolve_provider
+    from .validate import parse_grid
+
+    problems = []
+    for i, provider in enumerate(section.providers):
+        if provider not in PROVIDERS:
+            problems.append(
+                (
+                    f"validate.providers[{i}]",
+                    f"unknown provider {provider!r}; allowed: {', '.join(PROVIDERS)}",
+                )
+            )
+            continue
+        try:
+            resolve_provider(provider)
+        except UserError as exc:
+            problems.append((f"validate.providers[{i}]", str(exc)))
+    try:
+        parse_grid(",".join(section.grid))
+    except UserError as exc:
+        problems.append(("validate.grid", str(exc)))
+    return problems
+
+
+def _check_order(recipe: Recipe) -> list[tuple[str, str]]:
+    problems = []
+    needs_data = [
+        name
+        for name, present in (
+            ("model.train", recipe.model.train is not None),
+            ("distill", recipe.distill is not None),
+            ("passes", bool(recipe.passes)),
+            ("validate", recipe.validate_ is not None),
+        )
+        if present
+    ]
+    if needs_data and recipe.data is None:
+        problems.append(("data", f"missing; {', '.join(needs_data)} need a [data] section with source = ..."))
+    if recipe.model_is_artifact:
+        for key, present in (
+            ("model.train", recipe.model.train is not None),
+            ("distill", recipe.distill is not None),
+        ):
+            if present:
+                problems.append(
+                    (
+                        key,
+                        "cannot run on an exported ONNX artifact; point model.source at the PyTorch model folder",
+                    )
+                )
+    ranks = [
+        (i, spec.name, PASS_ORDER[spec.name])
+        for i, spec in enumerate(recipe.passes)
+        if spec.name in PASS_ORDER
+    ]
+    for (i, name, rank), (j, later, later_rank) in itertools.pairwise(ranks):
+        if later_rank < rank:
+            problems.append(
+                (
+                    f"passes[{j}]",
+                    f"{later!r} cannot run after {name!r} (passes[{i}]); order: prune, fuse, quantize",
+                )
+            )
+    if recipe.package is not None and recipe.validate_ is None:
+        problems.append(
+            ("package", "needs a [validate] section: a bundle ships the metrics it was validated with")
+        )
+    gates = recipe.validate_.gates if recipe.validate_ else None
+    if gates and gates.min_speedup is not None and not recipe.passes and recipe.distill is None:
+        problems.append(
+            (
+                "validate.gates.min_speedup",
+                "nothing in the recipe can speed the model up (no distill, no passes)",
+            )
+        )
+    return problems

@@ -1,0 +1,52 @@
+"""Texts -> the int64 arrays a bundle's graph takes.
+
+The same rules as the validation encoder (``trimformer.data.Encoder``): truncate to the model's
+maximum length, pad each batch to its longest row with the pad id, mask 1 on real tokens, token
+type ids from the tokenizer. It is repeated here so that the runtime needs nothing but
+`tokenizers` and numpy; tests check the two agree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from tokenizers import Tokenizer
+
+__all__ = ["KNOWN_INPUTS", "TextEncoder"]
+
+KNOWN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+class TextEncoder:
+    """Immutable after construction, so one instance can serve several threads at once."""
+
+    def __init__(
+        self, tokenizer_json: str, input_names: Sequence[str], max_length: int, pad_token_id: int
+    ) -> None:
+        self.input_names = tuple(input_names)
+        self.max_length = int(max_length)
+        self.pad_token_id = int(pad_token_id)
+        tokenizer = Tokenizer.from_str(tokenizer_json)
+        # Configured once here and never again: tokenizers refuses a reconfiguration while
+        # another thread encodes, and the runtime promises concurrent calls.
+        tokenizer.enable_truncation(max_length=self.max_length)
+        tokenizer.no_padding()
+        self._tokenizer = tokenizer
+
+    def __call__(self, texts: Sequence[str], pairs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        if pairs is not None:
+            encodings = self._tokenizer.encode_batch(list(zip(texts, pairs, strict=True)))
+        else:
+            encodings = self._tokenizer.encode_batch(list(texts))
+        width = max(1, max((len(e.ids) for e in encodings), default=1))
+        ids = np.full((len(encodings), width), self.pad_token_id, dtype=np.int64)
+        mask = np.zeros((len(encodings), width), dtype=np.int64)
+        types = np.zeros((len(encodings), width), dtype=np.int64)
+        for row, enc in enumerate(encodings):
+            n = min(len(enc.ids), width)
+            ids[row, :n] = enc.ids[:n]
+            mask[row, :n] = 1
+            types[row, :n] = enc.type_ids[:n]
+        arrays = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+        return {name: arrays[name] for name in self.input_names}

@@ -1,0 +1,56 @@
+"""``verify_bundle``: recheck every hash of a bundle and run its smoke inference.
+
+What is checked, in order (any failure raises a BundleError, a UserError, and nothing else runs):
+
+1. an archive: its ``.sha256`` sidecar when present, then every member's name and type before
+   anything is unpacked (no absolute paths, ``..``, links or devices), into a private temp folder;
+2. ``manifest.sha256`` against ``manifest.json``, then every file's size and sha256 against the
+   manifest; a missing, extra or non-plain file is refused;
+3. an archive again: its gzip header and whole tar stream must be the canonical re-creation;
+4. the model loads in onnxruntime from the verified bytes and, on the smoke texts recorded at
+   packaging time, gives the recorded outputs within the recorded tolerance; the same for the
+   ORT-format copy when the bundle has one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import onnxruntime as ort
+
+from .archive import archive_sidecar, is_archive_path
+from .predictor import Predictor, open_verified
+
+__all__ = ["verify_bundle"]
+
+
+def verify_bundle(
+    path: str | Path, provider: str | list[str] = "cpu", expected_digest: str | None = None
+) -> dict[str, Any]:
+    """Verify a bundle folder or ``.tar.gz``; return what was checked (raise BundleError if anything fails)."""
+    path = Path(path)
+    # open_verified checks the sidecar itself; this only reports whether there was one.
+    sidecar_checked = path.is_file() and is_archive_path(path) and archive_sidecar(path).is_file()
+    with open_verified(path, expected_digest) as verified:
+        predictor = Predictor(verified, provider=provider)
+        ort_predictor = (
+            Predictor(verified, model_format="ort") if verified.manifest.get("ort_format") else None
+        )
+    manifest = predictor.manifest
+    return {
+        "bundle": str(path),
+        "ok": True,
+        "digest": predictor.digest,
+        "archive": path.is_file(),
+        "archive_sha256_checked": bool(sidecar_checked),
+        "files": len(manifest["files"]) + 2,
+        "task": predictor.task,
+        "labels": list(predictor.labels),
+        "onnxruntime": ort.__version__,
+        "providers": predictor.providers,
+        "smoke": {"texts": len(manifest["smoke"]["texts"]), "max_abs_diff": predictor.smoke_max_abs_diff},
+        "ort_format": None
+        if ort_predictor is None
+        else {"file": manifest["ort_format"]["file"], "smoke_max_abs_diff": ort_predictor.smoke_max_abs_diff},
+    }

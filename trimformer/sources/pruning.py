@@ -1,0 +1,351 @@
+"""Pruning records on the PyTorch side: load, replay (physically remove heads and neurons), mask.
+
+The record (``pruning_record.json``, written by the prune stage next to the pruned graph) says per
+layer which heads and feed-forward neurons of the ORIGINAL model were kept. ``apply_pruning_record``
+removes the others from a Hugging Face BERT/DistilBERT/RoBERTa model or trimformer's plain model so
+that its logits equal the pruned ONNX graph's (with reconstruction off); the distillation stage uses
+it to build a pruned student. ``mask_model`` zeroes the same heads/neurons without removing them:
+the reference that pruning must reproduce exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import types
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..errors import UserError
+
+__all__ = [
+    "RECORD_FILE",
+    "RECORD_FORMAT",
+    "LayerModules",
+    "apply_pruning_record",
+    "layer_modules",
+    "load_pruning_record",
+    "mask_model",
+    "validate_record",
+]
+
+RECORD_FILE = "pruning_record.json"
+RECORD_FORMAT = "trimformer-pruning-record/1"
+_KEYS = (
+    "architecture",
+    "num_layers",
+    "num_heads",
+    "head_dim",
+    "hidden_size",
+    "ffn_size",
+    "importance",
+    "layers",
+)
+
+
+@dataclass
+class LayerModules:
+    """The Linear layers of one encoder layer that head and neuron pruning touch."""
+
+    kind: str  # "bert" (BERT/RoBERTa), "distilbert" or "plain"
+    layer: Any  # nn.Module; Any because the per-family submodules are reached by attribute
+    attention: Any  # the module holding head counts
+    out: nn.Linear  # output projection (input features = heads x head_dim)
+    up: nn.Linear
+    down: nn.Linear
+    num_heads: int
+    head_dim: int
+
+
+def _core(model: nn.Module) -> nn.Module:
+    """The encoder-bearing module of a Hugging Face model (with or without a task head)."""
+    for name in ("bert", "roberta", "distilbert"):
+        inner = getattr(model, name, None)
+        if isinstance(inner, nn.Module):
+            return inner
+    return model
+
+
+def layer_modules(model: nn.Module) -> list[LayerModules]:
+    """The prunable modules of each layer, for HF BERT/DistilBERT/RoBERTa and the plain model."""
+    from .plain import PlainTransformerClassifier
+
+    if isinstance(model, PlainTransformerClassifier):
+        head_dim = model.config.hidden_size // model.config.num_heads
+        found = []
+        for layer in model.encoder.layers:
+            attn = layer.self_attn
+            heads = int(getattr(attn, "trimformer_heads", model.config.num_heads))
+            found.append(
+                LayerModules(
+                    "plain", layer, attn, attn.out_proj, layer.linear1, layer.linear2, heads, head_dim
+                )
+            )
+        return found
+    core = _core(model)
+    encoder = getattr(core, "encoder", None)
+    if encoder is not None and hasattr(encoder, "layer"):
+        found = []
+        for layer in encoder.layer:
+            self_attn = layer.attention.self
+            head_dim = int(
+                getattr(self_attn, "attention_head_size", 0) or getattr(layer.attention, "head_dim", 0)
+            )
+            heads = int(getattr(self_attn, "num_attention_heads", 0))
+            found.append(
+                LayerModules(
+                    "bert",
+                    layer,
+                    self_attn,
+                    layer.attention.output.dense,
+                    layer.intermediate.dense,
+                    layer.output.dense,
+                    heads,
+                    head_dim,
+                )
+            )
+        return found
+    transformer = getattr(core, "transformer", None)
+    if transformer is not None and hasattr(transformer, "layer"):
+        found = []
+        for layer in transformer.layer:
+            attn = layer.attention
+            heads = int(getattr(attn, "n_heads", 0))
+            head_dim = int(getattr(attn, "attention_head_size", 0))
+            found.append(
+                LayerModules(
+                    "distilbert", layer, attn, attn.out_lin, layer.ffn.lin1, layer.ffn.lin2, heads, head_dim
+                )
+            )
+        return found
+    raise UserError(
+        f"cannot find encoder layers in a {type(model).__name__}; supported: BERT, DistilBERT, RoBERTa, plain"
+    )
+
+
+# -- the record ----------------------------------------------------------------------------------
+def validate_record(record: Any, where: str = "the pruning record") -> dict[str, Any]:
+    if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT:
+        raise UserError(f"{where} is not a {RECORD_FORMAT} file")
+    missing = [k for k in _KEYS if k not in record]
+    if missing:
+        raise UserError(f"{where} lacks {', '.join(missing)}")
+    layers = record["layers"]
+    if not isinstance(layers, list) or len(layers) != record["num_layers"]:
+        raise UserError(
+            f"{where} lists {len(layers) if isinstance(layers, list) else 0} layers, "
+            f"not num_layers={record['num_layers']}"
+        )
+    for i, entry in enumerate(layers):
+        try:
+            kept_h, removed_h = list(entry["kept_heads"]), list(entry["removed_heads"])
+            kept_n, removed_n = list(entry["kept_neurons"]), list(entry["removed_neurons"])
+        except (KeyError, TypeError) as exc:
+            raise UserError(f"{where}: layer {i} lacks kept/removed heads or neurons") from exc
+        heads = int(entry.get("num_heads", record["num_heads"]))
+        ffn = int(entry.get("ffn_size", record["ffn_size"]))
+        if sorted(kept_h + removed_h) != list(range(heads)):
+            raise UserError(f"{where}: layer {i} heads do not partition 0..{heads - 1}")
+        if sorted(kept_n + removed_n) != list(range(ffn)):
+            raise UserError(f"{where}: layer {i} neurons do not partition 0..{ffn - 1}")
+    return record
+
+
+def load_pruning_record(path: str | Path) -> dict[str, Any]:
+    """Read and validate a pruning record (a file, or an artifact folder holding one)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / RECORD_FILE
+    if not path.is_file():
+        raise UserError(f"no pruning record at {path}; prune with `trimformer prune` first")
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise UserError(f"{path} is not valid JSON: {exc}") from exc
+    return validate_record(record, str(path))
+
+
+def _check_matches(mods: list[LayerModules], record: dict[str, Any]) -> None:
+    if len(mods) != record["num_layers"]:
+        raise UserError(f"the record has {record['num_layers']} layers, the model {len(mods)}")
+    for i, (m, entry) in enumerate(zip(mods, record["layers"], strict=True)):
+        heads = int(entry.get("num_heads", record["num_heads"]))
+        ffn = int(entry.get("ffn_size", record["ffn_size"]))
+        if m.num_heads != heads or m.head_dim != record["head_dim"]:
+            raise UserError(
+                f"layer {i}: the model has {m.num_heads} heads of {m.head_dim}, the record {heads} of "
+                f"{record['head_dim']} (already pruned, or another model?)"
+            )
+        if m.up.out_features != ffn or m.out.out_features != record["hidden_size"]:
+            raise UserError(
+                f"layer {i}: the model's sizes ({m.up.out_features} neurons, hidden "
+                f"{m.out.out_features}) do not match the record ({ffn}, {record['hidden_size']})"
+            )
+
+
+# -- replay --------------------------------------------------------------------------------------
+def _take_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:
+    """A new Linear with the chosen output rows (dim 0) or input columns (dim 1)."""
+    weight = linear.weight.detach().index_select(dim, index).clone()
+    bias = linear.bias.detach().clone() if linear.bias is not None else None
+    if dim == 0 and bias is not None:
+        bias = bias.index_select(0, index).clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zero-width layers (every head removed) warn on init
+        new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    new.weight = nn.Parameter(weight, requires_grad=linear.weight.requires_grad)
+    if bias is not None:
+        new.bias = nn.Parameter(bias, requires_grad=linear.weight.requires_grad)
+    return new.to(linear.weight.device)
+
+
+class _NoHeads(nn.Module):
+    """A BERT self-attention with every head removed: a zero-width context."""
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        return hidden_states.new_zeros(*hidden_states.shape[:-1], 0), None
+
+
+class _NoHeadsDistil(nn.Module):
+    """A DistilBERT attention with every head removed: its output is the output bias."""
+
+    def __init__(self, out: nn.Linear) -> None:
+        super().__init__()
+        self.out_lin = out
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        return self.out_lin(hidden_states.new_zeros(*hidden_states.shape[:-1], 0)), None
+
+
+def _plain_attention(
+    self: Any, attn: nn.MultiheadAttention, hidden: torch.Tensor, additive: torch.Tensor
+) -> torch.Tensor:
+    """PlainTransformerClassifier._attention with per-layer head counts read from the weights."""
+    head_dim = self.config.hidden_size // self.config.num_heads
+    weight, bias = attn.in_proj_weight, attn.in_proj_bias
+    size = weight.shape[0] // 3
+    if size == 0:
+        return attn.out_proj(hidden.new_zeros(*hidden.shape[:-1], 0))
+
+    def split_heads(x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(x.shape[0], x.shape[1], -1, head_dim).transpose(1, 2)
+
+    query = split_heads(F.linear(hidden, weight[:size], bias[:size]))
+    key = split_heads(F.linear(hidden, weight[size : 2 * size], bias[size : 2 * size]))
+    value = split_heads(F.linear(hidden, weight[2 * size :], bias[2 * size :]))
+    scores = torch.matmul(query, key.transpose(-1, -2)) / math.sqrt(head_dim)
+    probs = F.dropout(torch.softmax(scores + additive[:, None, None, :], dim=-1), attn.dropout, self.training)
+    context = torch.matmul(probs, value).transpose(1, 2)
+    return attn.out_proj(context.reshape(hidden.shape[0], hidden.shape[1], -1))
+
+
+def _prune_layer(m: LayerModules, kept_heads: list[int], kept_neurons: list[int]) -> None:
+    d = m.head_dim
+    cols = torch.tensor([h * d + j for h in kept_heads for j in range(d)], dtype=torch.long)
+    neurons = torch.tensor(kept_neurons, dtype=torch.long)
+    # Feed-forward: up-projection rows (out features) and down-projection columns (in features).
+    if len(kept_neurons) != m.up.out_features:
+        new_up, new_down = _take_linear(m.up, neurons, 0), _take_linear(m.down, neurons, 1)
+        if m.kind == "bert":
+            m.layer.intermediate.dense, m.layer.output.dense = new_up, new_down
+        elif m.kind == "distilbert":
+            m.layer.ffn.lin1, m.layer.ffn.lin2 = new_up, new_down
+        else:
+            m.layer.linear1, m.layer.linear2 = new_up, new_down
+    if len(kept_heads) == m.num_heads:
+        return
+    new_out = _take_linear(m.out, cols, 1)
+    if m.kind == "bert":
+        attn = m.layer.attention
+        attn.output.dense = new_out
+        if not kept_heads:
+            attn.self = _NoHeads()
+            return
+        for name in ("query", "key", "value"):
+            setattr(attn.self, name, _take_linear(getattr(attn.self, name), cols, 0))
+        attn.self.num_attention_heads = len(kept_heads)
+        attn.self.all_head_size = len(kept_heads) * d
+    elif m.kind == "distilbert":
+        if not kept_heads:
+            m.layer.attention = _NoHeadsDistil(new_out)
+            return
+        attn = m.attention
+        attn.out_lin = new_out
+        for name in ("q_lin", "k_lin", "v_lin"):
+            setattr(attn, name, _take_linear(getattr(attn, name), cols, 0))
+        attn.n_heads = len(kept_heads)
+    else:
+        attn = m.attention
+        size = attn.out_proj.in_features
+        rows = torch.cat([cols + i * size for i in range(3)])
+        attn.in_proj_weight = nn.Parameter(attn.in_proj_weight.detach().index_select(0, rows).clone())
+        if attn.in_proj_bias is not None:
+            attn.in_proj_bias = nn.Parameter(attn.in_proj_bias.detach().index_select(0, rows).clone())
+        attn.out_proj.weight = nn.Parameter(new_out.weight.detach())
+        attn.out_proj.in_features = new_out.in_features
+        attn.trimformer_heads = len(kept_heads)
+
+
+def apply_pruning_record(model: nn.Module, record: dict[str, Any]) -> None:
+    """Physically remove the record's heads and neurons from ``model``, in place.
+
+    A layer with every head removed keeps only its residual path (plus the output bias), as in the
+    pruned graph. For the plain model the attention is re-bound per instance to read each layer's
+    head count from its weights (its class reads one global count).
+    """
+    from .plain import PlainTransformerClassifier
+
+    record = validate_record(record)
+    mods = layer_modules(model)
+    _check_matches(mods, record)
+    for m, entry in zip(mods, record["layers"], strict=True):
+        _prune_layer(
+            m, sorted(int(h) for h in entry["kept_heads"]), sorted(int(n) for n in entry["kept_neurons"])
+        )
+    if isinstance(model, PlainTransformerClassifier):
+        model._attention = types.MethodType(_plain_attention, model)  # type: ignore[method-assign]
+
+
+# -- masking (the exactness reference, and Fisher scores) ----------------------------------------
+def _feature_mask(m: LayerModules, removed: list[int], width: int, group: int) -> torch.Tensor:
+    mask = torch.ones(width)
+    for unit in removed:
+        mask[unit * group : (unit + 1) * group] = 0.0
+    return mask
+
+
+@contextmanager
+def mask_model(model: nn.Module, record: dict[str, Any]) -> Iterator[nn.Module]:
+    """Within the block, the record's removed heads and neurons contribute zero (nothing removed)."""
+    record = validate_record(record)
+    mods = layer_modules(model)
+    _check_matches(mods, record)
+    handles = []
+    for m, entry in zip(mods, record["layers"], strict=True):
+        for linear, removed, group in (
+            (m.out, list(entry["removed_heads"]), m.head_dim),
+            (m.down, list(entry["removed_neurons"]), 1),
+        ):
+            if not removed:
+                continue
+            mask = _feature_mask(m, removed, linear.in_features, group)
+
+            def hook(
+                _mod: nn.Module, args: tuple[torch.Tensor, ...], mask: torch.Tensor = mask
+            ) -> tuple[torch.Tensor]:
+                return (args[0] * mask.to(args[0].dtype),)
+
+            handles.append(linear.register_forward_pre_hook(hook))
+    try:
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
