@@ -71,11 +71,13 @@ def _accuracy(model_dir: Path, batches: list[dict[str, np.ndarray]], y: np.ndarr
     return float((pred == y).mean())
 
 
-def _latency(paths: dict[str, Path], threads: int, runs: int, seq: int = 128) -> dict[str, dict[str, float]]:
+def _latency(
+    paths: dict[str, Path], threads: int, runs: int, vocab: int, seq: int = 128
+) -> dict[str, dict[str, float]]:
     """p50/p90 ms at 1 x seq, interleaved rounds of 20 calls in rotating order, after warm-up."""
     rng = np.random.default_rng(0)
     batch = {
-        "input_ids": rng.integers(1000, 20000, size=(1, seq), dtype=np.int64),
+        "input_ids": rng.integers(min(1000, vocab // 2), vocab, size=(1, seq), dtype=np.int64),
         "attention_mask": np.ones((1, seq), dtype=np.int64),
         "token_type_ids": np.zeros((1, seq), dtype=np.int64),
     }
@@ -99,6 +101,11 @@ def _latency(paths: dict[str, Path], threads: int, runs: int, seq: int = 128) ->
     }
 
 
+def _layers(model_dir: Path) -> int:
+    config = json.loads((model_dir / "config.json").read_text())
+    return int(config.get("num_hidden_layers") or config.get("n_layers") or 0)
+
+
 def _distill(teacher: Path, out: Path, args: argparse.Namespace, **student: Any) -> dict[str, Any]:
     from trimformer.pipeline.distill import DistillConfig, distill
 
@@ -113,10 +120,11 @@ def _distill(teacher: Path, out: Path, args: argparse.Namespace, **student: Any)
         alpha=args.alpha,
         temperature=args.temperature,
         eval_every=args.eval_every,
-        eval_limit=1000,
+        eval_limit=args.eval_limit,
         time_limit=args.time_limit,
         overwrite=True,
         resume=False,
+        threads=args.train_threads,
         **student,
     )
     started = time.perf_counter()
@@ -146,10 +154,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--alpha", type=float, default=0.5)
     parser.add_argument("--temperature", type=float, default=2.0)
     parser.add_argument("--eval-every", type=int, default=250)
+    parser.add_argument("--eval-limit", type=int, default=1000, help="Dev rows per evaluation.")
     parser.add_argument("--time-limit", type=float, default=570.0, help="Training seconds per student.")
     parser.add_argument("--flops", type=float, default=0.5, help="FLOP fraction the pruned student removes.")
     parser.add_argument("--runs", type=int, default=300, help="Latency runs per model.")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--threads", type=int, default=2, help="onnxruntime threads for accuracy and latency."
+    )
+    parser.add_argument(
+        "--train-threads",
+        type=int,
+        default=2,
+        help="PyTorch threads for training (1 can win on a busy machine).",
+    )
     parser.add_argument("--skip-pruned", action="store_true")
     parser.add_argument("--reuse", action="store_true", help="Reuse students already in --work.")
     args = parser.parse_args(argv)
@@ -195,29 +212,35 @@ def main(argv: list[str] | None = None) -> int:
             subprocess.run(command, check=True)
         pruned_acc = _accuracy(pruned, batches, y, args.threads)
         recovered = work / "recovered"
-        run = _distill(args.teacher, recovered, args, from_pruning=str(pruned))
+        if args.reuse and (recovered / "trimformer_distill.json").is_file():
+            run = json.loads((recovered / "trimformer_distill.json").read_text())["result"]
+        else:
+            run = _distill(args.teacher, recovered, args, from_pruning=str(pruned))
         _export(recovered, work / "recovered-onnx")
         recovered_acc = _accuracy(work / "recovered-onnx", batches, y, args.threads)
         variants["recovered"] = work / "recovered-onnx"
         pruned_info = {
-            "flops_removed": json.loads((pruned / "pruning_record.json").read_text()).get("flops_removed"),
+            "flops_removed": json.loads((pruned / "pruning_report.json").read_text()).get("flops_removed"),
             "pruned_test_accuracy": round(pruned_acc, 4),
             "recovered_test_accuracy": round(recovered_acc, 4),
             "points_below_teacher": round(100 * (teacher_acc - recovered_acc), 2),
             "run": run,
         }
-    latency = _latency(variants, args.threads, args.runs)
+    from trimformer.sources.tokenizer import load_tokenizer
+
+    vocab = load_tokenizer(args.teacher).get_vocab_size()
+    latency = _latency(variants, args.threads, args.runs, vocab)
     ratio = latency["student"]["p50"] / latency["teacher"]["p50"]
     report["student"] = {
         "test_accuracy": round(student_acc, 4),
         "accuracy_ratio": round(student_acc / teacher_acc, 4),
-        "train_seconds": report["layers_run"].get("seconds"),
+        "train_seconds": report["layers_run"].get("train_seconds"),
         "latency_ratio_1x128": round(ratio, 3),
     }
     report["latency_ms_1x128"] = latency
     targets = {
         "student_accuracy_ratio>=0.99": student_acc / teacher_acc >= 0.99,
-        "student_train_seconds<=600": float(report["layers_run"].get("seconds", 1e9)) <= 600,
+        "student_train_seconds<=600": float(report["layers_run"].get("train_seconds", 1e9)) <= 600,
         "student_latency_ratio<=0.55": ratio <= 0.55,
     }
     if pruned_info is not None:
@@ -229,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
 
     rows = [
-        ("teacher (6 layers)", teacher_acc, latency["teacher"]["p50"], "-"),
+        (f"teacher ({_layers(args.teacher)} layers)", teacher_acc, latency["teacher"]["p50"], "-"),
         (f"student (layers {report['layers_run'].get('student', {}).get('layers', args.layers)})", student_acc,
          latency["student"]["p50"], f"{report['student']['train_seconds']} s"),
     ]  # fmt: skip
@@ -237,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(("pruned, no recovery", pruned_info["pruned_test_accuracy"], float("nan"), "-"))
         rows.append(
             ("pruned + distilled", pruned_info["recovered_test_accuracy"], latency["recovered"]["p50"],
-             f"{pruned_info['run'].get('seconds')} s")
+             f"{pruned_info['run'].get('train_seconds')} s")
         )  # fmt: skip
     print(f"{'variant':<34} {'test acc':>9} {'p50 1x128 ms':>13} {'training':>10}")
     for name, acc, p50, secs in rows:

@@ -30,8 +30,14 @@ RESULTS = ROOT / "bench" / "results"
 WORK = ROOT / "work" / "quantize" / "bench"
 THREADS = 2
 
-TARGETS = {"latency_vs_ort_dynamic": 0.80, "agreement": 0.985, "accuracy_drop_points": 0.5, "size_mb": 25.0,
-           "pass_seconds": 30.0, "rss_ratio_4096_vs_256": 1.25}
+TARGETS = {
+    "latency_vs_ort_dynamic": 0.80,
+    "agreement": 0.985,
+    "accuracy_drop_points": 0.5,
+    "size_mb": 25.0,
+    "pass_seconds": 30.0,
+    "rss_ratio_4096_vs_256": 1.25,
+}
 
 
 def _session(path: Path) -> Any:
@@ -73,43 +79,68 @@ def _run_pass(model: Path, out: Path, **kwargs: Any) -> tuple[Path, dict[str, An
     stage_keys = {"calibration", "eval", "batch_size", "pad_to", "eval_limit"}
     stage = {k: kwargs.pop(k) for k in list(kwargs) if k in stage_keys}
     t0 = time.perf_counter()
-    summary = run_quantize(QuantizeStageConfig(model=str(model), out=str(out), quantize=QuantizeConfig(**kwargs),
-                                               overwrite=True, **stage))
+    summary = run_quantize(
+        QuantizeStageConfig(
+            model=str(model), out=str(out), quantize=QuantizeConfig(**kwargs), overwrite=True, **stage
+        )
+    )
     return out / "model.onnx", summary, time.perf_counter() - t0
 
 
 def _rss_child(model: str, samples: int, out: str) -> None:
     """Runs in a fresh process: the quantize pass, then prints the process's peak RSS."""
-    import resource
-
     from trimformer.passes.quantize import QuantizeConfig
+    from trimformer.pipeline.latency import PeakMemory
     from trimformer.pipeline.quantize_stage import QuantizeStageConfig, run_quantize
 
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    run_quantize(QuantizeStageConfig(model=model, out=out, quantize=QuantizeConfig(samples=samples),
-                                     calibration="builtin:tweets", overwrite=True))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"samples": samples, "peak_rss_mb": peak / 1024, "rss_before_mb": before / 1024}))
+    # psutil sampling, not ru_maxrss: Linux keeps the parent's high-water mark across fork + exec.
+    with PeakMemory(interval=0.005) as mem:
+        run_quantize(
+            QuantizeStageConfig(
+                model=model,
+                out=out,
+                quantize=QuantizeConfig(samples=samples),
+                calibration="builtin:tweets",
+                overwrite=True,
+            )
+        )
+    print(json.dumps({"samples": samples, "peak_rss_mb": mem.peak / 2**20, "rise_mb": mem.peak_mb}))
 
 
 def _rss(model: Path) -> dict[str, Any]:
     rows = {}
     for samples in (256, 4096):
         with tempfile.TemporaryDirectory() as tmp:
-            cmd = [sys.executable, "-m", "bench.quantize", "--rss-child", str(samples), "--model", str(model),
-                   "--rss-out", str(Path(tmp) / "q")]
+            cmd = [
+                sys.executable,
+                "-m",
+                "bench.quantize",
+                "--rss-child",
+                str(samples),
+                "--model",
+                str(model),
+                "--rss-out",
+                str(Path(tmp) / "q"),
+            ]
             res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
             rows[samples] = json.loads(res.stdout.strip().splitlines()[-1])
-    return {"256": rows[256], "4096": rows[4096],
-            "ratio": round(rows[4096]["peak_rss_mb"] / rows[256]["peak_rss_mb"], 3)}
+    return {
+        "256": rows[256],
+        "4096": rows[4096],
+        "ratio": round(rows[4096]["peak_rss_mb"] / rows[256]["peak_rss_mb"], 3),
+    }
 
 
 def _predict(session: Any, batches: list[dict[str, np.ndarray]]) -> np.ndarray:
     names = [i.name for i in session.get_inputs()]
-    return np.concatenate([np.asarray(session.run(None, {n: b[n] for n in names})[0]).argmax(-1) for b in batches])
+    return np.concatenate(
+        [np.asarray(session.run(None, {n: b[n] for n in names})[0]).argmax(-1) for b in batches]
+    )
 
 
-def _latency(sessions: dict[str, Any], feed: dict[str, np.ndarray], runs: int, rounds: int) -> dict[str, dict[str, float]]:
+def _latency(
+    sessions: dict[str, Any], feed: dict[str, np.ndarray], runs: int, rounds: int
+) -> dict[str, dict[str, float]]:
     from trimformer.pipeline.latency import summarize
 
     samples: dict[str, list[float]] = {k: [] for k in sessions}
@@ -135,6 +166,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=300, help="timed runs per variant")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--skip-rss", action="store_true")
+    parser.add_argument(
+        "--only", default=None, help="comma-separated trimformer variants to build (default: all)"
+    )
     parser.add_argument("--rss-child", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--rss-out", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -148,10 +182,12 @@ def main() -> None:
     from trimformer.data.calibration import DatasetFeeds
     from trimformer.sources.tokenizer import load_tokenizer
 
-    model_dir = Path(args.model)
+    model_dir = Path(args.model).resolve()
     art = ModelArtifact.open(model_dir)
     names = [i.name for i in art.meta.inputs]
-    enc = Encoder(load_tokenizer(model_dir), names, art.meta.tokenizer.max_length, art.meta.tokenizer.pad_token_id)
+    enc = Encoder(
+        load_tokenizer(model_dir), names, art.meta.tokenizer.max_length, art.meta.tokenizer.pad_token_id
+    )
     calib = load_dataset("builtin:tweets", split="train", limit=512)
     test = load_dataset("builtin:tweets", split="test").head(args.rows)
     WORK.mkdir(parents=True, exist_ok=True)
@@ -170,47 +206,86 @@ def main() -> None:
         "trimformer-static-qdq": {**common, "format": "qdq"},
         "trimformer-static-entropy": {**common, "method": "entropy"},
         "trimformer-static-percentile": {**common, "method": "percentile"},
-        "trimformer-static-aware-0.5": {**common, "eval": "builtin:tweets", "max_accuracy_drop": 0.5, "eval_limit": 1000},
+        "trimformer-static-aware-0.5": {
+            **common,
+            "eval": "builtin:tweets",
+            "max_accuracy_drop": 0.5,
+            "eval_limit": 1000,
+        },
     }
+    from trimformer.errors import TrimformerError
+
+    if args.only:
+        variants = {k: v for k, v in variants.items() if k in args.only.split(",")}
+
+    skipped = {}
     for name, kwargs in variants.items():
-        path, summary, seconds = _run_pass(model_dir, WORK / name, **kwargs)
+        try:
+            path, summary, seconds = _run_pass(model_dir, WORK / name, **kwargs)
+        except TrimformerError as exc:
+            skipped[name] = str(exc)
+            print(f"{name}: {exc}")
+            continue
         paths[name] = path
-        info[name] = {"pass_seconds": seconds, "float_nodes": len(summary["float_nodes"]),
-                      "calibration_seconds": (summary.get("calibration") or {}).get("seconds")}
+        info[name] = {
+            "pass_seconds": seconds,
+            "float_nodes": len(summary["float_nodes"]),
+            "calibration_seconds": (summary.get("calibration") or {}).get("seconds"),
+        }
     sessions = {k: _session(p) for k, p in paths.items()}
     batches = []
     for start in range(0, len(test), 64):
         batches.append(enc(test.texts[start : start + 64], None))
-    targets = map_labels(test.labels, art.labels) if test.labels is not None and art.labels else None
+    try:
+        targets = map_labels(test.labels, art.labels) if test.labels is not None and art.labels else None
+    except TrimformerError:
+        targets = None
     preds = {k: _predict(s, batches) for k, s in sessions.items()}
     feed = enc(calib.texts[:1], None, pad_to=128)
     lat = _latency(sessions, feed, args.runs, args.rounds)
     rows = []
     for key in sessions:
         acc = float((preds[key] == targets).mean()) if targets is not None else None
-        rows.append({
-            "variant": key,
-            "p50_ms": lat[key]["p50"],
-            "vs_fp32": round(lat[key]["p50"] / lat["fp32"]["p50"], 3),
-            "vs_ort_dynamic": round(lat[key]["p50"] / lat["ort-dynamic"]["p50"], 3),
-            "agreement": round(float((preds[key] == preds["fp32"]).mean()), 4),
-            "accuracy": None if acc is None else round(acc, 4),
-            "size_mb": round(paths[key].stat().st_size / 1e6, 2),
-            **{k: (round(v, 2) if isinstance(v, float) else v) for k, v in info[key].items()},
-            "latency": lat[key],
-        })
+        info.setdefault(key, {})
+        rows.append(
+            {
+                "variant": key,
+                "p50_ms": lat[key]["p50"],
+                "vs_fp32": round(lat[key]["p50"] / lat["fp32"]["p50"], 3),
+                "vs_ort_dynamic": round(lat[key]["p50"] / lat["ort-dynamic"]["p50"], 3),
+                "agreement": round(float((preds[key] == preds["fp32"]).mean()), 4),
+                "accuracy": None if acc is None else round(acc, 4),
+                "size_mb": round(paths[key].stat().st_size / 1e6, 2),
+                **{k: (round(v, 2) if isinstance(v, float) else v) for k, v in info[key].items()},
+                "latency": lat[key],
+            }
+        )
     fp32_acc = rows[0]["accuracy"]
     for row in rows:
-        row["accuracy_drop_points"] = None if fp32_acc is None else round((fp32_acc - row["accuracy"]) * 100, 2)
+        row["accuracy_drop_points"] = (
+            None
+            if fp32_acc is None or row["accuracy"] is None
+            else round((fp32_acc - row["accuracy"]) * 100, 2)
+        )
     rss = None if args.skip_rss else _rss(model_dir)
-    result = {"model": str(model_dir), "threads": THREADS, "shape": [1, 128], "test_rows": len(test),
-              "targets": TARGETS, "rows": rows, "calibration_rss": rss,
-              "cpu_load_1min": os.getloadavg()[0], "cpus": os.cpu_count()}
+    result = {
+        "model": str(model_dir),
+        "threads": THREADS,
+        "shape": [1, 128],
+        "test_rows": len(test),
+        "targets": TARGETS,
+        "rows": rows,
+        "skipped": skipped,
+        "calibration_rss": rss,
+        "cpu_load_1min": os.getloadavg()[0],
+        "cpus": os.cpu_count(),
+    }
     main_row = next(r for r in rows if r["variant"] == "trimformer-static")
     result["checks"] = {
         "latency_vs_ort_dynamic": main_row["vs_ort_dynamic"] <= TARGETS["latency_vs_ort_dynamic"],
         "agreement": main_row["agreement"] >= TARGETS["agreement"],
-        "accuracy_drop": main_row["accuracy_drop_points"] is not None and main_row["accuracy_drop_points"] <= 0.5,
+        "accuracy_drop": main_row["accuracy_drop_points"] is not None
+        and main_row["accuracy_drop_points"] <= 0.5,
         "size": main_row["size_mb"] <= TARGETS["size_mb"],
         "pass_seconds": main_row["pass_seconds"] <= TARGETS["pass_seconds"],
         "rss": None if rss is None else rss["ratio"] <= TARGETS["rss_ratio_4096_vs_256"],
@@ -220,11 +295,15 @@ def main() -> None:
     head = f"{'variant':30s} {'p50 ms':>7s} {'vs fp32':>7s} {'vs ortdyn':>9s} {'agree':>6s} {'acc':>6s} {'drop':>5s} {'MB':>6s} {'pass s':>6s}"
     print(head)
     for r in rows:
-        print(f"{r['variant']:30s} {r['p50_ms']:7.2f} {r['vs_fp32']:7.3f} {r['vs_ort_dynamic']:9.3f} {r['agreement']:6.3f} "
-              f"{(r['accuracy'] or 0):6.3f} {(r['accuracy_drop_points'] or 0):5.2f} {r['size_mb']:6.1f} {r.get('pass_seconds', 0):6.1f}")
+        print(
+            f"{r['variant']:30s} {r['p50_ms']:7.2f} {r['vs_fp32']:7.3f} {r['vs_ort_dynamic']:9.3f} {r['agreement']:6.3f} "
+            f"{(r['accuracy'] or 0):6.3f} {(r['accuracy_drop_points'] or 0):5.2f} {r['size_mb']:6.1f} {r.get('pass_seconds', 0):6.1f}"
+        )
     if rss:
-        print(f"calibration peak RSS: 256 samples {rss['256']['peak_rss_mb']:.0f} MB, 4096 samples "
-              f"{rss['4096']['peak_rss_mb']:.0f} MB (ratio {rss['ratio']})")
+        print(
+            f"calibration peak RSS: 256 samples {rss['256']['peak_rss_mb']:.0f} MB, 4096 samples "
+            f"{rss['4096']['peak_rss_mb']:.0f} MB (ratio {rss['ratio']})"
+        )
     print("checks (trimformer-static):", result["checks"], f"load {result['cpu_load_1min']:.1f}")
 
 

@@ -37,7 +37,8 @@ def make_tokenizer() -> Tokenizer:
 
 
 def vocab_size() -> int:
-    return make_tokenizer().get_vocab_size()
+    # Ids have gaps ("a" is both a word and a letter), so size the embedding by the largest id.
+    return max(make_tokenizer().get_vocab().values()) + 1
 
 
 def _hf_config(model_type: str, task: str, layers: int, hidden: int, heads: int, ffn: int) -> object:

@@ -212,6 +212,13 @@ def test_distill_writes_an_exportable_student_with_lineage(bert4: Path, data: Pa
     student = load_source(out)
     assert student.model.config.num_hidden_layers == 2 and student.labels == teacher.labels
     assert not (tmp_path / "student.ckpt").exists()  # the checkpoint goes once the run is done
+    # A student built from the teacher's weights keeps its word embeddings frozen by default.
+    key = "bert.embeddings.word_embeddings.weight"
+    assert torch.equal(_weights(out)[key], load_file(str(bert4 / "model.safetensors"))[key])
+    assert not torch.equal(
+        _weights(out)["bert.encoder.layer.0.attention.self.query.weight"],
+        load_file(str(bert4 / "model.safetensors"))["bert.encoder.layer.1.attention.self.query.weight"],
+    )
     from trimformer.exporters import export_model
 
     exported = export_model(out, tmp_path / "onnx")

@@ -282,3 +282,16 @@ def test_gzip_stream_has_no_name_or_time(bundle: Path) -> None:
     with gzip.open(archive) as stream:
         stream.read(1)
         assert stream.mtime == 0  # type: ignore[attr-defined]
+
+
+def test_pipeline_only_files_and_reports_are_not_shipped(tiny_bert_onnx: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "art"
+    shutil.copytree(tiny_bert_onnx, copy)
+    (copy / "calibration_ranges.json").write_text("{}")
+    (copy / "report").mkdir()
+    (copy / "report" / "report.json").write_text("{}")
+    (copy / "vocab.txt").write_text("[PAD]\n")
+    result = package_artifact(copy, tmp_path / "out")
+    shipped = {p.name for p in result.folder.iterdir()}
+    assert "calibration_ranges.json" not in shipped and "report" not in shipped
+    assert "vocab.txt" in shipped and result.manifest["tokenizer"]["files"] == ["tokenizer.json", "vocab.txt"]

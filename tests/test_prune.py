@@ -246,6 +246,10 @@ def test_cli_fisher_with_reconstruction(
     ("extra", "message"),
     [
         (["--flops", "1.2"], "fraction in"),
+        (
+            ["--flops", "0.999", "--importance", "magnitude", "--no-reconstruct"],
+            "remove every head and every neuron",
+        ),
         (["--flops", "0.5", "--importance", "fisher", "--calibration", "DATA"], "needs the PyTorch model"),
         (["--flops", "0.5", "--importance", "ablation", "--no-reconstruct"], "needs calibration data"),
         (["--flops", "0.5", "--calibration", "DATA", "--source", "OTHER"], "do not match"),
@@ -299,3 +303,128 @@ def test_record_validation(tmp_path: Path, tiny_bert: Path) -> None:
     source = load_source(tiny_bert)
     with pytest.raises(UserError, match="3 layers"):
         apply_pruning_record(source.model, record)
+
+
+@pytest.mark.parametrize(("kind", "mode"), [("activation", "rows"), ("ablation", "scales")])
+def test_onnx_only_importance_with_reconstruction(
+    tiny_bert_onnx: Path, tiny_csv: Path, kind: str, mode: str
+) -> None:
+    from trimformer.data import Encoder, load_dataset
+    from trimformer.data.calibration import DatasetFeeds
+    from trimformer.sources.tokenizer import load_tokenizer
+
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    encoder = Encoder(load_tokenizer(tiny_bert_onnx), names, 64)
+    dataset = load_dataset(str(tiny_csv), limit=32)
+    ctx = PassContext(calibration=lambda: DatasetFeeds(dataset, encoder, names, 32, 8, pad_to=None))
+    proto, stats = _prune_proto(
+        tiny_bert_onnx / "model.onnx", PruneConfig(flops=0.4, importance=kind, reconstruct_mode=mode), ctx
+    )
+    assert stats["importance"] == kind and stats["flops_removed"] >= 0.4
+    scores = stats["scores"]["heads"]
+    assert len(scores) == 2 and all(len(h) == 4 for h in scores) and max(map(max, scores)) > 0
+    steps = stats["reconstruction"]
+    assert steps and all(s["relative_error_after"] <= s["relative_error_before"] for s in steps)
+    assert any(s["relative_error_after"] < s["relative_error_before"] for s in steps)
+    _session(proto)  # loads and runs in onnxruntime
+
+
+def test_exactness_check_catches_a_wrong_graph(tiny_bert_onnx: Path) -> None:
+    from trimformer.errors import ParityError
+    from trimformer.passes.prune import verify_exact
+    from trimformer.passes.prune_surgery import LayerPlan, apply_plan
+
+    original = onnx.load(str(tiny_bert_onnx / "model.onnx"))
+    model = ir.from_proto(original)
+    layout = find_blocks(model.graph)
+    applied = [LayerPlan((0, 1), tuple(range(64))), LayerPlan((0, 1, 2, 3), tuple(range(32)))]
+    apply_plan(model, layout, applied)
+    claimed = [LayerPlan((2, 3), tuple(range(64))), LayerPlan((0, 1, 2, 3), tuple(range(32, 64)))]
+    reference_layout = find_blocks(ir.from_proto(original).graph)
+    with pytest.raises(ParityError):
+        verify_exact(original, ir.to_proto(model), reference_layout, claimed, PassContext())
+    assert verify_exact(original, ir.to_proto(model), reference_layout, applied, PassContext()) < 1e-5
+
+
+def test_pruned_artifact_goes_through_fuse(tiny_bert_onnx: Path, tmp_path: Path) -> None:
+    fuse = pytest.importorskip("trimformer.passes.fuse")
+    from trimformer.passes.base import apply_pass
+
+    pruned = tmp_path / "pruned"
+    args = [
+        "--quiet",
+        "prune",
+        str(tiny_bert_onnx),
+        "--heads",
+        "0.5",
+        "--ffn",
+        "0.5",
+        "--importance",
+        "magnitude",
+        "--no-reconstruct",
+        "--out",
+        str(pruned),
+    ]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    record = load_pruning_record(pruned)
+    # The original sizes: onnxruntime's fusion then reads each layer's head count from the graph.
+    config = fuse.FuseConfig(num_heads=record["num_heads"], hidden_size=record["hidden_size"])
+    fused, _ = apply_pass(ModelArtifact.open(pruned), "fuse", config, PassContext(), tmp_path / "fused")
+    proto = fused.load_model()
+    heads = sorted(
+        next(a.i for a in n.attribute if a.name == "num_heads")
+        for n in proto.graph.node
+        if n.op_type == "Attention"
+    )
+    assert heads == sorted(len(e["kept_heads"]) for e in record["layers"] if e["kept_heads"])
+    feeds = random_feeds(["input_ids", "attention_mask", "token_type_ids"], 2, 9, 60, seed=0)
+    a = _session(ModelArtifact.open(pruned).load_model()).run(None, feeds)[0]
+    b = _session(proto).run(None, feeds)[0]
+    np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_prune_pass_does_not_import_torch() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, trimformer.passes.prune; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_per_head_attention_bias_is_sliced(tiny_bert_onnx: Path) -> None:
+    """A constant bias and a computed bias with a head axis on the scores keep only kept heads."""
+    proto = onnx.load(str(tiny_bert_onnx / "model.onnx"))
+    graph = proto.graph
+    rng = np.random.default_rng(0)
+    softmaxes = [n for n in graph.node if n.op_type == "Softmax"]
+    nodes = [
+        onnx.helper.make_node("Cast", ["attention_mask"], ["mask_f"], to=onnx.TensorProto.FLOAT),
+        onnx.helper.make_node("ReduceMax", ["mask_f"], ["mask_max"], keepdims=0),
+    ]
+    for node in list(graph.node):
+        if node in softmaxes:
+            i = softmaxes.index(node)
+            bias = onnx.numpy_helper.from_array(
+                rng.normal(size=(1, 4, 1, 1)).astype(np.float32), f"head_bias_{i}"
+            )
+            graph.initializer.append(bias)
+            source = bias.name
+            if i == 1:  # computed: bias * max(mask)
+                nodes.append(onnx.helper.make_node("Mul", [bias.name, "mask_max"], [f"head_bias_dyn_{i}"]))
+                source = f"head_bias_dyn_{i}"
+            nodes.append(onnx.helper.make_node("Add", [node.input[0], source], [f"biased_scores_{i}"]))
+            node.input[0] = f"biased_scores_{i}"
+        nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    onnx.checker.check_model(proto)
+    model = ir.from_proto(onnx.shape_inference.infer_shapes(proto))
+    # The pass's own exactness check compares against the masked unpruned graph.
+    report = PrunePass(PruneConfig(heads=0.5, importance="magnitude", reconstruct=False), PassContext())(
+        model
+    )
+    assert report.stats["exactness_max_abs_diff"] < 1e-5
+    pruned = ir.to_proto(report.model)
+    assert any(n.op_type == "Gather" and "head_gather" in n.name for n in pruned.graph.node)
+    _session(pruned)

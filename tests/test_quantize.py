@@ -23,7 +23,15 @@ HIDDEN = 16
 class Feeds:
     """A streaming source of ``batches`` random batches (seeded), shape (batch, seq, HIDDEN)."""
 
-    def __init__(self, batches: int = 4, batch: int = 4, seq: int = 6, name: str = "x", seed: int = 0, outlier: float = 1.0) -> None:
+    def __init__(
+        self,
+        batches: int = 4,
+        batch: int = 4,
+        seq: int = 6,
+        name: str = "x",
+        seed: int = 0,
+        outlier: float = 1.0,
+    ) -> None:
         self.left, self.batch, self.seq, self.name = batches, batch, seq, name
         self.rng = np.random.default_rng(seed)
         self.outlier = outlier
@@ -86,9 +94,13 @@ def run(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> np.ndarray:
     return np.asarray(session.run(None, feed)[0])
 
 
-def quantize(model: onnx.ModelProto, tmp_path: Path, make_feeds=Feeds, evaluate=None, **cfg) -> tuple[onnx.ModelProto, dict]:
+def quantize(
+    model: onnx.ModelProto, tmp_path: Path, make_feeds=Feeds, evaluate=None, **cfg
+) -> tuple[onnx.ModelProto, dict]:
     cfg.setdefault("samples", 8)
     cfg.setdefault("fuse", False)
+    # Smoothing is tested on its own below; on Gaussian inputs it only moves rounding around.
+    cfg.setdefault("smooth_alpha", 0.0)
     ctx = PassContext(calibration=make_feeds, evaluate=evaluate, scratch=tmp_path)
     report = QuantizePass(QuantizeConfig(**cfg), ctx)(ir.from_proto(model))
     report.stats["_ctx"] = ctx
@@ -143,6 +155,22 @@ def test_tensorrt_preset_is_symmetric_s8s8(tmp_path: Path) -> None:
         assert not numpy_helper.to_array(zp).any()
 
 
+def test_smoothing_lowers_the_error_with_outlier_channels(tmp_path: Path) -> None:
+    model = make_block(outlier_branch=True)
+    feed = Feeds(batches=1, seed=7, outlier=30.0).get_next()
+    assert feed is not None
+    errors = {}
+    for alpha in (0.0, 0.5):
+        q, stats = quantize(
+            model, tmp_path / str(alpha), make_feeds=lambda: Feeds(outlier=30.0), smooth_alpha=alpha
+        )
+        errors[alpha] = float(np.max(np.abs(run(q, feed) - run(model, feed))))
+        if alpha:
+            # One exact float Mul(x, 1/s) per smoothed node; the weights carry s.
+            assert stats["smoothing"]["nodes"] == 3 and ops(q)["Mul"] == 3
+    assert errors[0.5] < 0.6 * errors[0.0], errors
+
+
 def test_calibration_cache_round_trips(tmp_path: Path) -> None:
     model = make_block()
     first, stats = quantize(model, tmp_path / "a")
@@ -152,11 +180,15 @@ def test_calibration_cache_round_trips(tmp_path: Path) -> None:
     save_ranges(ranges, again)
     reloaded = load_ranges(again)
     assert set(reloaded.keys()) == set(ranges.keys())
-    for key in ranges.keys():
-        np.testing.assert_array_equal(np.asarray(reloaded[key].range_value), np.asarray(ranges[key].range_value))
+    for key in ranges:
+        np.testing.assert_array_equal(
+            np.asarray(reloaded[key].range_value), np.asarray(ranges[key].range_value)
+        )
     # Reusing the cache without any calibration data gives the same model.
     ctx = PassContext(calibration=None, scratch=tmp_path)
-    second = QuantizePass(QuantizeConfig(samples=8, fuse=False, calibration_cache=str(again)), ctx)(ir.from_proto(model))
+    second = QuantizePass(QuantizeConfig(samples=8, fuse=False, calibration_cache=str(again)), ctx)(
+        ir.from_proto(model)
+    )
     inits = {i.name: numpy_helper.to_array(i) for i in first.graph.initializer}
     for init in ir.to_proto(second.model).graph.initializer:
         np.testing.assert_array_equal(numpy_helper.to_array(init), inits[init.name])
@@ -213,7 +245,9 @@ def test_accuracy_aware_returns_worst_nodes_to_float_when_tight(tmp_path: Path) 
 
 def test_accuracy_aware_keeps_int8_when_loose(tmp_path: Path) -> None:
     model = make_block(outlier_branch=True)
-    q, stats = quantize(model, tmp_path, make_feeds=_outlier_feeds, evaluate=_drop_evaluate(model), max_accuracy_drop=100.0)
+    q, stats = quantize(
+        model, tmp_path, make_feeds=_outlier_feeds, evaluate=_drop_evaluate(model), max_accuracy_drop=100.0
+    )
     assert stats["accuracy_aware"]["returned_to_float"] == []
     assert ops(q)["MatMul"] == 0 and ops(q)["MatMulIntegerToFloat"] == 3
 
@@ -232,7 +266,10 @@ def test_accuracy_budget_that_cannot_be_met_fails_the_gate(tmp_path: Path) -> No
 @pytest.mark.parametrize(
     ("cfg", "message"),
     [
-        ({"preset": "gpu-magic"}, "unknown preset 'gpu-magic'; known presets: cpu-vnni, cpu-avx2, arm64, tensorrt"),
+        (
+            {"preset": "gpu-magic"},
+            "unknown preset 'gpu-magic'; known presets: cpu-vnni, cpu-avx2, arm64, tensorrt",
+        ),
         ({"method": "kl"}, "unknown method 'kl'; known methods: minmax, entropy, percentile"),
         ({"format": "qlinear"}, "unknown format"),
         ({"max_accuracy_drop": -1.0}, "must be 0 or more"),

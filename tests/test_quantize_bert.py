@@ -34,13 +34,20 @@ def _rel_error(a: Path, b: Path) -> float:
 
 
 @pytest.mark.parametrize("method", ["minmax", "entropy", "percentile"])
-def test_each_calibration_method_on_tiny_bert(tiny_bert_onnx: Path, tiny_csv: Path, tmp_path: Path, method: str) -> None:
+def test_each_calibration_method_on_tiny_bert(
+    tiny_bert_onnx: Path, tiny_csv: Path, tmp_path: Path, method: str
+) -> None:
     out = tmp_path / method
     # Batches of 8 at their natural (different) lengths.
-    summary = run_quantize(QuantizeStageConfig(
-        model=str(tiny_bert_onnx), out=str(out), calibration=str(tiny_csv), batch_size=8,
-        quantize=QuantizeConfig(method=method, samples=40),
-    ))
+    summary = run_quantize(
+        QuantizeStageConfig(
+            model=str(tiny_bert_onnx),
+            out=str(out),
+            calibration=str(tiny_csv),
+            batch_size=8,
+            quantize=QuantizeConfig(method=method, samples=40),
+        )
+    )
     ops = _ops(out)
     assert ops["QAttention"] == 2 and ops["MatMulIntegerToFloat"] == 6
     assert ops["SkipLayerNormalization"] == 4 and ops["BiasGelu"] == 2
@@ -54,8 +61,14 @@ def test_each_calibration_method_on_tiny_bert(tiny_bert_onnx: Path, tiny_csv: Pa
 
 def test_qdq_format_keeps_fused_attention(tiny_bert_onnx: Path, tiny_csv: Path, tmp_path: Path) -> None:
     out = tmp_path / "qdq"
-    run_quantize(QuantizeStageConfig(model=str(tiny_bert_onnx), out=str(out), calibration=str(tiny_csv),
-                                     quantize=QuantizeConfig(format="qdq", samples=32)))
+    run_quantize(
+        QuantizeStageConfig(
+            model=str(tiny_bert_onnx),
+            out=str(out),
+            calibration=str(tiny_csv),
+            quantize=QuantizeConfig(format="qdq", samples=32),
+        )
+    )
     ops = _ops(out)
     assert ops["Attention"] == 2 and ops["DequantizeLinear"] >= 6 and ops["SkipLayerNormalization"] == 4
     assert _rel_error(tiny_bert_onnx, out) < 0.1
@@ -63,12 +76,33 @@ def test_qdq_format_keeps_fused_attention(tiny_bert_onnx: Path, tiny_csv: Path, 
 
 def test_cli_quantize_and_cache_reuse(tiny_bert_onnx: Path, tiny_csv: Path, tmp_path: Path) -> None:
     runner = CliRunner()
-    first = runner.invoke(cli, ["--json", "quantize", str(tiny_bert_onnx), "--calibration", str(tiny_csv),
-                                "--samples", "32", "--out", str(tmp_path / "a")])
+    first = runner.invoke(
+        cli,
+        [
+            "--json",
+            "quantize",
+            str(tiny_bert_onnx),
+            "--calibration",
+            str(tiny_csv),
+            "--samples",
+            "32",
+            "--out",
+            str(tmp_path / "a"),
+        ],
+    )
     assert first.exit_code == 0, first.output
     assert json.loads(first.output)["quantized"] >= 8
-    second = runner.invoke(cli, ["quantize", str(tiny_bert_onnx), "--calibration-cache",
-                                 str(tmp_path / "a" / RANGES_FILE), "--out", str(tmp_path / "b")])
+    second = runner.invoke(
+        cli,
+        [
+            "quantize",
+            str(tiny_bert_onnx),
+            "--calibration-cache",
+            str(tmp_path / "a" / RANGES_FILE),
+            "--out",
+            str(tmp_path / "b"),
+        ],
+    )
     assert second.exit_code == 0, second.output
     a = ModelArtifact.open(tmp_path / "a").load_model()
     b = ModelArtifact.open(tmp_path / "b").load_model()
@@ -76,9 +110,24 @@ def test_cli_quantize_and_cache_reuse(tiny_bert_onnx: Path, tiny_csv: Path, tmp_
 
 
 def test_cli_accuracy_aware_mode(tiny_bert_onnx: Path, tiny_csv: Path, tmp_path: Path) -> None:
-    result = CliRunner().invoke(cli, ["--json", "quantize", str(tiny_bert_onnx), "--calibration", str(tiny_csv),
-                                      "--samples", "32", "--eval", str(tiny_csv), "--max-accuracy-drop", "100",
-                                      "--out", str(tmp_path / "q")])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "--json",
+            "quantize",
+            str(tiny_bert_onnx),
+            "--calibration",
+            str(tiny_csv),
+            "--samples",
+            "32",
+            "--eval",
+            str(tiny_csv),
+            "--max-accuracy-drop",
+            "100",
+            "--out",
+            str(tmp_path / "q"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     aware = json.loads(result.output)["accuracy_aware"]
     assert aware["returned_to_float"] == [] and aware["budget_points"] == 100
@@ -105,22 +154,53 @@ def test_cli_bad_input_exit_2_nothing_written(
     assert not out.exists()
 
 
-def test_cli_refuses_no_calibration_and_quantized_input(tiny_bert_onnx: Path, tiny_csv: Path, tmp_path: Path) -> None:
+def test_cli_refuses_no_calibration_and_quantized_input(
+    tiny_bert_onnx: Path, tiny_csv: Path, tmp_path: Path
+) -> None:
     runner = CliRunner()
     none = runner.invoke(cli, ["quantize", str(tiny_bert_onnx), "--out", str(tmp_path / "x")])
     assert none.exit_code == 2 and "needs calibration data" in none.output
     ok = runner.invoke(cli, ["quantize", str(tiny_bert_onnx), "--dynamic", "--out", str(tmp_path / "d")])
     assert ok.exit_code == 0, ok.output
     assert _ops(tmp_path / "d")["DynamicQuantizeLinear"] >= 1
-    again = runner.invoke(cli, ["quantize", str(tmp_path / "d"), "--calibration", str(tiny_csv), "--samples", "32",
-                                   "--out", str(tmp_path / "y")])
+    again = runner.invoke(
+        cli,
+        [
+            "quantize",
+            str(tmp_path / "d"),
+            "--calibration",
+            str(tiny_csv),
+            "--samples",
+            "32",
+            "--out",
+            str(tmp_path / "y"),
+        ],
+    )
     assert again.exit_code == 2 and "already quantized" in again.output
     assert not (tmp_path / "y").exists()
 
 
-def test_pairs_for_a_model_without_segment_input_are_refused(tiny_plain_onnx: Path, tiny_csv: Path, tmp_path: Path) -> None:
+def test_pairs_for_a_model_without_segment_input_are_refused(
+    tiny_plain_onnx: Path, tiny_csv: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "q"
-    result = CliRunner().invoke(cli, ["quantize", str(tiny_plain_onnx), "--calibration", str(tiny_csv),
-                                      "--text-pair-column", "label", "--samples", "32", "--out", str(out)])
-    assert result.exit_code == 2 and "sentence pairs but the model takes only input_ids, attention_mask" in result.output
+    result = CliRunner().invoke(
+        cli,
+        [
+            "quantize",
+            str(tiny_plain_onnx),
+            "--calibration",
+            str(tiny_csv),
+            "--text-pair-column",
+            "label",
+            "--samples",
+            "32",
+            "--out",
+            str(out),
+        ],
+    )
+    assert (
+        result.exit_code == 2
+        and "sentence pairs but the model takes only input_ids, attention_mask" in result.output
+    )
     assert not out.exists()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import fcntl
 import json
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,6 +35,29 @@ def stamp(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def recipe_path(tmp_path: Path, tiny_bert: Path, tiny_csv: Path) -> Path:
     return write_recipe(tmp_path, tiny_recipe_text(tiny_bert, tiny_csv, passes=PASSES))
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path, tiny_csv: Path) -> Iterator[Path]:
+    """A workdir after one complete run of the recipe (copied by the tests that change it)."""
+    from trimformer.passes.base import PASS_REGISTRY
+
+    previous = PASS_REGISTRY.get(TEST_PASS)
+    register_stamp()
+    folder = tmp_path_factory.mktemp("finished")
+    recipe = write_recipe(folder, tiny_recipe_text(tiny_bert, tiny_csv, passes=PASSES))
+    run_recipe(load_recipe(recipe), folder / "wd")
+    yield folder / "wd"
+    if previous is None:
+        PASS_REGISTRY.pop(TEST_PASS, None)
+    else:
+        PASS_REGISTRY[TEST_PASS] = previous
+
+
+def _copy(finished: Path, tmp_path: Path) -> Path:
+    workdir = tmp_path / "wd"
+    shutil.copytree(finished, workdir)
+    return workdir
 
 
 def _run(recipe_path: Path, workdir: Path, **kwargs: object) -> tuple[list[StageEvent], object]:
@@ -81,10 +106,9 @@ def test_run_then_rerun_skips_everything(recipe_path: Path, tmp_path: Path) -> N
 
 
 def test_changed_parameter_reruns_only_what_depends_on_it(
-    recipe_path: Path, tmp_path: Path, tiny_bert: Path, tiny_csv: Path
+    recipe_path: Path, tmp_path: Path, tiny_bert: Path, tiny_csv: Path, finished: Path
 ) -> None:
-    workdir = tmp_path / "wd"
-    _run(recipe_path, workdir)
+    workdir = _copy(finished, tmp_path)
     changed = [PASSES[0], {"name": TEST_PASS, "tag": "other"}]
     other = write_recipe(tmp_path, tiny_recipe_text(tiny_bert, tiny_csv, passes=changed), "changed.toml")
     events, _ = _run(other, workdir)
@@ -141,9 +165,10 @@ def test_dry_run_plans_without_writing(recipe_path: Path, tmp_path: Path) -> Non
     assert [s["action"] for s in plan["stages"]] == ["cached", "run", "run", "run"]
 
 
-def test_corrupted_or_incomplete_stage_is_never_reused(recipe_path: Path, tmp_path: Path) -> None:
-    workdir = tmp_path / "wd"
-    _run(recipe_path, workdir)
+def test_corrupted_or_incomplete_stage_is_never_reused(
+    recipe_path: Path, tmp_path: Path, finished: Path
+) -> None:
+    workdir = _copy(finished, tmp_path)
     recipe = load_recipe(recipe_path)
     planned = {p.name: p for p in plan_run(recipe, workdir)}
     # 1. a file changed after completion
@@ -211,16 +236,23 @@ def test_a_workdir_in_use_is_refused(recipe_path: Path, tmp_path: Path) -> None:
             _run(recipe_path, workdir)
 
 
-def test_two_runs_are_byte_identical(recipe_path: Path, tmp_path: Path) -> None:
-    results = []
-    for name in ("a", "b"):
-        workdir = tmp_path / name
-        _run(recipe_path, workdir)
-        results.append(workdir)
-    a, b = (stage_folders(w) for w in results)
+def test_two_runs_are_byte_identical(recipe_path: Path, tmp_path: Path, finished: Path) -> None:
+    _run(recipe_path, tmp_path / "b")
+    a, b = stage_folders(finished), stage_folders(tmp_path / "b")
     assert [p.name for p in a] == [p.name for p in b]
     for fa, fb in zip(a, b, strict=True):
         assert (fa / MARKER).read_bytes() == (fb / MARKER).read_bytes() or fa.name.startswith("validate")
         if (fa / "out" / "model.onnx").exists():
             assert (fa / "out" / "model.onnx").read_bytes() == (fb / "out" / "model.onnx").read_bytes()
             assert stable_json(fa / "out" / "trimformer.json") == stable_json(fb / "out" / "trimformer.json")
+
+
+def test_bad_recipe_is_one_line_exit_2(tmp_path: Path, tiny_bert: Path, tiny_csv: Path) -> None:
+    text = tiny_recipe_text(tiny_bert, tiny_csv, passes=[{"name": TEST_PASS, "ratio": 0.5}])
+    recipe_path = write_recipe(tmp_path, text)
+    result = CliRunner().invoke(cli, ["run", str(recipe_path), "--workdir", str(tmp_path / "wd")])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        f"error: {recipe_path}: passes[0].ratio: unknown key; allowed: tag, scale, sleep, layers"
+    ]
+    assert not (tmp_path / "wd").exists()

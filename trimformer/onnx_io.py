@@ -16,7 +16,7 @@ from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
 from .errors import UserError
 
-__all__ = ["TWO_GB", "check_external_data", "load_onnx", "save_onnx"]
+__all__ = ["TWO_GB", "check_external_data", "load_onnx", "probe_onnxruntime", "save_onnx"]
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +85,38 @@ def load_onnx(path: Path, load_weights: bool = True) -> onnx.ModelProto:
     if load_weights and _external_tensors(model):
         onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
     return model
+
+
+_PROBE = (
+    "import sys, onnxruntime as ort\n"
+    "o = ort.SessionOptions(); o.log_severity_level = 4\n"
+    "o.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL\n"
+    "try:\n"
+    "    ort.InferenceSession(sys.argv[1], o, providers=['CPUExecutionProvider'])\n"
+    "except Exception as exc:\n"
+    "    print(' '.join(str(exc).split())[:300]); sys.exit(3)\n"
+)
+
+
+def probe_onnxruntime(path: Path, timeout: float = 300.0) -> None:
+    """Open the model in a child process first, so a malformed graph that crashes onnxruntime
+    natively (onnxruntime#4585, #23258) becomes a one-line error here instead of killing us."""
+    import subprocess
+    import sys
+
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _PROBE, str(path)], capture_output=True, text=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise UserError(f"onnxruntime did not finish loading {path} within {timeout:.0f} s") from exc
+    if done.returncode == 0:
+        return
+    if done.returncode == 3:
+        raise UserError(f"onnxruntime cannot load {path}: {done.stdout.strip()}")
+    raise UserError(
+        f"onnxruntime crashed while loading {path} (exit {done.returncode}); the model is malformed"
+    )
 
 
 def save_onnx(model: onnx.ModelProto, path: Path) -> None:

@@ -60,6 +60,11 @@ from .options import data_columns, overwrite_option
     show_default=True,
     help="Output loss for feature-extraction models.",
 )
+@click.option(
+    "--train-embeddings/--freeze-embeddings",
+    default=None,
+    help="Train the word embeddings [default: frozen when the student starts from the teacher's weights].",
+)
 @click.option("--ignore-labels", is_flag=True, help="Pure distillation: use the data's texts only.")
 @click.option("--steps", type=int, default=1000, show_default=True, help="Optimizer steps.")
 @click.option(
@@ -109,6 +114,7 @@ from .options import data_columns, overwrite_option
     help="Processes on this machine (DistributedDataParallel under torchrun).",
 )
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--threads", type=int, default=None, help="PyTorch threads per process [default: all cores].")
 @click.option("--seed", type=int, default=0, show_default=True)
 @data_columns
 @overwrite_option

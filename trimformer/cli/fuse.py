@@ -11,11 +11,17 @@ from .options import overwrite_option
 @click.command("fuse")
 @click.argument("model")
 @click.option("--out", required=True, type=click.Path(), help="Artifact folder to write.")
-@click.option("--num-heads", type=int, default=0, help="Attention heads [default: from config.json or the graph].")
-@click.option("--hidden-size", type=int, default=0, help="Hidden size [default: from config.json or the graph].")
+@click.option(
+    "--num-heads", type=int, default=0, help="Attention heads [default: from config.json or the graph]."
+)
+@click.option(
+    "--hidden-size", type=int, default=0, help="Hidden size [default: from config.json or the graph]."
+)
 @overwrite_option
 @pass_state
-def fuse_command(state: State, model: str, out: str, num_heads: int, hidden_size: int, overwrite: bool) -> None:
+def fuse_command(
+    state: State, model: str, out: str, num_heads: int, hidden_size: int, overwrite: bool
+) -> None:
     """Fuse MODEL's transformer blocks with onnxruntime's optimizer (checked against the input).
 
     \b
@@ -25,6 +31,8 @@ def fuse_command(state: State, model: str, out: str, num_heads: int, hidden_size
     from ..passes.fuse import FuseConfig
     from ..pipeline.quantize_stage import run_fuse
 
-    result = run_fuse(model, out, FuseConfig(num_heads=num_heads, hidden_size=hidden_size), overwrite=overwrite)
+    result = run_fuse(
+        model, out, FuseConfig(num_heads=num_heads, hidden_size=hidden_size), overwrite=overwrite
+    )
     counts = ", ".join(f"{op} x{n}" for op, n in result["fusions"].items()) or "nothing fused"
     emit(state, result, f"fused: {counts} (max abs diff {result['max_abs_diff']:.2e}); wrote {out}")

@@ -12,17 +12,25 @@ from .options import data_columns, overwrite_option
 @click.argument("model")
 @click.option("--out", required=True, type=click.Path(), help="Artifact folder to write.")
 @click.option("--calibration", default=None, help="Calibration data (.csv, .tsv, .jsonl or builtin:tweets).")
-@click.option("--preset", default="cpu-vnni", show_default=True, help="Target: cpu-vnni, cpu-avx2, arm64, tensorrt.")
-@click.option("--method", default="minmax", show_default=True, help="Calibration: minmax, entropy, percentile.")
+@click.option(
+    "--preset", default="cpu-vnni", show_default=True, help="Target: cpu-vnni, cpu-avx2, arm64, tensorrt."
+)
+@click.option(
+    "--method", default="minmax", show_default=True, help="Calibration: minmax, entropy, percentile."
+)
 @click.option("--format", "fmt", default=None, help="qoperator or qdq [default: the preset's].")
 @click.option("--samples", type=int, default=512, show_default=True, help="Calibration rows to use.")
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Calibration batch size.")
 @click.option("--pad-to", type=int, default=None, help="Pad calibration batches to this many tokens.")
 @click.option("--per-channel/--per-tensor", default=None, help="Weight scales [default: the preset's].")
-@click.option("--calibration-cache", default=None, type=click.Path(), help="Reuse ranges saved by an earlier run.")
+@click.option(
+    "--calibration-cache", default=None, type=click.Path(), help="Reuse ranges saved by an earlier run."
+)
 @click.option("--exclude", multiple=True, help="Node name to keep in float (repeatable).")
 @click.option("--eval", "eval_data", default=None, help="Labelled data for the accuracy-aware mode.")
-@click.option("--max-accuracy-drop", type=float, default=None, help="Accuracy points the int8 model may lose.")
+@click.option(
+    "--max-accuracy-drop", type=float, default=None, help="Accuracy points the int8 model may lose."
+)
 @click.option("--eval-limit", type=int, default=1000, show_default=True, help="Evaluation rows to use.")
 @click.option("--dynamic", is_flag=True, help="onnxruntime dynamic quantization instead (for comparison).")
 @click.option("--no-fuse", is_flag=True, help="Do not run the transformer fusions first.")
@@ -103,5 +111,7 @@ def quantize_command(
         human += "\nkept in float: " + "; ".join(f"{k['node']} ({k['reason']})" for k in kept)
     aware = result.get("accuracy_aware") or {}
     if "final_drop_points" in aware:
-        human += f"\naccuracy drop {aware['final_drop_points']:.2f} points (budget {aware['budget_points']:g})"
+        human += (
+            f"\naccuracy drop {aware['final_drop_points']:.2f} points (budget {aware['budget_points']:g})"
+        )
     emit(state, result, human)

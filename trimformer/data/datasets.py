@@ -62,7 +62,9 @@ class TextDataset:
         order = np.random.default_rng(seed).permutation(len(self))
         lo, hi = _FRACTIONS[which]
         part = order[int(lo * len(self)) : int(hi * len(self))]
-        subset = self.take(sorted(part.tolist()))
+        # Keep the shuffled order: files are often sorted by topic or label, and `head(limit)`
+        # must be a random sample of the split, not its first topic.
+        subset = self.take(part.tolist())
         if not len(subset):
             raise UserError(f"split {which!r} of {self.name} is empty; the dataset has only {len(self)} rows")
         return subset

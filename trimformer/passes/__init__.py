@@ -1,7 +1,12 @@
-"""ONNX -> ONNX graph passes (one module each) and the helpers they share."""
+"""ONNX -> ONNX graph passes (one module each) and the helpers they share.
+
+Importing the package registers every pass: ``fp16``, ``fuse``, ``quantize``, ``prune``.
+None of them imports torch.
+"""
 
 from __future__ import annotations
 
+from . import fp16, fuse, prune, quantize  # noqa: F401  (registration)
 from .base import PASS_REGISTRY, PassConfig, PassContext, PassReport, apply_pass, get_pass, register_pass
 
 __all__ = ["PASS_REGISTRY", "PassConfig", "PassContext", "PassReport", "apply_pass", "get_pass", "register_pass"]

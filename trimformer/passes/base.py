@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict
 
 from ..artifact import ModelArtifact
 from ..errors import TrimformerError, UserError
+from ..onnx_io import probe_onnxruntime
 
 __all__ = [
     "PASS_REGISTRY",
@@ -122,7 +123,11 @@ def apply_pass(
     renamed into place.
     """
     _, factory = get_pass(name)
-    model = ir.from_proto(artifact.load_model())
+    proto = artifact.load_model()
+    # Passes run onnxruntime on their input (calibration, checks): a graph that would crash it
+    # natively is caught in a child process first.
+    probe_onnxruntime(artifact.model_path)
+    model = ir.from_proto(proto)
     the_pass = factory(config, ctx)
     try:
         result = the_pass(model)

@@ -85,7 +85,11 @@ def _const_ints(graph: onnx.GraphProto) -> dict[str, list[int]]:
         if init.data_type == onnx.TensorProto.INT64:
             values[init.name] = numpy_helper.to_array(init).reshape(-1).tolist()
     for node in graph.node:
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].type == onnx.AttributeProto.TENSOR:
+        if (
+            node.op_type == "Constant"
+            and node.attribute
+            and node.attribute[0].type == onnx.AttributeProto.TENSOR
+        ):
             tensor = node.attribute[0].t
             if tensor.data_type == onnx.TensorProto.INT64:
                 values[node.output[0]] = numpy_helper.to_array(tensor).reshape(-1).tolist()
@@ -116,7 +120,9 @@ def detect_attention_dims(model: onnx.ModelProto) -> tuple[int, int]:
         # Width of the projection feeding the reshape (MatMul weight, maybe through a bias Add).
         src = producers.get(node.input[0])
         if src is not None and src.op_type == "Add":
-            src = next((producers[i] for i in src.input if i in producers and producers[i].op_type == "MatMul"), None)
+            src = next(
+                (producers[i] for i in src.input if i in producers and producers[i].op_type == "MatMul"), None
+            )
         if src is None or src.op_type != "MatMul" or src.input[1] not in shapes:
             continue
         w = shapes[src.input[1]]
@@ -133,7 +139,9 @@ def fused_op_counts(model: onnx.ModelProto) -> dict[str, int]:
     return {op: counts[op] for op in FUSED_OPS if counts[op]}
 
 
-def fuse_proto(model: onnx.ModelProto, config: FuseConfig, scratch: Path | None = None) -> tuple[onnx.ModelProto, dict[str, Any]]:
+def fuse_proto(
+    model: onnx.ModelProto, config: FuseConfig, scratch: Path | None = None
+) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """Fuse a graph; returns the fused model and stats (counts per fusion, heads, node counts)."""
     from onnxruntime.transformers.optimizer import optimize_model
 
@@ -156,15 +164,23 @@ def fuse_proto(model: onnx.ModelProto, config: FuseConfig, scratch: Path | None 
                 model, model_type=config.model_type, num_heads=num_heads, hidden_size=hidden, opt_level=0
             )
     except Exception as exc:
-        raise UserError(f"onnxruntime's transformer optimizer failed: {' '.join(str(exc).split())[:300]}") from exc
+        raise UserError(
+            f"onnxruntime's transformer optimizer failed: {' '.join(str(exc).split())[:300]}"
+        ) from exc
     finally:
         ort_logger.setLevel(level)
     fused = optimized.model
-    if any(n.domain == MS_DOMAIN for n in fused.graph.node) and not any(o.domain == MS_DOMAIN for o in fused.opset_import):
+    if any(n.domain == MS_DOMAIN for n in fused.graph.node) and not any(
+        o.domain == MS_DOMAIN for o in fused.opset_import
+    ):
         fused.opset_import.append(onnx.helper.make_opsetid(MS_DOMAIN, 1))
     after = fused_op_counts(fused)
     stats: dict[str, Any] = {
-        "fusions": {op: after.get(op, 0) - before.get(op, 0) for op in FUSED_OPS if after.get(op, 0) > before.get(op, 0)},
+        "fusions": {
+            op: after.get(op, 0) - before.get(op, 0)
+            for op in FUSED_OPS
+            if after.get(op, 0) > before.get(op, 0)
+        },
         "fused_ops": after,
         "num_heads": num_heads,
         "hidden_size": hidden,
@@ -179,7 +195,9 @@ def fuse_proto(model: onnx.ModelProto, config: FuseConfig, scratch: Path | None 
 def _random_feeds(model: onnx.ModelProto, batch: int, seq: int, seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     # Token ids below the smallest weight dimension: valid for any vocabulary or position table.
-    high = min((int(i.dims[0]) for i in model.graph.initializer if len(i.dims) == 2 and i.dims[0] >= 8), default=100)
+    high = min(
+        (int(i.dims[0]) for i in model.graph.initializer if len(i.dims) == 2 and i.dims[0] >= 8), default=100
+    )
     feeds: dict[str, np.ndarray] = {}
     for value in model.graph.input:
         name = value.name
@@ -224,7 +242,9 @@ class FusePass(FunctionalPass):
         proto = ir.to_proto(model)
         fused, stats = fuse_proto(proto, self.config, self.ctx.scratch)
         stats["max_abs_diff"] = check_same_outputs(proto, fused, self.config.atol, self.ctx.seed)
-        logger.info("fuse: %s (max abs diff %.2g)", stats["fusions"] or "nothing fused", stats["max_abs_diff"])
+        logger.info(
+            "fuse: %s (max abs diff %.2g)", stats["fusions"] or "nothing fused", stats["max_abs_diff"]
+        )
         return PassReport(ir.from_proto(fused), modified=bool(stats["fusions"]), stats=stats)
 
 

@@ -84,7 +84,11 @@ def token_mask(feeds: dict[str, np.ndarray], batch: int, seq: int) -> np.ndarray
 def _needed_part(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     """Only the nodes and initializers that the named values depend on, with those as outputs."""
     graph = model.graph
-    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
+    if any(
+        a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+        for n in graph.node
+        for a in n.attribute
+    ):
         return model  # subgraphs may read outer values; keep everything
     needed = set(names)
     keep = []

@@ -51,6 +51,8 @@ class PruneConfig(PassConfig):
     # Sequence length at which FLOPs are counted (attention scores grow with it).
     seq_len: int = 128
     ridge: float = 1e-2
+    # "rows": refit the kept projection rows; "scales": one scale per kept head/neuron (Kwon et al.).
+    reconstruct_mode: Literal["rows", "scales"] = "rows"
 
     def check(self) -> None:
         for name in ("heads", "ffn", "flops", "params"):
@@ -260,6 +262,10 @@ class PrunePass(FunctionalPass):
         started = time.perf_counter()
         config, ctx = self.config, self.ctx
         original = ir.to_proto(model)
+        try:  # block checks read attention-bias shapes; graphs saved by optimizers may lack them
+            original = onnx.shape_inference.infer_shapes(original, strict_mode=False, data_prop=True)
+        except Exception as exc:
+            logger.debug("shape inference before pruning failed: %s", exc)
         work = ir.from_proto(original)
         layout = find_blocks(work.graph)
         kind = resolve_importance(
@@ -285,7 +291,9 @@ class PrunePass(FunctionalPass):
         steps: list[ReconstructionStep] = []
         if config.reconstruct:
             calibration = ctx.require_calibration("prune (reconstruction)")
-            pruned, steps = reconstruct(original, pruned, units, calibration, alpha=config.ridge)
+            pruned, steps = reconstruct(
+                original, pruned, units, calibration, alpha=config.ridge, mode=config.reconstruct_mode
+            )
         result = ir.from_proto(pruned)
         record = build_record(
             layout,

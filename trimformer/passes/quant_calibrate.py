@@ -11,6 +11,8 @@ and batches may have any shape. The ranges are saved with onnxruntime's own cach
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -53,7 +55,7 @@ def infer_types(model: onnx.ModelProto, scratch: Path | None = None) -> onnx.Mod
     try:
         with in_scratch_dir(scratch):
             inferred = SymbolicShapeInference.infer_shapes(stripped, auto_merge=True, guess_output_rank=True)
-    except Exception as exc:  # noqa: BLE001 - fall back to onnx's inference, which skips contrib ops
+    except Exception as exc:
         logger.debug("symbolic shape inference failed (%s); using onnx shape inference", exc)
         inferred = None
     if inferred is None:
@@ -124,14 +126,20 @@ def calibrate(
     rows = 0
     feed: dict[str, np.ndarray] | None = first
     while feed is not None:
-        calibrator.collect_data(_OneBatch(feed))
+        # The histogram calibrators print a line per call; keep stdout for the CLI's result.
+        with contextlib.redirect_stdout(io.StringIO()):
+            calibrator.collect_data(_OneBatch(feed))
         rows += int(next(iter(feed.values())).shape[0])
         if on_batch is not None:
             on_batch(rows)
-        feed = source.get_next()
+        # ``samples`` rows are enough; a larger source is not read to its end.
+        feed = source.get_next() if rows < samples else None
     if rows < samples:
-        raise UserError(f"the calibration data has {rows} rows but {samples} were asked for; pass more data or --samples {rows}")
-    ranges = calibrator.compute_data()
+        raise UserError(
+            f"the calibration data has {rows} rows but {samples} were asked for; pass more data or --samples {rows}"
+        )
+    with contextlib.redirect_stdout(io.StringIO()):
+        ranges = calibrator.compute_data()
     del calibrator
     for path in scratch.glob("calibrate_*"):
         path.unlink(missing_ok=True)
@@ -164,4 +172,6 @@ def load_ranges(path: Path) -> Any:
     try:
         return load_tensors_data(path)
     except Exception as exc:
-        raise UserError(f"calibration cache {path} is unreadable ({type(exc).__name__}); delete it to recalibrate") from exc
+        raise UserError(
+            f"calibration cache {path} is unreadable ({type(exc).__name__}); delete it to recalibrate"
+        ) from exc

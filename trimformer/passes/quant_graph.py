@@ -97,7 +97,12 @@ def quantizable_nodes(model: onnx.ModelProto, attention: bool, embeddings: bool)
         elif node.op_type == "Attention" and attention and len(node.input) > 1 and node.input[1] in inits:
             if not any(a.name == "qkv_hidden_sizes" for a in node.attribute):
                 out.append(Candidate(node.name, node.op_type, node.input[0], node.input[1]))
-        elif node.op_type == "EmbedLayerNormalization" and embeddings and len(node.input) > 2 and node.input[2] in inits:
+        elif (
+            node.op_type == "EmbedLayerNormalization"
+            and embeddings
+            and len(node.input) > 2
+            and node.input[2] in inits
+        ):
             out.append(Candidate(node.name, node.op_type, None, node.input[2]))
     return out
 
@@ -105,7 +110,9 @@ def quantizable_nodes(model: onnx.ModelProto, attention: bool, embeddings: bool)
 def float_op_summary(model: onnx.ModelProto, candidates: list[Candidate]) -> dict[str, dict[str, object]]:
     """Per op type left in float by the policy: count and reason."""
     chosen = {c.name for c in candidates}
-    counts = Counter(n.op_type for n in model.graph.node if n.name not in chosen and n.op_type in FLOAT_REASONS)
+    counts = Counter(
+        n.op_type for n in model.graph.node if n.name not in chosen and n.op_type in FLOAT_REASONS
+    )
     return {op: {"count": n, "reason": FLOAT_REASONS[op]} for op, n in sorted(counts.items())}
 
 

@@ -38,6 +38,8 @@ class QuantPreset:
     attention: bool
     # Store the embedding tables in 8 bits (QEmbedLayerNormalization; qoperator format only).
     embeddings: bool
+    # SmoothQuant migration strength (0: off).
+    smooth_alpha: float
     description: str
 
 
@@ -52,6 +54,7 @@ PRESETS: dict[str, QuantPreset] = {
         symmetric_activations=False,
         attention=True,
         embeddings=True,
+        smooth_alpha=0.75,
         description="x86 with AVX512-VNNI/AVX-VNNI: u8 activations x s8 weights, per-channel, full 8-bit range",
     ),
     "cpu-avx2": QuantPreset(
@@ -66,6 +69,7 @@ PRESETS: dict[str, QuantPreset] = {
         symmetric_activations=False,
         attention=True,
         embeddings=True,
+        smooth_alpha=0.75,
         description="x86 with AVX2 and no VNNI: like cpu-vnni with 7-bit weights (reduce_range)",
     ),
     "arm64": QuantPreset(
@@ -78,6 +82,7 @@ PRESETS: dict[str, QuantPreset] = {
         symmetric_activations=False,
         attention=True,
         embeddings=True,
+        smooth_alpha=0.75,
         description="ARM64 (NEON dot product / i8mm): u8 x s8 integer operators, per-channel",
     ),
     "tensorrt": QuantPreset(
@@ -91,6 +96,7 @@ PRESETS: dict[str, QuantPreset] = {
         symmetric_activations=True,
         attention=False,
         embeddings=False,
+        smooth_alpha=0.75,
         description="TensorRT / GPU: symmetric S8S8 QDQ, per-channel weights",
     ),
 }

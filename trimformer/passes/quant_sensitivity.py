@@ -23,7 +23,9 @@ __all__ = ["capture_inputs", "node_sensitivity"]
 logger = logging.getLogger(__name__)
 
 
-def _act_qparams(rmin: float, rmax: float, signed: bool, symmetric: bool) -> tuple[float, float, float, float]:
+def _act_qparams(
+    rmin: float, rmax: float, signed: bool, symmetric: bool
+) -> tuple[float, float, float, float]:
     """(scale, zero_point, qmin, qmax) the way onnxruntime computes them."""
     rmin, rmax = min(rmin, 0.0), max(rmax, 0.0)
     qmin, qmax = (-128.0, 127.0) if signed else (0.0, 255.0)
@@ -56,7 +58,9 @@ def _fake_quant_table(w: np.ndarray) -> np.ndarray:
     return ((np.clip(np.round(w / scale) + zero, 0, 255) - zero) * scale).astype(np.float32)
 
 
-def capture_inputs(model: onnx.ModelProto, names: list[str], feeds: list[dict[str, np.ndarray]]) -> dict[str, list[np.ndarray]]:
+def capture_inputs(
+    model: onnx.ModelProto, names: list[str], feeds: list[dict[str, np.ndarray]]
+) -> dict[str, list[np.ndarray]]:
     """Run the float model with ``names`` added as outputs; returns each tensor per batch."""
     import onnxruntime as ort
 
@@ -97,7 +101,7 @@ def node_sensitivity(
         w = weights[cand.weight].astype(np.float32)
         if cand.activation is None:
             wq = _fake_quant_table(w)
-            errors[cand.name] = float(np.linalg.norm(wq - w) / max(np.linalg.norm(w), 1e-12))
+            errors[cand.name] = float(np.linalg.norm(wq - w)) / max(float(np.linalg.norm(w)), 1e-12)
             continue
         if cand.activation not in ranges:
             errors[cand.name] = float("inf")

@@ -61,6 +61,7 @@ class ReconstructionUnit:
     inp: str  # the projection's input (context or activation)
     proj: str  # the projection MatMul's output
     skip: str  # the residual stream it joins
+    group: int = 1  # rows per unit (head_dim for heads, 1 for neurons)
 
 
 def _weight_of(model: onnx.ModelProto, proj: str) -> tuple[onnx.NodeProto, np.ndarray]:
@@ -91,6 +92,23 @@ def _drop_unused_initializers(model: onnx.ModelProto) -> None:
     model.graph.initializer.extend(keep)
 
 
+def _fit_scales(gram: np.ndarray, cross: np.ndarray, w0: np.ndarray, group: int, alpha: float) -> np.ndarray:
+    """One scale per kept unit (Kwon et al.'s mask tuning): rows ``W = diag(m) W0``, ridge towards 1.
+
+    With ``S`` the unit-membership matrix, the unit Gram is ``S (G * W0 W0^T) S^T`` and the
+    right-hand side ``S rowsum(B * W0)``: the same accumulators as the full-row fit.
+    """
+    features = w0.shape[0]
+    units = features // group
+    member = np.zeros((units, features))
+    member[np.arange(features) // group, np.arange(features)] = 1.0
+    g_units = member @ (gram * (w0 @ w0.T)) @ member.T
+    b_units = member @ (cross * w0).sum(axis=1)
+    lam = alpha * max(float(np.trace(g_units)) / max(units, 1), 1e-12)
+    scales = np.linalg.solve(g_units + lam * np.eye(units), b_units + lam)
+    return w0 * (member.T @ scales)[:, None]
+
+
 def reconstruction_units(layout: EncoderLayout, plan: list[LayerPlan]) -> list[ReconstructionUnit]:
     """The blocks to refit (those that keep at least one unit), by value names that survive surgery."""
     units = []
@@ -104,6 +122,7 @@ def reconstruction_units(layout: EncoderLayout, plan: list[LayerPlan]) -> list[R
                     str(attn.context.name),
                     str(attn.out.matmul.outputs[0].name),
                     str(attn.residual.skip.name),
+                    attn.head_dim,
                 )
             )
         if step.kept_neurons:
@@ -125,6 +144,7 @@ def reconstruct(
     units: list[ReconstructionUnit],
     calibration: Callable[[], CalibrationFeeds],
     alpha: float = 1e-2,
+    mode: str = "rows",
 ) -> tuple[onnx.ModelProto, list[ReconstructionStep]]:
     """Refit the kept projection rows of ``pruned`` (a copy is returned) layer by layer.
 
@@ -168,8 +188,11 @@ def reconstruct(
                 t_sq += float((t32.astype(np.float64) ** 2).sum())
                 count += x32.shape[0]
             w0 = weight.astype(np.float64)
-            lam = alpha * max(float(np.trace(gram)) / max(features, 1), 1e-12)
-            fitted = np.linalg.solve(gram + lam * np.eye(features), cross + lam * w0)
+            if mode == "scales":
+                fitted = _fit_scales(gram, cross, w0, unit.group, alpha)
+            else:
+                lam = alpha * max(float(np.trace(gram)) / max(features, 1), 1e-12)
+                fitted = np.linalg.solve(gram + lam * np.eye(features), cross + lam * w0)
 
             def residual(
                 w: np.ndarray, gram: np.ndarray = gram, cross: np.ndarray = cross, t_sq: float = t_sq

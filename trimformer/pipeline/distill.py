@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .. import __version__
@@ -31,7 +32,14 @@ from ..sources import LoadedSource, load_source
 from .distill_ddp import DistContext, check_process_count, init_distributed, launch_torchrun, under_torchrun
 from .distill_losses import EMBEDDING_LOSSES, LossWeights
 from .distill_model import DistillStudent, run_spec_for
-from .distill_students import Student, StudentShape, build_student, hidden_width, save_student
+from .distill_students import (
+    Student,
+    StudentShape,
+    build_student,
+    hidden_width,
+    save_student,
+    word_embeddings,
+)
 from .distill_trainer import CHECKPOINT_FILE, TrainData, TrainerHooks, TrainerSettings, train_student
 
 __all__ = ["DISTILL_RECORD", "DistillConfig", "DistillResult", "distill", "prepare"]
@@ -41,6 +49,7 @@ logger = logging.getLogger(__name__)
 DISTILL_RECORD = "trimformer_distill.json"
 # Settings that do not change what is trained: left out of the checkpoint fingerprint.
 _NOT_FINGERPRINTED = {
+    "threads",
     "out",
     "overwrite",
     "resume",
@@ -71,6 +80,9 @@ class DistillConfig:
     attention_weight: float = 0.0
     embedding_loss: str = "cosine"
     ignore_labels: bool = False
+    # None: freeze the word embeddings when the student starts from trained weights (they are most
+    # of a small student's parameters and of its optimizer time), train them for a random student.
+    train_embeddings: bool | None = None
     # Training.
     steps: int = 1000
     batch_size: int = 32
@@ -96,6 +108,7 @@ class DistillConfig:
     keep_checkpoint: bool = False
     nproc_per_node: int = 1
     device: str = "auto"
+    threads: int | None = None
     overwrite: bool = False
 
     def validate(self) -> None:
@@ -122,6 +135,7 @@ class DistillConfig:
                 self.embedding_loss in EMBEDDING_LOSSES,
                 f"--embedding-loss must be one of {', '.join(EMBEDDING_LOSSES)}",
             ),
+            (self.threads is None or self.threads >= 1, f"--threads must be at least 1, got {self.threads}"),
             (self.nproc_per_node >= 1, f"--nproc-per-node must be at least 1, got {self.nproc_per_node}"),
             (
                 self.eval_limit is None or self.eval_limit >= 1,
@@ -183,6 +197,7 @@ class DistillResult:
     best_dev_score: float
     teacher_dev_score: float
     seconds: float
+    train_seconds: float = 0.0
     resumed_from: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
     distributed: dict[str, Any] = field(default_factory=dict)
@@ -212,9 +227,11 @@ def prepare(config: DistillConfig) -> Prepared:
         "label_column": config.label_column,
     }
     train = load_dataset(config.data, split=config.train_split, seed=config.seed, **columns)
-    dev = load_dataset(
-        config.data, split=config.dev_split, seed=config.seed, limit=config.eval_limit, **columns
-    )
+    dev = load_dataset(config.data, split=config.dev_split, seed=config.seed, **columns)
+    if config.eval_limit is not None and config.eval_limit < len(dev):
+        # A seeded random subset, not the head: a corpus sorted by label would give a one-class head.
+        pick = np.random.default_rng(config.seed).choice(len(dev), config.eval_limit, replace=False)
+        dev = dev.take(sorted(int(i) for i in pick))
     teacher = load_source(config.teacher)
     train_y = dev_y = None
     if teacher.task == "sequence-classification" and not config.ignore_labels and train.labels is not None:
@@ -275,6 +292,8 @@ def run_distillation(config: DistillConfig, hooks: TrainerHooks | None = None) -
     started = time.perf_counter()
     config.validate()
     check_output_dir(Path(config.out), config.overwrite)
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
     ctx = init_distributed(config.device)
     try:
         return _run(config, hooks, ctx, started)
@@ -300,6 +319,11 @@ def _run(
         use_attention=weights.attention > 0,
         headless_layers=student.headless_layers,
     )
+    train_embeddings = config.train_embeddings
+    if train_embeddings is None:
+        train_embeddings = student.kind == "config"
+    if not train_embeddings:
+        word_embeddings(student.model).requires_grad_(False)
     ckpt_dir = config.checkpoint_path
     settings = TrainerSettings(
         steps=config.steps,
@@ -341,6 +365,7 @@ def _run(
         best_dev_score=outcome.best_score,
         teacher_dev_score=outcome.teacher_score,
         seconds=round(time.perf_counter() - started, 1),
+        train_seconds=outcome.seconds,
         resumed_from=outcome.resumed_from,
         history=outcome.history,
         distributed=distributed,

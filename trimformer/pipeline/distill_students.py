@@ -47,6 +47,7 @@ __all__ = [
     "read_pruning_record",
     "save_student",
     "uniform_maps",
+    "word_embeddings",
 ]
 
 logger = logging.getLogger(__name__)
@@ -101,6 +102,17 @@ def layer_count(source: LoadedSource) -> int:
 def hidden_width(model: nn.Module) -> int:
     config: Any = model.config
     return int(config.hidden_size)
+
+
+def word_embeddings(model: nn.Module) -> nn.Module:
+    """The token embedding table (Hugging Face ``get_input_embeddings``; ``embed`` in the plain model)."""
+    if isinstance(model, PlainTransformerClassifier):
+        return model.embed
+    getter: Any = getattr(model, "get_input_embeddings", None)
+    if getter is None:
+        raise UserError(f"cannot find the token embeddings of {type(model).__name__}")
+    module: nn.Module = getter()
+    return module
 
 
 def _layer_list(model: nn.Module) -> tuple[str, nn.ModuleList]:

@@ -24,6 +24,7 @@ from ..data import Encoder, load_dataset
 from ..data.calibration import DatasetFeeds
 from ..errors import UserError
 from ..fsutil import check_output_dir
+from ..onnx_io import probe_onnxruntime
 from ..passes.base import PassContext, PassReport
 from ..passes.graph import EncoderLayout, find_blocks
 from ..passes.prune import PruneConfig, PrunePass
@@ -103,7 +104,9 @@ def plot_pruning_map(stats: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(13, 0.5 * len(layers) + 2.2))
     axes[0].imshow(grid, cmap="Greens", vmin=0, vmax=1, aspect="auto")
     idx = np.arange(len(layers))
-    axes[0].set(title="kept heads (green)", xlabel="head", ylabel="layer", yticks=idx, xticks=np.arange(heads))
+    axes[0].set(
+        title="kept heads (green)", xlabel="head", ylabel="layer", yticks=idx, xticks=np.arange(heads)
+    )
     before = [row["neurons"] for row in stats["before"]["layers"]]
     after = [row["neurons"] for row in stats["after"]["layers"]]
     axes[1].barh(idx, before, color="lightgray", label="before")
@@ -115,7 +118,9 @@ def plot_pruning_map(stats: dict[str, Any], path: Path) -> None:
     fa = [row["flops"] / 1e6 for row in stats["after"]["layers"]]
     axes[2].barh(idx, fb, color="lightgray", label="before")
     axes[2].barh(idx, fa, color="tab:blue", label="after")
-    axes[2].set(title=f"MFLOPs per sequence of {stats['seq_len']}", xlabel="MFLOPs", ylabel="layer", yticks=idx)
+    axes[2].set(
+        title=f"MFLOPs per sequence of {stats['seq_len']}", xlabel="MFLOPs", ylabel="layer", yticks=idx
+    )
     axes[2].invert_yaxis()
     axes[2].legend(loc="lower right")
     fig.suptitle(
@@ -153,6 +158,8 @@ def run_prune(config: PruneStageConfig) -> dict[str, Any]:
         )
     model = ir.from_proto(artifact.load_model())
     layout = find_blocks(model.graph)
+    # Pruning runs onnxruntime on this graph: one that would crash it natively fails here first.
+    probe_onnxruntime(artifact.model_path)
     input_names = [spec.name for spec in artifact.meta.inputs]
     ctx = PassContext(
         data={
@@ -169,6 +176,8 @@ def run_prune(config: PruneStageConfig) -> dict[str, Any]:
             split=_calibration_split(config.calibration),
             limit=config.samples,
         )
+        # Batches of similar length waste little on padding (a fixed order, so runs repeat exactly).
+        dataset = dataset.take(sorted(range(len(dataset)), key=lambda i: len(dataset.texts[i])))
         tokenizer = load_tokenizer(artifact.path)
         encoder = Encoder(
             tokenizer, input_names, artifact.meta.tokenizer.max_length, artifact.meta.tokenizer.pad_token_id

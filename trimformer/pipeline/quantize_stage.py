@@ -67,9 +67,9 @@ def attention_dims(artifact: ModelArtifact) -> tuple[int, int]:
     config = artifact.path / "config.json"
     if config.is_file():
         data = json.loads(config.read_text(encoding="utf-8"))
-        heads = data.get("num_attention_heads") or data.get("n_heads") or 0
+        n_heads = data.get("num_attention_heads") or data.get("n_heads") or 0
         hidden = data.get("hidden_size") or data.get("dim") or 0
-        return int(heads), int(hidden)
+        return int(n_heads), int(hidden)
     return 0, 0
 
 
@@ -91,7 +91,9 @@ def _evaluate_fn(artifact: ModelArtifact, encoder: Encoder, config: QuantizeStag
         raise UserError("--max-accuracy-drop needs a classification model with labels; this one has none")
     assert config.eval is not None
     split = "dev" if config.eval.startswith("builtin:") else "all"
-    dataset = load_dataset(config.eval, split=split, seed=config.seed, limit=config.eval_limit, **_columns(config))
+    dataset = load_dataset(
+        config.eval, split=split, seed=config.seed, limit=config.eval_limit, **_columns(config)
+    )
     if dataset.labels is None or len(dataset) == 0:
         raise UserError(f"evaluation data {config.eval} has no labels; pass a labelled dataset with --eval")
     targets = map_labels(dataset.labels, artifact.labels)
@@ -124,7 +126,11 @@ def _context(artifact: ModelArtifact, config: QuantizeStageConfig, scratch: Path
     encoder = Encoder(load_tokenizer(artifact.path), input_names, tok.max_length, tok.pad_token_id)
     if config.calibration is not None:
         dataset = load_dataset(
-            config.calibration, split=_split(config.calibration), seed=config.seed, limit=qcfg.samples, **_columns(config)
+            config.calibration,
+            split=_split(config.calibration),
+            seed=config.seed,
+            limit=qcfg.samples,
+            **_columns(config),
         )
         if len(dataset) < qcfg.samples:
             raise UserError(
@@ -159,7 +165,9 @@ def run_quantize(config: QuantizeStageConfig) -> dict[str, Any]:
     artifact = ModelArtifact.open(config.model)
     if qcfg.num_heads <= 0 or qcfg.hidden_size <= 0:
         heads, hidden = attention_dims(artifact)
-        qcfg = qcfg.model_copy(update={"num_heads": qcfg.num_heads or heads, "hidden_size": qcfg.hidden_size or hidden})
+        qcfg = qcfg.model_copy(
+            update={"num_heads": qcfg.num_heads or heads, "hidden_size": qcfg.hidden_size or hidden}
+        )
     with tempfile.TemporaryDirectory(prefix="trimformer-quantize-") as tmp:
         ctx = _context(artifact, config, Path(tmp))
 
@@ -167,10 +175,16 @@ def run_quantize(config: QuantizeStageConfig) -> dict[str, Any]:
             cache = ctx.data.get("calibration_cache_file")
             if cache:
                 shutil.copy2(cache, folder / RANGES_FILE)
-            (folder / REPORT_FILE).write_text(json.dumps(report.stats, indent=1, default=float) + "\n", encoding="utf-8")
+            (folder / REPORT_FILE).write_text(
+                json.dumps(report.stats, indent=1, default=float) + "\n", encoding="utf-8"
+            )
 
-        extra = {"calibration": config.calibration, "eval": config.eval, "pad_to": config.pad_to,
-                 "batch_size": config.batch_size}
+        extra = {
+            "calibration": config.calibration,
+            "eval": config.eval,
+            "pad_to": config.pad_to,
+            "batch_size": config.batch_size,
+        }
         result, report = apply_pass(artifact, "quantize", qcfg, ctx, out, config.overwrite, extra, on_written)
     stats = report.stats
     return {
@@ -188,7 +202,9 @@ def run_quantize(config: QuantizeStageConfig) -> dict[str, Any]:
     }
 
 
-def run_fuse(model: str, out: str, config: FuseConfig | None = None, overwrite: bool = False) -> dict[str, Any]:
+def run_fuse(
+    model: str, out: str, config: FuseConfig | None = None, overwrite: bool = False
+) -> dict[str, Any]:
     """Fuse an artifact's transformer blocks; returns the counts per fusion."""
     out_path = Path(out)
     check_output_dir(out_path, overwrite)
@@ -196,7 +212,9 @@ def run_fuse(model: str, out: str, config: FuseConfig | None = None, overwrite: 
     config = config or FuseConfig()
     if config.num_heads <= 0 or config.hidden_size <= 0:
         heads, hidden = attention_dims(artifact)
-        config = config.model_copy(update={"num_heads": config.num_heads or heads, "hidden_size": config.hidden_size or hidden})
+        config = config.model_copy(
+            update={"num_heads": config.num_heads or heads, "hidden_size": config.hidden_size or hidden}
+        )
     with tempfile.TemporaryDirectory(prefix="trimformer-fuse-") as tmp:
         _, report = apply_pass(artifact, "fuse", config, PassContext(scratch=Path(tmp)), out_path, overwrite)
     return {"out": str(out_path), **report.stats}

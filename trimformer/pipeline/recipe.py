@@ -342,7 +342,13 @@ def load_recipe(path: str | Path) -> Recipe:
 
 
 def parse_recipe(text: str, path: Path) -> Recipe:
-    import tomllib
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10: the same parser, as a package
+        try:
+            import tomli as tomllib  # type: ignore[no-redef]
+        except ModuleNotFoundError:
+            raise UserError("reading recipes on Python 3.10 needs tomli: pip install tomli") from None
 
     try:
         data = tomllib.loads(text)

@@ -6,16 +6,17 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import onnxruntime as ort
-import torch
 
 from ..artifact import ModelArtifact
 from ..errors import UserError
-from ..onnx_io import load_onnx
-from ..sources import LoadedSource
+from ..onnx_io import load_onnx, probe_onnxruntime
+
+if TYPE_CHECKING:
+    from ..sources import LoadedSource
 
 __all__ = [
     "PROVIDERS",
@@ -128,8 +129,10 @@ class OrtRunner:
         self.options = options or ProviderOptions()
         chain = provider_chain(provider, self.options)
         self.device = device_type(provider)
-        # Checks external-data paths and catches truncated files before onnxruntime sees them.
+        # Checks external-data paths and catches truncated files before onnxruntime sees them,
+        # then lets a child process take any native crash of onnxruntime on a malformed graph.
         load_onnx(artifact.model_path, load_weights=False)
+        probe_onnxruntime(artifact.model_path)
         session_options = ort.SessionOptions()
         session_options.intra_op_num_threads = self.threads
         session_options.inter_op_num_threads = 1
@@ -180,6 +183,8 @@ class TorchRunner:
         self.input_names = source.io.input_names
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        import torch  # only a PyTorch reference needs it; checking a recipe must not load it
+
         previous = torch.get_num_threads()
         torch.set_num_threads(self.threads)
         try:

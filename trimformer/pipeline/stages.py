@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -360,8 +361,7 @@ def _run_validate(ctx: StageContext) -> dict[str, Any]:
             report = validate(config)
             gates[provider] = report["gates"]
         except GateFailed:
-            import json
-
+            # validate wrote its report before raising; the runner decides the exit code later.
             gates[provider] = json.loads((folder / "final" / "report.json").read_text(encoding="utf-8"))[
                 "gates"
             ]

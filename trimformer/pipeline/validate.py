@@ -354,6 +354,7 @@ def validate(config: ValidateConfig) -> dict[str, Any]:
     for one, outputs in measured:
         _compare(one, outputs, ref_report, ref_outputs, artifact.task)
     report = measured[0][0]
+    report["model_hash"] = artifact.model_hash()
     if len(measured) > 1:
         report["by_provider"] = {one["provider"]: dict(one) for one, _ in measured}
     failed: list[str] = []

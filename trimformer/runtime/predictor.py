@@ -91,6 +91,8 @@ class Predictor:
     ``threads`` sets onnxruntime's intra-op threads (default: its own); ``batch_size`` is how many
     texts one session call takes; ``expected_digest`` (``sha256:...`` from ``trimformer verify``)
     pins the exact bundle; ``model_format="ort"`` runs the bundle's ORT-format copy instead.
+    ``bundle`` may also be a :class:`VerifiedBundle` from :func:`open_verified` (still open), to build
+    several sessions from one check; the files it uses are hashed again as they are read.
     """
 
     def __init__(

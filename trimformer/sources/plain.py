@@ -88,10 +88,14 @@ class PlainTransformerClassifier(nn.Module):
         # nn.MultiheadAttention's functional form bakes the traced batch size into its reshapes;
         # the same computation written with -1 for the head axis exports with dynamic shapes and
         # in the Q/K/V pattern that fusion and head pruning recognise.
-        size = self.config.hidden_size
-        head_dim = size // self.config.num_heads
+        head_dim = self.config.hidden_size // self.config.num_heads
         weight, bias = attn.in_proj_weight, attn.in_proj_bias
         assert bias is not None
+        # Read the width from the weights: head pruning shrinks each layer's Q/K/V separately.
+        size = weight.shape[0] // 3
+        if size == 0:
+            # Every head removed: the branch contributes only the output projection's bias.
+            return attn.out_proj.bias.expand(hidden.shape[0], hidden.shape[1], -1)
 
         def split_heads(x: torch.Tensor) -> torch.Tensor:
             return x.reshape(x.shape[0], x.shape[1], -1, head_dim).transpose(1, 2)
