@@ -1,5 +1,11 @@
 # trimformer: every target works alone on a fresh clone (each depends on `install`).
-# Stage targets take MODEL=, DATA=, OUT= variables; `make demo` runs the built-in example.
+#
+#   make demo              the built-in edge recipe end to end (MiniLM + tweets -> 3-layer pruned int8 bundle)
+#   make test [FAST=1]     the tests (FAST=1 skips the slow end-to-end ones; CI runs them all)
+#   make lint              ruff check, ruff format --check, mypy
+#   make bench             every variant side by side in one run -> docs/BENCHMARKS.md
+#   make pipeline RECIPE=recipes/int8.toml
+#   make export|distill|prune|quantize|validate|package MODEL=dir OUT=dir [DATA=..] [ARGS="..."]
 
 PYTHON ?= python3
 VENV := .venv
@@ -15,7 +21,7 @@ endif
 
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test lint format demo bench bench-peers clean train export validate
+.PHONY: install test lint format demo teacher bench bench-peers bench-load clean pipeline fuse
 
 install: $(STAMP)
 
@@ -31,17 +37,32 @@ test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_FLAGS)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check trimformer tests
-	$(VENV)/bin/ruff format --check trimformer tests
+	$(VENV)/bin/ruff check trimformer tests bench
+	$(VENV)/bin/ruff format --check trimformer tests bench
 	$(VENV)/bin/mypy trimformer
 
 format: $(STAMP)
-	$(VENV)/bin/ruff check --fix trimformer tests
-	$(VENV)/bin/ruff format trimformer tests
+	$(VENV)/bin/ruff check --fix trimformer tests bench
+	$(VENV)/bin/ruff format trimformer tests bench
 
-# --- the built-in example: MiniLM fine-tuned on the tweets, exported and validated ----------
+# --- the built-in example --------------------------------------------------------------------
+# The edge recipe: fine-tune MiniLM on the tweets, distill to 3 layers, export, prune, int8,
+# validate against the teacher, package. Cached per stage: a rerun takes seconds.
+demo: $(STAMP)
+	$(TF) run recipes/edge-cpu.toml --workdir $(DEMO)/edge
+	@echo "report: $(DEMO)/edge/report/report.html"
+
+# --- recipes: the whole pipeline, cached and resumable by `trimformer run` -------------------
+pipeline: RECIPE ?= recipes/edge-cpu.toml
+pipeline: $(STAMP)
+	$(TF) run $(RECIPE) --workdir $(or $(WORKDIR),$(WORK)/runs/$(basename $(notdir $(RECIPE)))) \
+		$(if $(FROM),--from $(FROM)) $(if $(UNTIL),--until $(UNTIL)) $(if $(FORCE),--force)
+
+# --- the teacher the benchmark and the int8/prune recipes start from -------------------------
 TEACHER := $(DEMO)/teacher
 TEACHER_ONNX := $(DEMO)/teacher-onnx
+
+teacher: $(TEACHER_ONNX)/model.onnx
 
 $(TEACHER)/trimformer_train.json: | $(STAMP)
 	$(TF) train --model builtin:minilm --data builtin:tweets --out $(TEACHER) --overwrite \
@@ -49,9 +70,6 @@ $(TEACHER)/trimformer_train.json: | $(STAMP)
 
 $(TEACHER_ONNX)/model.onnx: $(TEACHER)/trimformer_train.json
 	$(TF) export $(TEACHER) --out $(TEACHER_ONNX) --overwrite
-
-demo: $(TEACHER_ONNX)/model.onnx
-	$(TF) validate $(TEACHER_ONNX) --data builtin:tweets --reference $(TEACHER) --out $(DEMO)/report
 
 # --- benchmark: every variant side by side in one run (docs/BENCHMARKS.md) --------------
 # Peers get their own virtual environments: Optimum needs transformers<4.58. A peer that does not
@@ -67,16 +85,63 @@ bench/.venvs/%/.installed: bench/peers/%.txt constraints-peers.txt
 
 bench: $(TEACHER_ONNX)/model.onnx bench-peers
 	$(PY) -m bench.run
+	$(PY) -m bench.quantize --model $(TEACHER_ONNX)
+	$(PY) -m bench.prune --teacher $(TEACHER) --teacher-onnx $(TEACHER_ONNX)
+	$(PY) -m bench.distill
+	$(MAKE) bench-load
 
-# --- one target per stage, for build scripts: make export MODEL=dir OUT=dir ---------------
-train: $(STAMP)
-	$(TF) train --model $(MODEL) --data $(DATA) --out $(OUT)
+$(WORK)/package/teacher/manifest.json: $(TEACHER_ONNX)/model.onnx
+	$(TF) package $(TEACHER_ONNX) --out $(WORK)/package/teacher --overwrite
 
-export: $(STAMP)
-	$(TF) export $(MODEL) --out $(OUT) --overwrite
+bench-load: $(WORK)/package/teacher/manifest.json
+	$(PY) -m bench.load --bundle $(WORK)/package/teacher.tar.gz
 
-validate: $(STAMP)
-	$(TF) validate $(MODEL) --data $(DATA) $(if $(REFERENCE),--reference $(REFERENCE)) $(if $(OUT),--out $(OUT))
+fuse: $(STAMP)
+	$(TF) fuse $(MODEL) --out $(OUT) --overwrite
+
+# --- one target per stage: make export MODEL=dir OUT=dir [DATA=..] [ARGS="..."] -------------
+# File rules on a file only that stage writes: make skips a stage whose output is newer than
+# its inputs (MODEL's files, DATA).
+STAGES := train distill export prune quantize validate package
+STAGE_GOALS := $(filter $(STAGES),$(MAKECMDGOALS))
+ifneq ($(STAGE_GOALS),)
+ifeq ($(OUT),)
+$(error make $(STAGE_GOALS) needs OUT=folder (and MODEL=, DATA= as the stage takes them))
+endif
+ifeq ($(MODEL),)
+$(error make $(STAGE_GOALS) needs MODEL=folder (the stage's input))
+endif
+endif
+STAGE_INPUTS = $(if $(filter builtin:%,$(MODEL)),,$(shell find $(MODEL) -type f -not -path '*/report/*' -not -name '.*' 2>/dev/null)) \
+	$(if $(filter builtin:%,$(DATA)),,$(DATA)) $(REFERENCE_FILES) $(REPORT)
+REFERENCE_FILES = $(if $(REFERENCE),$(shell find $(REFERENCE) -type f -not -path '*/report/*' 2>/dev/null))
+.PHONY: $(STAGES)
+ifneq ($(STAGE_GOALS),)
+train: $(OUT)/trimformer_train.json
+$(OUT)/trimformer_train.json: $(STAGE_INPUTS) | $(STAMP)
+	$(TF) train --model $(MODEL) --data $(DATA) --out $(OUT) --overwrite $(ARGS)
+distill: $(OUT)/trimformer_distill.json
+$(OUT)/trimformer_distill.json: $(STAGE_INPUTS) | $(STAMP)
+	$(TF) distill --teacher $(MODEL) --data $(DATA) --out $(OUT) --overwrite $(ARGS)
+export: $(OUT)/model.onnx
+$(OUT)/model.onnx: $(STAGE_INPUTS) | $(STAMP)
+	$(TF) export $(MODEL) --out $(OUT) --overwrite $(ARGS)
+prune: $(OUT)/pruning_record.json
+$(OUT)/pruning_record.json: $(STAGE_INPUTS) | $(STAMP)
+	$(TF) prune $(MODEL) --out $(OUT) --overwrite $(if $(DATA),--calibration $(DATA)) \
+		$(if $(SOURCE),--source $(SOURCE)) $(or $(ARGS),--flops 0.5)
+quantize: $(OUT)/quantization_report.json
+$(OUT)/quantization_report.json: $(STAGE_INPUTS) | $(STAMP)
+	$(TF) quantize $(MODEL) --out $(OUT) --overwrite $(if $(DATA),--calibration $(DATA)) $(ARGS)
+# A failed gate keeps the report but dates it to 1970 so the next `make validate` reruns.
+validate: $(OUT)/report.json
+$(OUT)/report.json: $(STAGE_INPUTS) | $(STAMP)
+	$(TF) validate $(MODEL) --data $(DATA) --out $(OUT) $(if $(REFERENCE),--reference $(REFERENCE)) $(ARGS) \
+		|| { rc=$$?; touch -d @0 $@ 2>/dev/null; exit $$rc; }
+package: $(OUT)/manifest.json
+$(OUT)/manifest.json: $(STAGE_INPUTS) | $(STAMP)
+	$(TF) package $(MODEL) --out $(OUT) --overwrite $(if $(REPORT),--report $(REPORT)) $(ARGS)
+endif
 
 clean:
 	rm -rf $(WORK) .pytest_cache .mypy_cache .ruff_cache

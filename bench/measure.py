@@ -47,11 +47,15 @@ class Measured:
     samples: dict[str, list[float]] = field(default_factory=dict)
 
 
-def predict_all(run: Callable[[dict[str, np.ndarray]], np.ndarray], encoder: Encoder, data: TextDataset,
-                batch_size: int = 64) -> np.ndarray:
+def predict_all(
+    run: Callable[[dict[str, np.ndarray]], np.ndarray],
+    encoder: Encoder,
+    data: TextDataset,
+    batch_size: int = 64,
+) -> np.ndarray:
     out = []
     for start in range(0, len(data), batch_size):
-        out.append(np.asarray(run(encoder(data.texts[start:start + batch_size])), dtype=np.float32))
+        out.append(np.asarray(run(encoder(data.texts[start : start + batch_size])), dtype=np.float32))
     return np.concatenate(out)
 
 
@@ -76,7 +80,7 @@ def interleaved_latency(
     total = rounds * len(names)
     with progress_bar("latency rounds", total) as bar:
         for r in range(rounds):
-            order = names[r % len(names):] + names[: r % len(names)]
+            order = names[r % len(names) :] + names[: r % len(names)]
             for name in order:
                 for shape, feeds_list in shapes.items():
                     for i in range(calls_per_round[shape]):

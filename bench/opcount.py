@@ -17,8 +17,16 @@ from onnx import TensorProto, helper
 
 __all__ = ["count_ops", "measure_peak"]
 
-_MATMUL_LIKE = {"MatMul", "MatMulInteger", "QLinearMatMul", "MatMulIntegerToFloat", "DynamicQuantizeMatMul",
-                "FusedMatMul", "Gemm", "QGemm"}
+_MATMUL_LIKE = {
+    "MatMul",
+    "MatMulInteger",
+    "QLinearMatMul",
+    "MatMulIntegerToFloat",
+    "DynamicQuantizeMatMul",
+    "FusedMatMul",
+    "Gemm",
+    "QGemm",
+}
 
 
 def _observed_shapes(model: onnx.ModelProto, names: set[str], batch: int, seq: int) -> dict[str, list[int]]:
@@ -83,12 +91,16 @@ def count_ops(model_path: Path, batch: int = 1, seq: int = 128) -> float:
 
 def _square_model(op: str, size: int) -> onnx.ModelProto:
     if op == "MatMulInteger":
-        inputs = [helper.make_tensor_value_info("a", TensorProto.UINT8, [size, size]),
-                  helper.make_tensor_value_info("b", TensorProto.INT8, [size, size])]
+        inputs = [
+            helper.make_tensor_value_info("a", TensorProto.UINT8, [size, size]),
+            helper.make_tensor_value_info("b", TensorProto.INT8, [size, size]),
+        ]
         output = helper.make_tensor_value_info("y", TensorProto.INT32, [size, size])
     else:
-        inputs = [helper.make_tensor_value_info("a", TensorProto.FLOAT, [size, size]),
-                  helper.make_tensor_value_info("b", TensorProto.FLOAT, [size, size])]
+        inputs = [
+            helper.make_tensor_value_info("a", TensorProto.FLOAT, [size, size]),
+            helper.make_tensor_value_info("b", TensorProto.FLOAT, [size, size]),
+        ]
         output = helper.make_tensor_value_info("y", TensorProto.FLOAT, [size, size])
     graph = helper.make_graph([helper.make_node(op, ["a", "b"], ["y"])], "peak", inputs, [output])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -99,15 +111,20 @@ def measure_peak(op: str, threads: int, size: int = 2048, seconds: float = 3.0) 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    session = ort.InferenceSession(_square_model(op, size).SerializeToString(), options,
-                                   providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        _square_model(op, size).SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
     rng = np.random.default_rng(0)
     if op == "MatMulInteger":
-        feeds = {"a": rng.integers(0, 255, (size, size), dtype=np.uint8),
-                 "b": rng.integers(-127, 127, (size, size), dtype=np.int8)}
+        feeds = {
+            "a": rng.integers(0, 255, (size, size), dtype=np.uint8),
+            "b": rng.integers(-127, 127, (size, size), dtype=np.int8),
+        }
     else:
-        feeds = {"a": rng.standard_normal((size, size), dtype=np.float32),
-                 "b": rng.standard_normal((size, size), dtype=np.float32)}
+        feeds = {
+            "a": rng.standard_normal((size, size), dtype=np.float32),
+            "b": rng.standard_normal((size, size), dtype=np.float32),
+        }
     session.run(None, feeds)
     best = float("inf")
     started = time.perf_counter()

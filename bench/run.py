@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,19 +48,30 @@ def run_measured(command: list[str], log: Path) -> dict[str, Any]:
     """Run a command, polling the whole process tree's resident memory; wall seconds and peak MB."""
     started = time.perf_counter()
     with open(log, "w") as handle:
-        proc = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT,
-                                env={**os.environ, "TRIMFORMER_PROGRESS": "0"})
+        proc = subprocess.Popen(
+            command,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env={**os.environ, "TRIMFORMER_PROGRESS": "0"},
+        )
         parent = psutil.Process(proc.pid)
         peak = 0
         while proc.poll() is None:
             try:
-                rss = parent.memory_info().rss + sum(c.memory_info().rss for c in parent.children(recursive=True))
+                rss = parent.memory_info().rss + sum(
+                    c.memory_info().rss for c in parent.children(recursive=True)
+                )
                 peak = max(peak, rss)
             except psutil.Error:
                 pass
             time.sleep(0.05)
-    return {"rc": proc.returncode, "seconds": round(time.perf_counter() - started, 1),
-            "peak_rss_mb": round(peak / 2**20, 1), "command": shlex.join(command)}
+    return {
+        "rc": proc.returncode,
+        "seconds": round(time.perf_counter() - started, 1),
+        "peak_rss_mb": round(peak / 2**20, 1),
+        "command": shlex.join(command),
+    }
 
 
 def ensure(variant: Variant, workdir: Path) -> None:
@@ -80,7 +90,9 @@ def ensure(variant: Variant, workdir: Path) -> None:
     print(f"producing {variant.name}: {shlex.join(variant.command)}", flush=True)
     result = run_measured(variant.command, log)
     if result["rc"] != 0 or not (variant.path / "model.onnx").is_file():
-        tail = [line for line in log.read_text(errors="replace").splitlines() if line.strip()][-1:] or ["no output"]
+        tail = [line for line in log.read_text(errors="replace").splitlines() if line.strip()][-1:] or [
+            "no output"
+        ]
         variant.skipped = f"producing it failed (exit {result['rc']}): {tail[0][:160]}"
         return
     variant.produce = result
@@ -119,28 +131,79 @@ def calibration_texts(workdir: Path, samples: int = 512) -> Path:
     return path
 
 
-def variants(workdir: Path, teacher: Path, teacher_onnx: Path, calibration: Path, skip_peers: bool) -> list[Variant]:
+def variants(
+    workdir: Path, teacher: Path, teacher_onnx: Path, calibration: Path, skip_peers: bool
+) -> list[Variant]:
     w = workdir
     peer_py = {name: ROOT / "bench" / ".venvs" / name / "bin" / "python" for name in ("optimum", "olive")}
     out = [
         Variant("PyTorch eager FP32", "baseline", teacher, torch=True),
         Variant("ORT FP32 (plain export)", "baseline", teacher_onnx),
-        Variant("ORT quantize_dynamic per-channel", "baseline", w / "ort-dynamic", precision="int8",
-                command=[PY, "-m", "bench.producers", "ort-dynamic", str(teacher_onnx), str(w / "ort-dynamic")]),
-        Variant("ORT quantize_static defaults", "baseline", w / "ort-static", precision="int8",
-                command=[PY, "-m", "bench.producers", "ort-static", str(teacher_onnx), str(w / "ort-static"),
-                         str(calibration)]),
+        Variant(
+            "ORT quantize_dynamic per-channel",
+            "baseline",
+            w / "ort-dynamic",
+            precision="int8",
+            command=[PY, "-m", "bench.producers", "ort-dynamic", str(teacher_onnx), str(w / "ort-dynamic")],
+        ),
+        Variant(
+            "ORT quantize_static defaults",
+            "baseline",
+            w / "ort-static",
+            precision="int8",
+            command=[
+                PY,
+                "-m",
+                "bench.producers",
+                "ort-static",
+                str(teacher_onnx),
+                str(w / "ort-static"),
+                str(calibration),
+            ],
+        ),
     ]
     peers = [
-        Variant("Optimum O2 + static int8 (avx512_vnni)", "peer", w / "optimum-static", precision="int8",
-                command=[str(peer_py["optimum"]), "bench/peers/optimum_run.py", "o2-static", str(teacher),
-                         str(calibration), str(w / "optimum-static")]),
-        Variant("Optimum dynamic int8 (avx512_vnni)", "peer", w / "optimum-dynamic", precision="int8",
-                command=[str(peer_py["optimum"]), "bench/peers/optimum_run.py", "dynamic", str(teacher),
-                         str(calibration), str(w / "optimum-dynamic")]),
-        Variant("Olive conversion + optimization + static int8", "peer", w / "olive", precision="int8",
-                command=[str(peer_py["olive"]), "bench/peers/olive_run.py", str(teacher),
-                         str(calibration_texts(w)), str(w / "olive")]),
+        Variant(
+            "Optimum O2 + static int8 (avx512_vnni)",
+            "peer",
+            w / "optimum-static",
+            precision="int8",
+            command=[
+                str(peer_py["optimum"]),
+                "bench/peers/optimum_run.py",
+                "o2-static",
+                str(teacher),
+                str(calibration),
+                str(w / "optimum-static"),
+            ],
+        ),
+        Variant(
+            "Optimum dynamic int8 (avx512_vnni)",
+            "peer",
+            w / "optimum-dynamic",
+            precision="int8",
+            command=[
+                str(peer_py["optimum"]),
+                "bench/peers/optimum_run.py",
+                "dynamic",
+                str(teacher),
+                str(calibration),
+                str(w / "optimum-dynamic"),
+            ],
+        ),
+        Variant(
+            "Olive conversion + optimization + static int8",
+            "peer",
+            w / "olive",
+            precision="int8",
+            command=[
+                str(peer_py["olive"]),
+                "bench/peers/olive_run.py",
+                str(teacher),
+                str(calibration_texts(w)),
+                str(w / "olive"),
+            ],
+        ),
     ]
     for peer in peers:
         python = Path(peer.command[0]) if peer.command else None
@@ -151,21 +214,70 @@ def variants(workdir: Path, teacher: Path, teacher_onnx: Path, calibration: Path
     out += peers
     student = w / "student"
     out += [
-        Variant("trimformer int8 (static, cpu-vnni)", "trimformer", w / "tf-int8", precision="int8",
-                command=[TF, "--quiet", "quantize", str(teacher_onnx), "--calibration", "builtin:tweets",
-                         "--out", str(w / "tf-int8"), "--overwrite"]),
-        Variant("trimformer pruned 50% FLOPs (fisher)", "trimformer", w / "tf-prune",
-                command=[TF, "--quiet", "prune", str(teacher_onnx), "--calibration", "builtin:tweets", "--flops",
-                         "0.5", "--importance", "fisher", "--source", str(teacher), "--out", str(w / "tf-prune")]),
-        Variant("trimformer distilled 3 layers", "trimformer", w / "tf-distill-onnx",
-                command=["bash", "-c", f"test -f {student}/config.json || {TF} --quiet distill --teacher {teacher} "
-                         f"--data builtin:tweets --layers 3 --out {student} && "
-                         f"{TF} --quiet export {student} --out {w}/tf-distill-onnx --overwrite"]),
-        Variant("trimformer edge (distill + prune + int8)", "trimformer", w / "tf-edge", precision="int8",
-                command=["bash", "-c", f"{TF} --quiet prune {w}/tf-distill-onnx --calibration builtin:tweets "
-                         f"--flops 0.5 --importance fisher --source {student} --out {w}/tf-edge-pruned --overwrite && "
-                         f"{TF} --quiet quantize {w}/tf-edge-pruned --calibration builtin:tweets "
-                         f"--out {w}/tf-edge --overwrite"]),
+        Variant(
+            "trimformer int8 (static, cpu-vnni)",
+            "trimformer",
+            w / "tf-int8",
+            precision="int8",
+            command=[
+                TF,
+                "--quiet",
+                "quantize",
+                str(teacher_onnx),
+                "--calibration",
+                "builtin:tweets",
+                "--out",
+                str(w / "tf-int8"),
+                "--overwrite",
+            ],
+        ),
+        Variant(
+            "trimformer pruned 50% FLOPs (fisher)",
+            "trimformer",
+            w / "tf-prune",
+            command=[
+                TF,
+                "--quiet",
+                "prune",
+                str(teacher_onnx),
+                "--calibration",
+                "builtin:tweets",
+                "--flops",
+                "0.5",
+                "--importance",
+                "fisher",
+                "--source",
+                str(teacher),
+                "--out",
+                str(w / "tf-prune"),
+            ],
+        ),
+        Variant(
+            "trimformer distilled 3 layers",
+            "trimformer",
+            w / "tf-distill-onnx",
+            command=[
+                "bash",
+                "-c",
+                f"test -f {student}/config.json || {TF} --quiet distill --teacher {teacher} "
+                f"--data builtin:tweets --layers 3 --out {student} && "
+                f"{TF} --quiet export {student} --out {w}/tf-distill-onnx --overwrite",
+            ],
+        ),
+        Variant(
+            "trimformer edge (distill + prune + int8)",
+            "trimformer",
+            w / "tf-edge",
+            precision="int8",
+            command=[
+                "bash",
+                "-c",
+                f"{TF} --quiet prune {w}/tf-distill-onnx --calibration builtin:tweets "
+                f"--flops 0.5 --importance fisher --source {student} --out {w}/tf-edge-pruned --overwrite && "
+                f"{TF} --quiet quantize {w}/tf-edge-pruned --calibration builtin:tweets "
+                f"--out {w}/tf-edge --overwrite",
+            ],
+        ),
     ]
     return out
 
@@ -187,7 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--teacher-onnx", default="work/demo/teacher-onnx")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--limit", type=int, default=None, help="test examples (default: the whole test split)")
+    parser.add_argument(
+        "--limit", type=int, default=None, help="test examples (default: the whole test split)"
+    )
     parser.add_argument("--skip-peers", action="store_true")
     parser.add_argument("--only", default=None, help="comma-separated substrings of variant names to keep")
     args = parser.parse_args(argv)
@@ -204,8 +318,11 @@ def main(argv: list[str] | None = None) -> int:
     chosen = variants(workdir, teacher, teacher_onnx, calibration, args.skip_peers)
     if args.only:
         keys = [k.strip().lower() for k in args.only.split(",")]
-        chosen = [v for v in chosen if v.group == "baseline" and "FP32" in v.name
-                  or any(k in v.name.lower() for k in keys)]
+        chosen = [
+            v
+            for v in chosen
+            if (v.group == "baseline" and "FP32" in v.name) or any(k in v.name.lower() for k in keys)
+        ]
     for variant in chosen:
         if variant.skipped is None:
             ensure(variant, workdir)

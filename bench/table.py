@@ -23,8 +23,9 @@ def _size_mb(folder: Path) -> float:
     return round(sum(p.stat().st_size for p in files) / 1e6, 2)
 
 
-def measure_variants(variants: list[Any], teacher: Path, threads: int, rounds: int, limit: int | None
-                     ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def measure_variants(
+    variants: list[Any], teacher: Path, threads: int, rounds: int, limit: int | None
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     from trimformer.data import Encoder, load_dataset, map_labels
     from trimformer.pipeline.runners import TorchRunner
     from trimformer.sources import load_source
@@ -52,7 +53,9 @@ def measure_variants(variants: list[Any], teacher: Path, threads: int, rounds: i
     reference = logits[live[0].name] if live and live[0].torch else None
     print("measuring latency ...", flush=True)
     samples = interleaved_latency(
-        runners, {"1x128": padded_1, "natural": natural, "32x128": padded_32}, rounds,
+        runners,
+        {"1x128": padded_1, "natural": natural, "32x128": padded_32},
+        rounds,
         {"1x128": 20, "natural": 20, "32x128": 2},
     )
     print("measuring the machine's peak ...", flush=True)
@@ -71,27 +74,46 @@ def measure_variants(variants: list[Any], teacher: Path, threads: int, rounds: i
         s = samples[v.name]
         p50 = float(np.percentile(s["1x128"], 50))
         ops = fp32_ops if v.torch else count_ops(v.path / "model.onnx")
-        row.update({
-            "accuracy": round(float((out.argmax(-1) == targets).mean()), 4),
-            "agreement": None if reference is None else round(float((out.argmax(-1) == reference.argmax(-1)).mean()), 4),
-            "mean_kl": None if reference is None else round(float(
-                (_softmax(reference) * (np.log(_softmax(reference) + 1e-12) - np.log(_softmax(out) + 1e-12))).sum(-1).mean()
-            ), 5),
-            "p50_1x128_ms": round(p50, 3),
-            "p90_1x128_ms": round(float(np.percentile(s["1x128"], 90)), 3),
-            "p50_natural_ms": round(float(np.percentile(s["natural"], 50)), 3),
-            "p90_natural_ms": round(float(np.percentile(s["natural"], 90)), 3),
-            "throughput_32x128_per_s": round(32 * 1000.0 / float(np.median(s["32x128"])), 1),
-            "speedup_vs_ort_fp32": None if fp32_p50 is None else round(fp32_p50 / p50, 3),
-            "runs_1x128": len(s["1x128"]),
-            "size_mb": _size_mb(v.path),
-            "produce_seconds": v.produce.get("seconds"),
-            "produce_peak_rss_mb": v.produce.get("peak_rss_mb"),
-            "gops_1x128": None if ops is None else round(ops / 1e9, 3),
-            "achieved_fraction_of_peak": None if ops is None else round(ops / (p50 / 1000.0) / peaks[v.precision], 4),
-            "precision": v.precision,
-        })
+        row.update(
+            {
+                "accuracy": round(float((out.argmax(-1) == targets).mean()), 4),
+                "agreement": None
+                if reference is None
+                else round(float((out.argmax(-1) == reference.argmax(-1)).mean()), 4),
+                "mean_kl": None
+                if reference is None
+                else round(
+                    float(
+                        (
+                            _softmax(reference)
+                            * (np.log(_softmax(reference) + 1e-12) - np.log(_softmax(out) + 1e-12))
+                        )
+                        .sum(-1)
+                        .mean()
+                    ),
+                    5,
+                ),
+                "p50_1x128_ms": round(p50, 3),
+                "p90_1x128_ms": round(float(np.percentile(s["1x128"], 90)), 3),
+                "p50_natural_ms": round(float(np.percentile(s["natural"], 50)), 3),
+                "p90_natural_ms": round(float(np.percentile(s["natural"], 90)), 3),
+                "throughput_32x128_per_s": round(32 * 1000.0 / float(np.median(s["32x128"])), 1),
+                "speedup_vs_ort_fp32": None if fp32_p50 is None else round(fp32_p50 / p50, 3),
+                "runs_1x128": len(s["1x128"]),
+                "size_mb": _size_mb(v.path),
+                "produce_seconds": v.produce.get("seconds"),
+                "produce_peak_rss_mb": v.produce.get("peak_rss_mb"),
+                "gops_1x128": None if ops is None else round(ops / 1e9, 3),
+                "achieved_fraction_of_peak": None
+                if ops is None
+                else round(ops / (p50 / 1000.0) / peaks[v.precision], 4),
+                "precision": v.precision,
+            }
+        )
         rows.append(row)
-    machine = {"peak_int8_tops": round(peaks["int8"] / 1e12, 3), "peak_fp32_tflops": round(peaks["fp32"] / 1e12, 3),
-               "test_examples": len(test)}
+    machine = {
+        "peak_int8_tops": round(peaks["int8"] / 1e12, 3),
+        "peak_fp32_tflops": round(peaks["fp32"] / 1e12, 3),
+        "test_examples": len(test),
+    }
     return rows, machine

@@ -47,7 +47,10 @@ def _hf_config(model_type: str, task: str, layers: int, hidden: int, heads: int,
     common = {"vocab_size": vocab_size() + 2, "pad_token_id": 0}
     label_kwargs = {}
     if task == "sequence-classification":
-        label_kwargs = {"id2label": dict(enumerate(LABELS)), "label2id": {name: i for i, name in enumerate(LABELS)}}
+        label_kwargs = {
+            "id2label": dict(enumerate(LABELS)),
+            "label2id": {name: i for i, name in enumerate(LABELS)},
+        }
     if model_type == "bert":
         return BertConfig(
             hidden_size=hidden,

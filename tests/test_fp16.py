@@ -19,8 +19,9 @@ def _run(path: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
 
 
 @pytest.mark.parametrize("fixture", ["tiny_bert_onnx", "tiny_plain_onnx"])
-def test_fp16_keeps_sensitive_ops_float32_and_matches(fixture: str, request: pytest.FixtureRequest,
-                                                      tmp_path: Path) -> None:
+def test_fp16_keeps_sensitive_ops_float32_and_matches(
+    fixture: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
     art = ModelArtifact.open(request.getfixturevalue(fixture))
     new, report = apply_pass(art, "fp16", Fp16Config(), PassContext(), tmp_path / "fp16")
     model = onnx.load(str(new.model_path))
@@ -28,7 +29,9 @@ def test_fp16_keeps_sensitive_ops_float32_and_matches(fixture: str, request: pyt
     matmul_weights = [n.input[1] for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in types]
     assert matmul_weights and all(types[w] == onnx.TensorProto.FLOAT16 for w in matmul_weights)
     norms = [n for n in model.graph.node if n.op_type == "LayerNormalization"]
-    assert norms and all(types.get(n.input[1], onnx.TensorProto.FLOAT) == onnx.TensorProto.FLOAT for n in norms)
+    assert norms and all(
+        types.get(n.input[1], onnx.TensorProto.FLOAT) == onnx.TensorProto.FLOAT for n in norms
+    )
     assert report.stats["kept_float32_ops"]["Softmax"] >= 2
     # Inputs and outputs keep their types; outputs close to float32 on a shape the pass never checked.
     assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
@@ -40,12 +43,16 @@ def test_fp16_keeps_sensitive_ops_float32_and_matches(fixture: str, request: pyt
 
 def test_fp16_self_check_refuses_a_loose_result(tiny_bert_onnx: Path, tmp_path: Path) -> None:
     with pytest.raises(ParityError, match="fp16: outputs differ"):
-        apply_pass(ModelArtifact.open(tiny_bert_onnx), "fp16", Fp16Config(atol=1e-12), PassContext(), tmp_path / "x")
+        apply_pass(
+            ModelArtifact.open(tiny_bert_onnx), "fp16", Fp16Config(atol=1e-12), PassContext(), tmp_path / "x"
+        )
     assert not (tmp_path / "x").exists()
 
 
 def test_fp16_twice_is_refused(tiny_bert_onnx: Path, tmp_path: Path) -> None:
-    first, _ = apply_pass(ModelArtifact.open(tiny_bert_onnx), "fp16", Fp16Config(), PassContext(), tmp_path / "a")
+    first, _ = apply_pass(
+        ModelArtifact.open(tiny_bert_onnx), "fp16", Fp16Config(), PassContext(), tmp_path / "a"
+    )
     with pytest.raises(UserError, match="no float32 weights"):
         apply_pass(first, "fp16", Fp16Config(), PassContext(), tmp_path / "b")
     assert not (tmp_path / "b").exists()

@@ -40,7 +40,9 @@ def test_atomic_output_dir_keeps_the_old_folder_on_error(tmp_path: Path) -> None
     assert _leftovers(tmp_path) == ["out"] and (tmp_path / "out" / "old.txt").read_text() == "old"
 
 
-def test_simulated_full_disk_is_a_clear_error(tiny_bert: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_simulated_full_disk_is_a_clear_error(
+    tiny_bert: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def full(*args: object, **kwargs: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
@@ -54,7 +56,9 @@ def _mount_tmpfs(path: Path, size: str) -> bool:
     path.mkdir()
     if os.geteuid() != 0 or shutil.which("mount") is None:
         return False
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+    )
     return done.returncode == 0
 
 
@@ -84,9 +88,12 @@ def test_random_dataset_bytes_never_crash(tmp_path: Path, data: bytes, suffix: s
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(cut=st.floats(0.0, 0.99), flips=st.lists(st.tuples(st.floats(0, 0.999), st.integers(0, 7)), max_size=6))
-def test_mutated_onnx_never_crashes_the_loader(tiny_bert_onnx: Path, tmp_path: Path, cut: float,
-                                               flips: list[tuple[float, int]]) -> None:
+@given(
+    cut=st.floats(0.0, 0.99), flips=st.lists(st.tuples(st.floats(0, 0.999), st.integers(0, 7)), max_size=6)
+)
+def test_mutated_onnx_never_crashes_the_loader(
+    tiny_bert_onnx: Path, tmp_path: Path, cut: float, flips: list[tuple[float, int]]
+) -> None:
     data = bytearray((tiny_bert_onnx / "model.onnx").read_bytes())
     for where, bit in flips:
         data[int(where * len(data))] ^= 1 << bit
@@ -100,7 +107,9 @@ def test_mutated_onnx_never_crashes_the_loader(tiny_bert_onnx: Path, tmp_path: P
         assert "\n" not in str(exc)
 
 
-def test_mutated_artifact_through_the_cli_reports_cleanly(tiny_bert_onnx: Path, tiny_csv: Path, tmp_path: Path) -> None:
+def test_mutated_artifact_through_the_cli_reports_cleanly(
+    tiny_bert_onnx: Path, tiny_csv: Path, tmp_path: Path
+) -> None:
     from click.testing import CliRunner
 
     from trimformer.cli.commands import cli
@@ -111,8 +120,22 @@ def test_mutated_artifact_through_the_cli_reports_cleanly(tiny_bert_onnx: Path, 
     for offset in range(200, len(data), 997):
         data[offset] ^= 0xFF
     (broken / "model.onnx").write_bytes(bytes(data))
-    result = CliRunner().invoke(cli, ["--quiet", "validate", str(broken), "--data", str(tiny_csv), "--grid", "1x8",
-                                      "--runs", "1", "--out", str(tmp_path / "r")])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "--quiet",
+            "validate",
+            str(broken),
+            "--data",
+            str(tiny_csv),
+            "--grid",
+            "1x8",
+            "--runs",
+            "1",
+            "--out",
+            str(tmp_path / "r"),
+        ],
+    )
     assert result.exit_code == 2, result.output
     assert result.output.startswith("error: ") and "Traceback" not in result.output
     assert not (tmp_path / "r").exists()

@@ -134,8 +134,11 @@ def test_provider_chain_for_gpu_providers_with_options() -> None:
     chain = provider_chain("tensorrt", ProviderOptions(device_id=1, trt_cache="/c", trt_fp16=True), installed)
     assert chain[0][0] == "TensorrtExecutionProvider"
     assert chain[0][1] == {
-        "device_id": 1, "trt_fp16_enable": True, "trt_int8_enable": False,
-        "trt_engine_cache_enable": True, "trt_engine_cache_path": "/c",
+        "device_id": 1,
+        "trt_fp16_enable": True,
+        "trt_int8_enable": False,
+        "trt_engine_cache_enable": True,
+        "trt_engine_cache_path": "/c",
     }
     assert chain[1] == ("CUDAExecutionProvider", {"device_id": 1}) and chain[2] == "CPUExecutionProvider"
     assert provider_chain("cpu", ProviderOptions(), installed) == ["CPUExecutionProvider"]
@@ -145,6 +148,12 @@ def test_several_providers_refuse_a_missing_one_before_measuring(
     tiny_bert_onnx: Path, tiny_csv: Path, tmp_path: Path
 ) -> None:
     with pytest.raises(UserError, match="provider 'cuda' is not available"):
-        validate(_fast(model=str(tiny_bert_onnx), data=str(tiny_csv), providers=("cpu", "cuda"),
-                       out=str(tmp_path / "r")))
+        validate(
+            _fast(
+                model=str(tiny_bert_onnx),
+                data=str(tiny_csv),
+                providers=("cpu", "cuda"),
+                out=str(tmp_path / "r"),
+            )
+        )
     assert not (tmp_path / "r").exists()

@@ -64,7 +64,9 @@ def main(argv: list[str]) -> None:
     data = produced[-1].with_suffix(".onnx.data")
     if data.exists():
         shutil.copy2(data, out / data.name)
-    (out / "notes.txt").write_text("olive: OnnxConversion + OrtTransformersOptimization(bert) + OnnxStaticQuantization\n")
+    (out / "notes.txt").write_text(
+        "olive: OnnxConversion + OrtTransformersOptimization(bert) + OnnxStaticQuantization\n"
+    )
 
 
 if __name__ == "__main__":

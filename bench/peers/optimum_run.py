@@ -35,12 +35,18 @@ def _calibration_dataset(path: Path):  # type: ignore[no-untyped-def]
 
 def o2_static(teacher: Path, calibration: Path, out: Path, notes: list[str]) -> Path:
     from optimum.onnxruntime import ORTOptimizer, ORTQuantizer
-    from optimum.onnxruntime.configuration import AutoCalibrationConfig, AutoQuantizationConfig, OptimizationConfig
+    from optimum.onnxruntime.configuration import (
+        AutoCalibrationConfig,
+        AutoQuantizationConfig,
+        OptimizationConfig,
+    )
 
     work = Path(tempfile.mkdtemp())
     model = _export(teacher, work)
     optimizer = ORTOptimizer.from_pretrained(model)
-    optimizer.optimize(save_dir=str(work / "o2"), optimization_config=OptimizationConfig(optimization_level=2))
+    optimizer.optimize(
+        save_dir=str(work / "o2"), optimization_config=OptimizationConfig(optimization_level=2)
+    )
     qconfig = AutoQuantizationConfig.avx512_vnni(is_static=True, per_channel=False)
     dataset = _calibration_dataset(calibration)
     calib = AutoCalibrationConfig.minmax(dataset)
@@ -50,7 +56,9 @@ def o2_static(teacher: Path, calibration: Path, out: Path, notes: list[str]) -> 
             ranges = quantizer.fit(
                 dataset=dataset, calibration_config=calib, operators_to_quantize=qconfig.operators_to_quantize
             )
-            quantizer.quantize(save_dir=str(work / "q"), calibration_tensors_range=ranges, quantization_config=qconfig)
+            quantizer.quantize(
+                save_dir=str(work / "q"), calibration_tensors_range=ranges, quantization_config=qconfig
+            )
             notes.append(f"static avx512_vnni MinMax on {file_name}")
             break
         except Exception as exc:  # Optimum's own guide falls back to the unoptimized export
@@ -77,7 +85,9 @@ def dynamic(teacher: Path, out: Path, notes: list[str]) -> Path:
 def main(argv: list[str]) -> None:
     kind, teacher, calibration, out = argv[0], Path(argv[1]), Path(argv[2]), Path(argv[3])
     notes: list[str] = []
-    produced = o2_static(teacher, calibration, out, notes) if kind == "o2-static" else dynamic(teacher, out, notes)
+    produced = (
+        o2_static(teacher, calibration, out, notes) if kind == "o2-static" else dynamic(teacher, out, notes)
+    )
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)

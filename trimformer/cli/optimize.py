@@ -12,7 +12,9 @@ from .options import overwrite_option
 @click.argument("model")
 @click.option("--passes", required=True, help="Comma-separated pass names, in order (e.g. fuse,quantize).")
 @click.option("--out", required=True, type=click.Path(), help="Artifact folder to write.")
-@click.option("--calibration", default=None, help="Dataset for passes that calibrate (.csv/.jsonl/builtin:...).")
+@click.option(
+    "--calibration", default=None, help="Dataset for passes that calibrate (.csv/.jsonl/builtin:...)."
+)
 @click.option("--samples", type=int, default=256, show_default=True, help="Calibration samples.")
 @overwrite_option
 @pass_state
@@ -28,7 +30,9 @@ def optimize_command(
     from ..pipeline.optimize import optimize
 
     names = [p.strip() for p in passes.split(",") if p.strip()]
-    artifact, stats = optimize(model, names, out, calibration=calibration, samples=samples, overwrite=overwrite)
+    artifact, stats = optimize(
+        model, names, out, calibration=calibration, samples=samples, overwrite=overwrite
+    )
     emit(
         state,
         {"artifact": str(artifact.path), "passes": stats, "size_mb": round(artifact.size_bytes() / 1e6, 3)},

@@ -9,4 +9,12 @@ from __future__ import annotations
 from . import fp16, fuse, prune, quantize  # noqa: F401  (registration)
 from .base import PASS_REGISTRY, PassConfig, PassContext, PassReport, apply_pass, get_pass, register_pass
 
-__all__ = ["PASS_REGISTRY", "PassConfig", "PassContext", "PassReport", "apply_pass", "get_pass", "register_pass"]
+__all__ = [
+    "PASS_REGISTRY",
+    "PassConfig",
+    "PassContext",
+    "PassReport",
+    "apply_pass",
+    "get_pass",
+    "register_pass",
+]

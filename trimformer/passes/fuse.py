@@ -128,6 +128,11 @@ def detect_attention_dims(model: onnx.ModelProto) -> tuple[int, int]:
         w = shapes[src.input[1]]
         if len(w) != 2 or w[1] % shape[3]:
             continue
+        if w[0] != w[1]:
+            # Head-pruned: each layer keeps its own head count, written into its Reshape. One
+            # global (num_heads, hidden) would be wrong for some layer; (0, 0) makes onnxruntime
+            # read every layer's count from its own Reshape.
+            return 0, 0
         head_dims[(w[1] // shape[3], w[0])] += 1
     if not head_dims:
         return 0, 0

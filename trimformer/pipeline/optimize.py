@@ -35,10 +35,17 @@ def load_pass_modules() -> None:
 
 
 def calibration_factory(
-    artifact: ModelArtifact, data: str, samples: int, batch_size: int = 16, pad_to: int | None = 128, seed: int = 0
+    artifact: ModelArtifact,
+    data: str,
+    samples: int,
+    batch_size: int = 16,
+    pad_to: int | None = 128,
+    seed: int = 0,
 ) -> Callable[[], CalibrationFeeds]:
     """A factory of fresh streaming readers over the training split of ``data``."""
-    dataset = load_dataset(data, split="train" if data.startswith("builtin:") else "all", seed=seed, limit=samples)
+    dataset = load_dataset(
+        data, split="train" if data.startswith("builtin:") else "all", seed=seed, limit=samples
+    )
     if len(dataset) < samples:
         raise UserError(f"calibration data {dataset.name} has {len(dataset)} rows; {samples} were asked for")
     spec = artifact.meta.tokenizer
@@ -71,6 +78,8 @@ def optimize(
         for index, (name, config) in enumerate(configs):
             last = index == len(configs) - 1
             target = Path(out) if last else Path(scratch) / f"{index}-{name}"
-            current, report = apply_pass(current, name, config, ctx, target, overwrite=overwrite if last else True)
+            current, report = apply_pass(
+                current, name, config, ctx, target, overwrite=overwrite if last else True
+            )
             stats.append({"pass": name, "stats": report.stats})
     return current, stats

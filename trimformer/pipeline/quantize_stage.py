@@ -57,12 +57,8 @@ class QuantizeStageConfig:
 
 def attention_dims(artifact: ModelArtifact) -> tuple[int, int]:
     """(num_heads, hidden_size) from the artifact's config.json or pruning record; 0 = unknown."""
-    pruning = artifact.meta.extras.get("pruning")
-    if isinstance(pruning, dict):
-        heads = set(pruning.get("num_heads") or [])
-        if len(heads) == 1 and pruning.get("head_dim"):
-            (h,) = heads
-            return int(h), int(h) * int(pruning["head_dim"])
+    if artifact.meta.extras.get("pruning") is not None:
+        # Pruned layers keep different head counts; the fuse pass reads them from the graph.
         return 0, 0
     config = artifact.path / "config.json"
     if config.is_file():

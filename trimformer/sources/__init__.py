@@ -48,6 +48,11 @@ def load_source(spec: str | Path, task: str | None = None, num_labels: int | Non
         raise UserError(
             f"model path {folder} is a file; pass the folder that holds config.json and the weights"
         )
+    if (folder / "pruning_record.json").is_file() and (folder / "model.safetensors").is_file():
+        # A pruned, retrained student: per-layer sizes come from the record, not the config.
+        from .pruning import load_pruned_source
+
+        return load_pruned_source(folder)
     if is_plain_folder(folder):
         return load_plain(folder)
     if is_hf_folder(folder):

@@ -18,13 +18,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from ..errors import UserError
+
+if TYPE_CHECKING:
+    from .base import LoadedSource
 
 __all__ = [
     "RECORD_FILE",
@@ -349,3 +352,70 @@ def mask_model(model: nn.Module, record: dict[str, Any]) -> Iterator[nn.Module]:
     finally:
         for handle in handles:
             handle.remove()
+
+
+def load_pruned_source(folder: str | Path) -> LoadedSource:
+    """Load a model folder that carries ``pruning_record.json`` (a pruned, retrained student).
+
+    A pruned student's per-layer head and neuron counts are not expressible in ``config.json``; its
+    folder holds ``pruning_record.json``, and the model is rebuilt from the config, pruned by the
+    record, then given the saved weights.
+    """
+    folder = Path(folder)
+    record_path = folder / "pruning_record.json"
+    record = load_pruning_record(record_path)
+    from safetensors.torch import load_file
+
+    from ..fsutil import hash_files
+    from .base import LoadedSource, SourceIO
+    from .hf import SUPPORTED_ARCHITECTURES, ClassifierHead, EmbeddingHead, read_pooling
+    from .plain import PLAIN_CONFIG_FILE, PlainTransformerClassifier, is_plain_folder, read_plain_config
+    from .tokenizer import load_tokenizer
+
+    weights = folder / "model.safetensors"
+    state = load_file(str(weights))
+    if is_plain_folder(folder):
+        plain = PlainTransformerClassifier(read_plain_config(folder))
+        apply_pruning_record(plain, record)
+        plain.load_state_dict(state, strict=True)
+        return LoadedSource(
+            kind="plain", folder=folder, architecture="plain-transformer", task="sequence-classification",
+            model=plain.eval(), module=plain,
+            io=SourceIO(("input_ids", "attention_mask"), ("logits",), {"logits": ("batch", len(plain.config.labels))}),
+            tokenizer=load_tokenizer(folder), labels=list(plain.config.labels),
+            max_length=plain.config.max_length, pad_token_id=plain.config.pad_token_id,
+            config={**plain.config.__dict__, "model_type": "plain-transformer"},
+            files_hash="sha256:" + hash_files([weights, folder / PLAIN_CONFIG_FILE, record_path], folder),
+        )  # fmt: skip
+    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
+
+    config: Any = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    classify = any(str(a).endswith("ForSequenceClassification") for a in config.architectures or [])
+    factory: Any = AutoModelForSequenceClassification if classify else AutoModel
+    model = factory.from_config(config, attn_implementation="eager")
+    apply_pruning_record(model, record)
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    input_names = SUPPORTED_ARCHITECTURES[str(config.model_type)]
+    config_dict = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    module: nn.Module
+    if classify:
+        labels: list[str] | None = [str(config.id2label[i]) for i in range(config.num_labels)]
+        module, task = ClassifierHead(model, input_names), "sequence-classification"
+        outputs, axes = ("logits",), {"logits": ("batch", config.num_labels)}
+    else:
+        mode, normalize = read_pooling(folder)
+        labels, task = None, "feature-extraction"
+        module = EmbeddingHead(model, input_names, mode, normalize)
+        outputs, axes = ("sentence_embedding",), {"sentence_embedding": ("batch", int(config.hidden_size))}
+        config_dict["trimformer_pooling"] = {"mode": mode, "normalize": normalize}
+    max_positions = int(getattr(config, "max_position_embeddings", 512))
+    if config.model_type in ("roberta", "xlm-roberta"):
+        max_positions -= 2
+    return LoadedSource(
+        kind="hf", folder=folder, architecture=str(config.model_type), task=task, model=model,
+        module=module.eval(), io=SourceIO(input_names, outputs, axes),  # type: ignore[arg-type]
+        tokenizer=load_tokenizer(folder), labels=labels, max_length=min(max_positions, 512),
+        pad_token_id=int(getattr(config, "pad_token_id", 0) or 0), config=config_dict,
+        files_hash="sha256:" + hash_files([folder / "config.json", weights, record_path], folder),
+    )  # fmt: skip
