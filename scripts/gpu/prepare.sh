@@ -12,7 +12,7 @@
 # to $OUT/gpu_results.md and $OUT/gpu_results.json.
 set -euo pipefail
 MODEL_DIR=${MODEL_DIR:-work/demo/teacher-onnx}
-PIECE=${PIECE:-60M}
+PIECE=${PIECE:-50M}
 rm -rf .gpu && mkdir -p .gpu/wheels .gpu/parts .gpu/small
 grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
 PLAT=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64
@@ -22,7 +22,7 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${PLAT[@]}" \
     -d .gpu/small pydantic==2.14.4 'pydantic-core' typing-inspection annotated-types
 (cd .gpu/wheels && split -b "$PIECE" -d onnxruntime_gpu-*.whl ../parts/ortgpu.part. && ls onnxruntime_gpu-*.whl > ../small/ortgpu.name)
-tar -C "$(dirname "$MODEL_DIR")" -cf .gpu/model.tar "$(basename "$MODEL_DIR")" --exclude report
+tar -C "$(dirname "$MODEL_DIR")" --exclude report -cf .gpu/model.tar "$(basename "$MODEL_DIR")"
 (cd .gpu && split -b "$PIECE" -d model.tar parts/model.part. && rm model.tar)
 echo "$(basename "$MODEL_DIR")" > .gpu/small/model.name
 ls -la .gpu/parts .gpu/small
