@@ -160,3 +160,15 @@ def stable_json(path: Path, replace: dict[str, str] | None = None) -> Any:
     for old, new in (replace or {}).items():
         text = text.replace(old, new)
     return clean(json.loads(text))
+
+
+def test_durations_are_stripped_only_from_trimformer_records(tmp_path: Path) -> None:
+    from trimformer.pipeline.runner import _strip_durations
+
+    vocab = '{"model": {"vocab": {"seconds": 3823, "minutes": 3824}}}\n'
+    (tmp_path / "tokenizer.json").write_text(vocab)
+    (tmp_path / "trimformer_train.json").write_text('{"result": {"seconds": 12.5, "steps": 3}}\n')
+    moved = _strip_durations(tmp_path)
+    assert (tmp_path / "tokenizer.json").read_text() == vocab
+    assert moved == {"trimformer_train.json.result.seconds": 12.5}
+    assert '"seconds": null' in (tmp_path / "trimformer_train.json").read_text()

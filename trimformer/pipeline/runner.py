@@ -199,6 +199,19 @@ def stage_is_complete(folder: Path, key: str, check_files: bool = True) -> bool:
         return False
 
 
+# The files whose ``seconds`` keys are wall-clock durations (written by trimformer's stages).
+_DURATION_FILES = frozenset(
+    {
+        "trimformer.json",
+        "trimformer_train.json",
+        "trimformer_distill.json",
+        "pruning_report.json",
+        "quantization_report.json",
+        "report.json",
+    }
+)
+
+
 def _strip_durations(folder: Path) -> dict[str, Any]:
     """Move wall-clock durations out of the stage's metadata files, into the returned dict.
 
@@ -224,6 +237,9 @@ def _strip_durations(folder: Path) -> dict[str, Any]:
         return value
 
     for path in sorted(folder.rglob("*.json")):
+        # Only our own records: a tokenizer's vocabulary has a token "seconds" too.
+        if path.name not in _DURATION_FILES:
+            continue
         try:
             original = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
