@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -140,3 +141,68 @@ def test_mutated_artifact_through_the_cli_reports_cleanly(
     assert result.output.startswith("error: ") and "Traceback" not in result.output
     assert not (tmp_path / "r").exists()
     ModelArtifact.open(tiny_bert_onnx)  # the original is untouched
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    data=st.one_of(
+        st.binary(max_size=300),
+        st.dictionaries(
+            st.sampled_from(["model", "data", "export", "passes", "validate", "package", "distill", "x"]),
+            st.one_of(
+                st.integers(),
+                st.text(max_size=8),
+                st.dictionaries(st.text(max_size=6), st.integers(), max_size=3),
+            ),
+            max_size=5,
+        ).map(lambda d: "\n".join(f"{k} = {v!r}".replace("'", '"') for k, v in d.items()).encode()),
+    )
+)
+def test_random_recipe_files_never_crash(tmp_path: Path, data: bytes) -> None:
+    from trimformer.pipeline.recipe import load_recipe
+
+    path = tmp_path / "fuzz.toml"
+    path.write_bytes(data)
+    try:
+        load_recipe(path)
+    except UserError as exc:
+        assert "\n" not in str(exc)
+
+
+@pytest.mark.parametrize("command", ["quantize", "prune"])
+@pytest.mark.parametrize("mutation", ["truncate", "flip"])
+def test_mutated_model_through_passes_reports_cleanly(
+    tiny_bert_onnx: Path, tiny_csv: Path, tmp_path: Path, command: str, mutation: str
+) -> None:
+    from click.testing import CliRunner
+
+    from trimformer.cli.commands import cli
+
+    broken = tmp_path / "m"
+    shutil.copytree(tiny_bert_onnx, broken)
+    data = bytearray((broken / "model.onnx").read_bytes())
+    if mutation == "truncate":
+        data = data[: len(data) // 2]
+    else:
+        for offset in range(100, len(data), 499):
+            data[offset] ^= 0x5A
+    (broken / "model.onnx").write_bytes(bytes(data))
+    extra = ["--heads", "0.5"] if command == "prune" else ["--samples", "32"]
+    result = CliRunner().invoke(
+        cli,
+        [
+            "--quiet",
+            command,
+            str(broken),
+            "--calibration",
+            str(tiny_csv),
+            *extra,
+            "--out",
+            str(tmp_path / "o"),
+        ],
+    )
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.output
+    assert re.search(r"ONNX|onnxruntime|model", lines[0]), lines[0]
+    assert not (tmp_path / "o").exists()
