@@ -92,7 +92,11 @@ def _evaluate_fn(artifact: ModelArtifact, encoder: Encoder, config: QuantizeStag
     )
     if dataset.labels is None or len(dataset) == 0:
         raise UserError(f"evaluation data {config.eval} has no labels; pass a labelled dataset with --eval")
-    targets = map_labels(dataset.labels, artifact.labels)
+    return onnx_accuracy_fn(encoder, dataset, map_labels(dataset.labels, artifact.labels))
+
+
+def onnx_accuracy_fn(encoder: Encoder, dataset: Any, targets: np.ndarray) -> Any:
+    """An ``evaluate(model_proto) -> accuracy`` for accuracy-aware passes; the data is encoded once."""
     batches = []
     for start in range(0, len(dataset), 64):
         pairs = None if dataset.pairs is None else dataset.pairs[start : start + 64]

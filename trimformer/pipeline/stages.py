@@ -122,27 +122,9 @@ def build_pass_context(artifact: Any, recipe: Recipe, scratch: Path, source: Pat
     eval_set = load_dataset(spec, split=data.eval_split, seed=recipe.seed, limit=data.eval_limit, **columns)
     if eval_set.labels is None:
         return ctx
-    targets = map_labels(eval_set.labels, artifact.labels)
-    batches = []
-    for start in range(0, len(eval_set), 64):
-        pairs = None if eval_set.pairs is None else eval_set.pairs[start : start + 64]
-        batches.append((encoder(eval_set.texts[start : start + 64], pairs), targets[start : start + 64]))
+    from .quantize_stage import onnx_accuracy_fn
 
-    def evaluate(model: Any) -> float:
-        import numpy as np
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        names = [i.name for i in session.get_inputs()]
-        correct = 0
-        for feeds, labels in batches:
-            logits = session.run(None, {n: feeds[n] for n in names})[0]
-            correct += int((np.asarray(logits).argmax(-1) == labels).sum())
-        return correct / len(eval_set)
-
-    ctx.evaluate = evaluate
+    ctx.evaluate = onnx_accuracy_fn(encoder, eval_set, map_labels(eval_set.labels, artifact.labels))
     return ctx
 
 
