@@ -17,10 +17,23 @@ from .options import overwrite_option
 @click.option(
     "--hidden-size", type=int, default=0, help="Hidden size [default: from config.json or the graph]."
 )
+@click.option(
+    "--cpu-kernels/--no-cpu-kernels",
+    default=True,
+    show_default=True,
+    help="Rewrite to onnxruntime's faster CPU kernels (split SkipLayerNorm, bounded attention mask); "
+    "turn off for GPU execution providers.",
+)
 @overwrite_option
 @pass_state
 def fuse_command(
-    state: State, model: str, out: str, num_heads: int, hidden_size: int, overwrite: bool
+    state: State,
+    model: str,
+    out: str,
+    num_heads: int,
+    hidden_size: int,
+    cpu_kernels: bool,
+    overwrite: bool,
 ) -> None:
     """Fuse MODEL's transformer blocks with onnxruntime's optimizer (checked against the input).
 
@@ -32,7 +45,10 @@ def fuse_command(
     from ..pipeline.quantize_stage import run_fuse
 
     result = run_fuse(
-        model, out, FuseConfig(num_heads=num_heads, hidden_size=hidden_size), overwrite=overwrite
+        model,
+        out,
+        FuseConfig(num_heads=num_heads, hidden_size=hidden_size, cpu_kernels=cpu_kernels),
+        overwrite=overwrite,
     )
     counts = ", ".join(f"{op} x{n}" for op, n in result["fusions"].items()) or "nothing fused"
     emit(state, result, f"fused: {counts} (max abs diff {result['max_abs_diff']:.2e}); wrote {out}")

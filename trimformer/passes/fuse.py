@@ -29,6 +29,7 @@ from onnx_ir.passes import FunctionalPass
 
 from ..errors import ParityError, UserError
 from .base import PassConfig, PassContext, PassReport, register_pass
+from .cpu_kernels import prefer_cpu_kernels
 
 __all__ = [
     "FUSED_OPS",
@@ -64,6 +65,8 @@ class FuseConfig(PassConfig):
     hidden_size: int = 0
     # Tolerance of the check of the fused graph against the input graph (max abs diff of output 0).
     atol: float = 1e-3
+    # onnxruntime's faster CPU kernels for the same arithmetic (cpu_kernels.py); off for GPU targets.
+    cpu_kernels: bool = True
 
 
 @contextlib.contextmanager
@@ -246,6 +249,8 @@ class FusePass(FunctionalPass):
     def call(self, model: ir.Model) -> PassReport:
         proto = ir.to_proto(model)
         fused, stats = fuse_proto(proto, self.config, self.ctx.scratch)
+        if self.config.cpu_kernels:
+            stats["cpu_kernels"] = prefer_cpu_kernels(fused)
         stats["max_abs_diff"] = check_same_outputs(proto, fused, self.config.atol, self.ctx.seed)
         logger.info(
             "fuse: %s (max abs diff %.2g)", stats["fusions"] or "nothing fused", stats["max_abs_diff"]

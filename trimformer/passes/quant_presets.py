@@ -41,6 +41,9 @@ class QuantPreset:
     # SmoothQuant migration strength (0: off).
     smooth_alpha: float
     description: str
+    # Rewrite to onnxruntime's faster CPU kernels (cpu_kernels.py: Sum + LayerNormalization
+    # instead of SkipLayerNormalization, biases inside the int8 matmuls).
+    cpu_kernels: bool = True
 
 
 PRESETS: dict[str, QuantPreset] = {
@@ -98,6 +101,7 @@ PRESETS: dict[str, QuantPreset] = {
         embeddings=False,
         smooth_alpha=0.75,
         description="TensorRT / GPU: symmetric S8S8 QDQ, per-channel weights",
+        cpu_kernels=False,
     ),
 }
 

@@ -53,8 +53,15 @@ def insert_smoothing(
     nodes were smoothed."""
     inits = {init.name: init for init in model.graph.initializer}
     nodes = {n.name: n for n in model.graph.node}
+    producers = {out: n for n in model.graph.node for out in n.output}
+    readers: dict[str, int] = {}
+    for n in model.graph.node:
+        for name in n.input:
+            readers[name] = readers.get(name, 0) + 1
+    for out in model.graph.output:
+        readers[out.name] = readers.get(out.name, 0) + 1
     new_nodes: dict[str, onnx.NodeProto] = {}
-    count = 0
+    count = folded = 0
     for cand in candidates:
         if cand.activation is None or cand.activation not in amax:
             continue
@@ -67,6 +74,10 @@ def insert_smoothing(
         s = np.where((a > 0) & (w > 0), a**alpha / np.maximum(w, 1e-8) ** (1.0 - alpha), 1.0)
         s = np.clip(s, 1e-4, 1e4).astype(np.float32)
         inits[cand.weight].CopyFrom(numpy_helper.from_array(weight * s[:, None], cand.weight))
+        if _fold_into_attention_values(producers.get(cand.activation), inits, readers, s):
+            folded += 1
+            count += 1
+            continue
         inv_name = f"{cand.name}{SMOOTH_SUFFIX}_inv_scale"
         out_name = f"{cand.activation}{SMOOTH_SUFFIX}_{count}"
         model.graph.initializer.append(numpy_helper.from_array((1.0 / s).astype(np.float32), inv_name))
@@ -90,5 +101,36 @@ def insert_smoothing(
             ordered.append(node)
         del model.graph.node[:]
         model.graph.node.extend(ordered)
-    logger.debug("smoothing inserted before %d nodes (alpha %.2f)", count, alpha)
+    logger.debug("smoothing on %d nodes, %d folded into attention values (alpha %.2f)", count, folded, alpha)
     return count
+
+
+def _fold_into_attention_values(
+    producer: onnx.NodeProto | None,
+    inits: dict[str, onnx.TensorProto],
+    readers: dict[str, int],
+    s: np.ndarray,
+) -> bool:
+    """``x / s`` for free when ``x`` is a fused Attention's output read only by this node: each
+    context channel is a softmax-weighted sum of one value channel, so dividing the value
+    projection's columns and bias by ``s`` divides the output exactly, with no Mul at run time."""
+    if (
+        producer is None
+        or producer.op_type != "Attention"
+        or producer.domain != "com.microsoft"
+        or readers.get(producer.output[0], 0) != 1
+        or len(producer.input) < 3
+        or producer.input[1] not in inits
+        or producer.input[2] not in inits
+    ):
+        return False
+    weight = numpy_helper.to_array(inits[producer.input[1]]).astype(np.float32)
+    bias = numpy_helper.to_array(inits[producer.input[2]]).astype(np.float32)
+    width = s.shape[0]
+    if weight.ndim != 2 or weight.shape[1] < width or bias.shape != (weight.shape[1],):
+        return False
+    weight[:, -width:] /= s[None, :]
+    bias[-width:] /= s
+    inits[producer.input[1]].CopyFrom(numpy_helper.from_array(weight, producer.input[1]))
+    inits[producer.input[2]].CopyFrom(numpy_helper.from_array(bias, producer.input[2]))
+    return True

@@ -31,6 +31,7 @@ from pydantic import Field
 
 from ..errors import GateFailed, UserError
 from .base import PassConfig, PassContext, PassReport, register_pass
+from .cpu_kernels import prefer_cpu_kernels
 from .fuse import FuseConfig, fuse_proto
 from .quant_calibrate import calibrate, infer_types, load_ranges, save_ranges
 from .quant_graph import (
@@ -75,6 +76,8 @@ class QuantizeConfig(PassConfig):
     # SmoothQuant migration strength; None: the preset's, 0: off.
     smooth_alpha: float | None = None
     smooth_batches: int = 4
+    # None: the preset's (on for the CPU presets).
+    cpu_kernels: bool | None = None
 
     def check(self) -> QuantPreset:
         preset = get_preset(self.preset)
@@ -106,6 +109,7 @@ class QuantizeConfig(PassConfig):
             "attention": preset.attention and fmt == "qoperator",
             "embeddings": preset.embeddings and fmt == "qoperator",
             "smooth_alpha": preset.smooth_alpha if self.smooth_alpha is None else self.smooth_alpha,
+            "cpu_kernels": preset.cpu_kernels if self.cpu_kernels is None else self.cpu_kernels,
         }
 
 
@@ -133,7 +137,7 @@ def quantize_model(
         "WeightSymmetric": True,
     }
     act, weight = _qtype(settings["activation_type"]), _qtype(settings["weight_type"])
-    rewrites = {"matmul_integer_to_float": 0}
+    rewrites: dict[str, int] = {"matmul_integer_to_float": 0}
     if dynamic:
         quantizer = ONNXQuantizer(
             work,
@@ -188,6 +192,8 @@ def quantize_model(
         rewrites["matmul_integer_to_float"] = fuse_matmul_integer_to_float(quantized)
         # The smoothing Muls stay: folding them into per-axis QuantizeLinear was measured 3.7-4.6x
         # slower than dynamic int8 (onnxruntime's per-axis QuantizeLinear is a slow kernel).
+    if settings.get("cpu_kernels") and (dynamic or settings["format"] == "qoperator"):
+        rewrites.update(prefer_cpu_kernels(quantized))
     return quantized, rewrites
 
 
