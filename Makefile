@@ -87,7 +87,8 @@ bench: $(TEACHER_ONNX)/model.onnx bench-peers
 	$(PY) -m bench.run
 	$(PY) -m bench.quantize --model $(TEACHER_ONNX)
 	$(PY) -m bench.prune --teacher $(TEACHER) --teacher-onnx $(TEACHER_ONNX)
-	$(PY) -m bench.distill
+	$(PY) -m bench.distill --reuse
+	$(PY) -m bench.qat --reuse
 	$(MAKE) bench-load
 
 $(WORK)/package/teacher/manifest.json: $(TEACHER_ONNX)/model.onnx

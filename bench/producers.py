@@ -53,8 +53,13 @@ def ort_static(src: Path, out: Path, calibration: Path) -> None:
 
     _prepare(src, out)
     names = [i.name for i in onnx.load(str(src / "model.onnx"), load_external_data=False).graph.input]
-    # quantize_static as a user calls it: its defaults (QDQ, S8S8, per-tensor, MinMax).
-    quantize_static(src / "model.onnx", out / "model.onnx", _JsonlReader(calibration, names))
+    from trimformer.passes.fuse import in_scratch_dir
+
+    src, out, calibration = src.resolve(), out.resolve(), calibration.resolve()
+    # quantize_static as a user calls it: its defaults (QDQ, S8S8, per-tensor, MinMax); from a
+    # scratch folder, because it writes augmented_model.onnx into the current directory.
+    with in_scratch_dir():
+        quantize_static(src / "model.onnx", out / "model.onnx", _JsonlReader(calibration, names))
 
 
 def main(argv: list[str]) -> None:

@@ -115,6 +115,26 @@ from .options import data_columns, overwrite_option
 )
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--threads", type=int, default=None, help="PyTorch threads per process [default: all cores].")
+@click.option(
+    "--qat",
+    is_flag=True,
+    help="Quantization-aware training: int8 fake-quantization of the student's encoder "
+    "(then `trimformer quantize --ranges-from-training`).",
+)
+@click.option(
+    "--qat-steps",
+    type=int,
+    default=0,
+    show_default=True,
+    help="With --qat: fake-quantize only the last N steps (0: all steps).",
+)
+@click.option(
+    "--qat-ranges",
+    type=click.Choice(["ema", "learned"]),
+    default="ema",
+    show_default=True,
+    help="With --qat: activation ranges observed (moving min/max) or learned.",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @data_columns
 @overwrite_option
@@ -129,6 +149,8 @@ def distill_command(state: State, **kwargs: object) -> None:
           --from-pruning work/pruned-onnx --steps 600
       trimformer distill --teacher work/teacher --data builtin:tweets --out work/student \\
           --layers 0,2,4 --nproc-per-node 2
+      trimformer distill --teacher work/teacher --data builtin:tweets --out work/qat-student \
+          --layers 3 --qat --qat-steps 300
     """
     from ..pipeline.distill import DistillConfig, distill
 
@@ -142,5 +164,5 @@ def distill_command(state: State, **kwargs: object) -> None:
         f"distilled a {result.student['kind']} student ({result.parameters / 1e6:.1f} M parameters, "
         f"{share:.0%} of the teacher) in {result.seconds:.0f} s; best dev {result.metric} "
         f"{result.best_dev_score:.4f} at step {result.best_step} (teacher {result.teacher_dev_score:.4f}); "
-        f"saved to {result.out}",
+        f"saved to {result.out}" + (" with its QAT ranges (qat_ranges.json)" if kwargs.get("qat") else ""),
     )

@@ -26,6 +26,11 @@ from .options import data_columns, overwrite_option
 @click.option(
     "--calibration-cache", default=None, type=click.Path(), help="Reuse ranges saved by an earlier run."
 )
+@click.option(
+    "--ranges-from-training",
+    is_flag=True,
+    help="Use the activation ranges of QAT (distill --qat) instead of calibrating; no --calibration needed.",
+)
 @click.option("--exclude", multiple=True, help="Node name to keep in float (repeatable).")
 @click.option("--eval", "eval_data", default=None, help="Labelled data for the accuracy-aware mode.")
 @click.option(
@@ -50,6 +55,7 @@ def quantize_command(
     pad_to: int | None,
     per_channel: bool | None,
     calibration_cache: str | None,
+    ranges_from_training: bool,
     exclude: tuple[str, ...],
     eval_data: str | None,
     max_accuracy_drop: float | None,
@@ -63,11 +69,15 @@ def quantize_command(
 ) -> None:
     """Quantize MODEL (an artifact folder) to int8, calibrated on --calibration data.
 
+    A student distilled with --qat carries the activation ranges it was trained with; with
+    --ranges-from-training they replace calibration (and SmoothQuant is off).
+
     \b
     Examples:
       trimformer quantize work/teacher-onnx --calibration builtin:tweets --out work/int8
       trimformer quantize work/teacher-onnx --calibration builtin:tweets --out work/int8 \\
           --eval builtin:tweets --max-accuracy-drop 0.5
+      trimformer quantize work/qat-student-onnx --ranges-from-training --out work/qat-int8
     """
     from ..passes.quantize import QuantizeConfig
     from ..pipeline.quantize_stage import QuantizeStageConfig, run_quantize
@@ -83,6 +93,7 @@ def quantize_command(
         max_accuracy_drop=max_accuracy_drop,
         dynamic=dynamic,
         calibration_cache=calibration_cache,
+        ranges_from_training=ranges_from_training,
     )
     result = run_quantize(
         QuantizeStageConfig(
@@ -104,7 +115,8 @@ def quantize_command(
     human = (
         f"quantized {result['quantized']} of {result['quantizable']} nodes to int8 "
         f"({result['settings']['preset']}, {result['settings']['format']}"
-        f"{', dynamic' if dynamic else ''}); {result['input_size_mb']:.1f} MB -> {result['size_mb']:.1f} MB; "
+        f"{', dynamic' if dynamic else ''}{', ranges from training' if ranges_from_training else ''}); "
+        f"{result['input_size_mb']:.1f} MB -> {result['size_mb']:.1f} MB; "
         f"output rel. error {result['output_rel_error']}; wrote {out}"
     )
     if kept:

@@ -20,6 +20,7 @@ from ..artifact import MODEL_FILE, ArtifactMeta, IOSpec, LineageStep, ModelArtif
 from ..errors import UserError
 from ..fsutil import atomic_output_dir
 from ..onnx_io import TWO_GB, load_onnx, save_onnx
+from ..passes.quant_training_ranges import QAT_RANGES_FILE
 from ..sources import LoadedSource, load_source
 from ..sources.tokenizer import TOKENIZER_FILES
 from .configs import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, ExportConfig, export_config_for
@@ -90,6 +91,9 @@ def _write_side_files(source: LoadedSource, folder: Path) -> None:
     for name in TOKENIZER_FILES:
         if (source.folder / name).is_file():
             shutil.copy2(source.folder / name, folder / name)
+    if (source.folder / QAT_RANGES_FILE).is_file():
+        # The activation ranges of quantization-aware training travel with the graph to `quantize`.
+        shutil.copy2(source.folder / QAT_RANGES_FILE, folder / QAT_RANGES_FILE)
     # Always ship a tokenizers file: the runtime reads nothing else.
     source.tokenizer.save(str(folder / "tokenizer.json"))
     config = dict(source.config)
@@ -153,11 +157,20 @@ def export_source(
             opset=opset,
             source_hash=source.files_hash,
         )
+        qat = (tmp / QAT_RANGES_FILE).is_file()
+        if qat:
+            meta.extras["qat_ranges"] = QAT_RANGES_FILE
         output_hash = ModelArtifact(tmp, meta).model_hash()
         meta.lineage.append(
             LineageStep(
                 step="export",
-                params={"opset": opset, "atol": atol, "exporter": "torchscript", **(params or {})},
+                params={
+                    "opset": opset,
+                    "atol": atol,
+                    "exporter": "torchscript",
+                    **({"qat_ranges": QAT_RANGES_FILE} if qat else {}),
+                    **(params or {}),
+                },
                 input_hash=source.files_hash,
                 output_hash=output_hash,
                 trimformer=__version__,

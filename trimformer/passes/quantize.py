@@ -45,6 +45,7 @@ from .quant_graph import (
 from .quant_presets import FORMATS, METHODS, PRESETS, QuantPreset, check_choice, get_preset
 from .quant_sensitivity import node_sensitivity
 from .quant_smooth import ABSMAX_SUFFIX, channel_absmax, insert_smoothing
+from .quant_training_ranges import check_training_options, check_training_settings, training_ranges
 
 __all__ = ["RANGES_FILE", "QuantizeConfig", "QuantizePass", "quantize_model"]
 
@@ -78,6 +79,9 @@ class QuantizeConfig(PassConfig):
     smooth_batches: int = 4
     # None: the preset's (on for the CPU presets).
     cpu_kernels: bool | None = None
+    # Use the activation ranges of quantization-aware training (the artifact's qat_ranges.json,
+    # handed over in ctx.data by the stage) instead of calibrating; SmoothQuant off.
+    ranges_from_training: bool = False
 
     def check(self) -> QuantPreset:
         preset = get_preset(self.preset)
@@ -92,6 +96,8 @@ class QuantizeConfig(PassConfig):
             raise UserError(f"smooth_alpha must be in [0, 1], got {self.smooth_alpha}")
         if self.max_accuracy_drop is not None and self.max_accuracy_drop < 0:
             raise UserError(f"--max-accuracy-drop must be 0 or more points, got {self.max_accuracy_drop}")
+        if self.ranges_from_training:
+            check_training_options(self)
         return preset
 
     def resolved(self) -> dict[str, Any]:
@@ -258,6 +264,10 @@ class QuantizePass(FunctionalPass):
         needed = sorted({c.activation for c in candidates if c.activation})
         started = time.perf_counter()
         cfg = self.config
+        if cfg.ranges_from_training:
+            ranges, info = training_ranges(proto, candidates, *self._training_record())
+            stats["calibration"] = {**info, "seconds": round(time.perf_counter() - started, 2)}
+            return ranges
         if cfg.calibration_cache is not None:
             path = Path(cfg.calibration_cache)
             if not path.is_file():
@@ -316,6 +326,14 @@ class QuantizePass(FunctionalPass):
             "seconds": round(time.perf_counter() - started, 2),
         }
         return ranges
+
+    def _training_record(self) -> tuple[dict[str, Any], str]:
+        record = self.ctx.data.get("training_ranges")
+        if record is None:
+            raise UserError(
+                "ranges_from_training needs the model's qat_ranges.json; run `trimformer quantize --ranges-from-training`"
+            )
+        return record, str(self.ctx.data.get("training_ranges_file", "qat_ranges.json"))
 
     def _feeds(self, count: int) -> list[dict[str, np.ndarray]]:
         if self.ctx.calibration is None:
@@ -443,6 +461,8 @@ class QuantizePass(FunctionalPass):
     def call(self, model: ir.Model) -> PassReport:
         cfg = self.config
         settings = cfg.resolved()
+        if cfg.ranges_from_training:
+            settings = check_training_settings(settings, self._training_record()[0], cfg.preset)
         started = time.perf_counter()
         stats: dict[str, Any] = {"settings": settings, "method": cfg.method, "dynamic": cfg.dynamic}
         float_proto = ir.to_proto(model)

@@ -110,6 +110,11 @@ class DistillConfig:
     device: str = "auto"
     threads: int | None = None
     overwrite: bool = False
+    # Quantization-aware training (pipeline/qat.py): int8 fake-quantization of the student's encoder,
+    # for the last qat_steps steps only (0: all), with "ema" (observed) or "learned" input ranges.
+    qat: bool = False
+    qat_steps: int = 0
+    qat_ranges: str = "ema"
 
     def validate(self) -> None:
         checks = [
@@ -144,6 +149,12 @@ class DistillConfig:
             (
                 self.time_limit is None or self.time_limit > 0,
                 f"--time-limit must be positive, got {self.time_limit}",
+            ),
+            (self.qat_steps >= 0, f"--qat-steps must be 0 (all steps) or more, got {self.qat_steps}"),
+            (self.qat or self.qat_steps == 0, "--qat-steps needs --qat"),
+            (
+                self.qat_ranges in ("ema", "learned"),
+                f"--qat-ranges must be ema or learned, got {self.qat_ranges!r}",
             ),
         ]
         for ok, message in checks:
@@ -251,6 +262,11 @@ def prepare(config: DistillConfig) -> Prepared:
         folder=config.student,
         seed=config.seed,
     )
+    if config.qat and student.family == "plain":
+        raise UserError(
+            "--qat needs a Hugging Face BERT-family student (the plain model's attention has no Linear "
+            "projections to fake-quantize); drop --qat"
+        )
     if config.hidden_weight > 0 and not student.hidden_map:
         raise UserError(
             "--hidden-weight needs a layer map between student and teacher, which this student lacks"
@@ -306,6 +322,12 @@ def _run(
 ) -> DistillResult:
     prepared = prepare(config)
     teacher, student = prepared.teacher, prepared.student
+    if config.qat:
+        if hooks is not None:
+            raise ValueError("--qat brings its own trainer hooks; pass no other hooks with it")
+        from .qat import QATConfig, qat_hooks
+
+        hooks = qat_hooks(QATConfig(steps=config.steps, qat_steps=config.qat_steps, mode=config.qat_ranges))
     weights = config.loss_weights
     torch.manual_seed(config.seed)  # projections start the same on every rank and every run
     wrapped = DistillStudent(
@@ -410,6 +432,8 @@ def _write_output(
     }
     with atomic_output_dir(Path(config.out), overwrite=config.overwrite) as tmp:
         save_student(model, student.family, teacher, tmp, student.pruning_record)
+        if hooks is not None and hooks.write_files is not None:
+            hooks.write_files(tmp)
         (tmp / DISTILL_RECORD).write_text(
             json.dumps(record, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8"
         )

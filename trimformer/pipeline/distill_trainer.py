@@ -72,11 +72,16 @@ class TrainerSettings:
 class TrainerHooks:
     """Extension points. ``wrap_student`` edits the student in place before the optimizer is built
     (e.g. swaps Linear layers for fake-quantized ones); ``on_step(step, info)`` sees every finished
-    step; ``before_save(student)`` returns the module to save (e.g. with the wrappers folded)."""
+    step; ``before_save(student)`` returns the module to save (e.g. with the wrappers folded);
+    ``keep_best(step)`` says whether that step's weights may be kept as the best (QAT: only
+    fake-quantized ones); ``write_files(folder)`` adds files to the output folder before it is
+    renamed into place."""
 
     wrap_student: Callable[[nn.Module], None] | None = None
     on_step: Callable[[int, dict[str, float]], None] | None = None
     before_save: Callable[[nn.Module], nn.Module] | None = None
+    keep_best: Callable[[int], bool] | None = None
+    write_files: Callable[[Path], None] | None = None
 
 
 @dataclass
@@ -476,7 +481,7 @@ def train_student(
                 history.append(
                     {"step": step, **{k: round(v, 4) for k, v in running.items()}, "dev": round(score, 4)}
                 )
-                if score > best_score:
+                if score > best_score and (hooks.keep_best is None or hooks.keep_best(step)):
                     best_score, best_step = score, step
                     best_state = copy.deepcopy(wrapped.student.state_dict())
                 dev_info = f"  dev {evaluator.metric} {score:.4f} (best {best_score:.4f}, teacher {evaluator.teacher_score:.4f})"

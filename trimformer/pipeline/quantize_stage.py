@@ -27,6 +27,7 @@ from ..errors import UserError
 from ..fsutil import check_output_dir
 from ..passes.base import PassContext, PassReport, apply_pass
 from ..passes.fuse import FuseConfig
+from ..passes.quant_training_ranges import QAT_RANGES_FILE, read_training_ranges
 from ..passes.quantize import RANGES_FILE, QuantizeConfig
 from ..sources.tokenizer import load_tokenizer
 
@@ -158,11 +159,28 @@ def run_quantize(config: QuantizeStageConfig) -> dict[str, Any]:
         raise UserError(f"--batch-size must be at least 1, got {config.batch_size}")
     if qcfg.max_accuracy_drop is not None and config.eval is None:
         raise UserError("--max-accuracy-drop needs an evaluation set; pass --eval DATA")
-    if not qcfg.dynamic and config.calibration is None and qcfg.calibration_cache is None:
+    if (
+        not qcfg.dynamic
+        and config.calibration is None
+        and qcfg.calibration_cache is None
+        and not qcfg.ranges_from_training
+    ):
         raise UserError("static quantization needs calibration data; pass --calibration DATA (or --dynamic)")
     out = Path(config.out)
     check_output_dir(out, config.overwrite)
     artifact = ModelArtifact.open(config.model)
+    training: dict[str, Any] = {}
+    if qcfg.ranges_from_training:
+        ranges_path = artifact.path / QAT_RANGES_FILE
+        if not ranges_path.is_file():
+            raise UserError(
+                f"{config.model} was not trained with QAT (no {QAT_RANGES_FILE}); distill with --qat and export "
+                "again, or quantize with --calibration DATA"
+            )
+        training = {
+            "training_ranges": read_training_ranges(ranges_path),
+            "training_ranges_file": str(ranges_path),
+        }
     if qcfg.num_heads <= 0 or qcfg.hidden_size <= 0:
         heads, hidden = attention_dims(artifact)
         qcfg = qcfg.model_copy(
@@ -170,6 +188,7 @@ def run_quantize(config: QuantizeStageConfig) -> dict[str, Any]:
         )
     with tempfile.TemporaryDirectory(prefix="trimformer-quantize-") as tmp:
         ctx = _context(artifact, config, Path(tmp))
+        ctx.data.update(training)
 
         def on_written(folder: Path, report: PassReport) -> None:
             cache = ctx.data.get("calibration_cache_file")

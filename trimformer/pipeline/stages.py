@@ -270,6 +270,9 @@ def _run_quantize_stage(
     recipe = ctx.recipe
     data = recipe.data
     spec = None if data is None else recipe.resolve(data.source)
+    if "ranges_from_training" not in params and _training_ranges_fit(ctx.inputs["model"], config):
+        # A student distilled with qat = true carries its trained ranges: quantize with those.
+        config = config.model_copy(update={"ranges_from_training": True})
     if data is not None and "samples" not in params:
         # [data] calibration_samples is the recipe-wide calibration size.
         config = config.model_copy(update={"samples": data.calibration_samples})
@@ -288,6 +291,27 @@ def _run_quantize_stage(
         )
     )
     return {k: summary[k] for k in ("quantized", "quantizable", "size_mb") if k in summary}
+
+
+def _training_ranges_fit(model: Path | str, config: Any) -> bool:
+    """Whether the quantize stage's input carries QAT ranges that its settings can use."""
+    from ..artifact import ModelArtifact
+    from ..passes.quant_training_ranges import (
+        carries_training_ranges,
+        check_training_options,
+        check_training_settings,
+    )
+
+    artifact = ModelArtifact.open(model)
+    if not carries_training_ranges(artifact.path, [step.step for step in artifact.meta.lineage]):
+        return False
+    try:
+        check_training_options(config)
+        check_training_settings(config.resolved(), {}, config.preset)
+    except UserError as exc:
+        logger.warning("the model carries QAT ranges but the quantize settings differ (%s); calibrating", exc)
+        return False
+    return True
 
 
 def _run_fuse_stage(
