@@ -88,7 +88,7 @@ bench: $(TEACHER_ONNX)/model.onnx bench-peers
 	$(PY) -m bench.quantize --model $(TEACHER_ONNX)
 	$(PY) -m bench.prune --teacher $(TEACHER) --teacher-onnx $(TEACHER_ONNX)
 	$(PY) -m bench.distill --reuse
-	$(PY) -m bench.qat --reuse
+	$(PY) -m bench.qat --reuse --steps 1000
 	$(MAKE) bench-load
 
 $(WORK)/package/teacher/manifest.json: $(TEACHER_ONNX)/model.onnx
