@@ -42,6 +42,7 @@ __all__ = [
     "evenly_spaced",
     "hidden_width",
     "layer_count",
+    "layer_list",
     "load_student",
     "parse_layers",
     "read_pruning_record",
@@ -96,7 +97,7 @@ class Student:
 
 
 def layer_count(source: LoadedSource) -> int:
-    return len(_layer_list(source.model)[1])
+    return len(layer_list(source.model)[1])
 
 
 def hidden_width(model: nn.Module) -> int:
@@ -115,18 +116,18 @@ def word_embeddings(model: nn.Module) -> nn.Module:
     return module
 
 
-def _layer_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
+def layer_list(
+    model: nn.Module, supported: str = "distillation supports BERT-family and plain models"
+) -> tuple[str, nn.ModuleList]:
     """The ModuleList of Transformer blocks: ``bert.encoder.layer``, ``distilbert.transformer.layer``,
-    ``encoder.layers`` (plain)."""
+    ``encoder.layers`` (plain); ``supported`` ends the error when there is none."""
     found = [
         (name, module)
         for name, module in model.named_modules()
         if isinstance(module, nn.ModuleList) and re.search(r"(^|\.)(layer|layers)$", name)
     ]
     if len(found) != 1:
-        raise UserError(
-            f"cannot find the Transformer layers of {type(model).__name__}; distillation supports BERT-family and plain models"
-        )
+        raise UserError(f"cannot find the Transformer layers of {type(model).__name__}; {supported}")
     return found[0]
 
 
@@ -191,7 +192,7 @@ def _remap_layers(state: dict[str, torch.Tensor], prefix: str, picks: list[int])
 
 
 def _layer_dropped(teacher: LoadedSource, picks: list[int]) -> Student:
-    prefix, _ = _layer_list(teacher.model)
+    prefix, _ = layer_list(teacher.model)
     state = _remap_layers(teacher.model.state_dict(), prefix, picks)
     model: nn.Module
     teacher_config: Any = teacher.model.config

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +41,7 @@ from torch.nn import functional as F
 
 from ..errors import UserError
 from ..passes.quant_training_ranges import QAT_RANGES_FILE, RANGES_FORMAT, weight_digest
+from .distill_students import layer_list
 from .distill_trainer import TrainerHooks
 
 __all__ = [
@@ -273,19 +273,6 @@ def _set(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def _layer_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    found = [
-        (name, module)
-        for name, module in model.named_modules()
-        if isinstance(module, nn.ModuleList) and re.search(r"(^|\.)(layer|layers)$", name)
-    ]
-    if len(found) != 1:
-        raise UserError(
-            f"cannot find the Transformer layers of {type(model).__name__}; --qat supports BERT-family models"
-        )
-    return found[0]
-
-
 def _embeddings(model: nn.Module) -> tuple[str, nn.Module] | None:
     for name, module in model.named_modules():
         if name.endswith("embeddings") and isinstance(getattr(module, "word_embeddings", None), nn.Embedding):
@@ -316,7 +303,7 @@ def apply_qat(
     fixed to its ranges and on."""
     if any(isinstance(m, QATLinear) for m in model.modules()):
         raise ValueError("the model is already wrapped for QAT")
-    prefix, layers = _layer_list(model)
+    prefix, layers = layer_list(model, "--qat supports BERT-family models")
     owner = _qkv_groups(layers, prefix)
     by_module = {r["module"]: r for r in ranges["linears"]} if ranges is not None else {}
     by_owner: dict[str, ActivationQuantizer] = {}
