@@ -91,6 +91,9 @@ def write_outputs(rows: list[dict[str, Any]], header: dict[str, Any], root: Path
             "<!-- bench:begin (written by `make bench`; edit the text outside these markers) -->",
             f"Measured {header['date']} on `{header['cpu']}`, {header['threads']} threads, Python {header['python']}; "
             f"command `{header['command']}`; {header['test_examples']} test tweets.",
+            "Versions: "
+            + ", ".join(f"{k} {v}" for k, v in header.get("versions", {}).items())
+            + " (peers: their own venvs, bench/peers/*.txt).",
             f"Machine peak through onnxruntime (2048² MatMul): int8 {header['peak_int8_tops']} Tops/s, "
             f"FP32 {header['peak_fp32_tflops']} TFLOP/s.",
             "",

@@ -282,6 +282,18 @@ def variants(
     return out
 
 
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("trimformer", "onnxruntime", "onnx", "torch", "transformers"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "absent"
+    return found
+
+
 def _cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -333,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads,
         "command": "make bench",
         "python": platform.python_version(),
+        "versions": _versions(),
         **machine,
     }
     write_outputs(rows, header, ROOT)
