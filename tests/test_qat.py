@@ -376,3 +376,22 @@ def test_recipe_with_qat_quantizes_with_the_training_ranges(flow: dict[str, Path
     step = ModelArtifact.open(quantized.out).meta.lineage[-1]
     assert step.step == "quantize" and step.params["ranges_from_training"]
     assert step.stats["calibration"]["method"] == "training"
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("not json", "unreadable"),
+        ('{"format": "other"}', "not a trimformer QAT ranges file"),
+        ('{"format": "%s", "linears": [7]}', "is not an object"),
+        ('{"format": "%s", "linears": [{"module": "m"}]}', "lacks 'quantizer'"),
+    ],
+)
+def test_malformed_ranges_files_are_one_line_errors(tmp_path: Path, body: str, message: str) -> None:
+    from trimformer.errors import UserError
+    from trimformer.passes.quant_training_ranges import RANGES_FORMAT, read_training_ranges
+
+    path = tmp_path / "qat_ranges.json"
+    path.write_text(body.replace("%s", RANGES_FORMAT), encoding="utf-8")
+    with pytest.raises(UserError, match=message):
+        read_training_ranges(path)

@@ -80,6 +80,8 @@ def read_training_ranges(path: Path) -> dict[str, Any]:
     if not isinstance(linears, list) or not linears:
         raise UserError(f"{path} lists no trained Linear layers; distill again with --qat")
     for i, entry in enumerate(linears):
+        if not isinstance(entry, dict):
+            raise UserError(f"{path}: entry {i} of 'linears' is not an object; distill again with --qat")
         missing = [k for k in ("module", "quantizer", "weight_sha256", "lowest", "highest") if k not in entry]
         if missing:
             raise UserError(f"{path}: entry {i} of 'linears' lacks {missing[0]!r}; distill again with --qat")
