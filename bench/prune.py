@@ -3,7 +3,8 @@
 Targets, post-training (no retraining), measured in one run:
 * half the encoder FLOPs removed: accuracy drop <= 1.0 point, agreement >= 0.95 vs the unpruned model;
 * FP32 p50 latency at 1x128 <= 0.6x the unpruned FP32 (interleaved rounds, >= 200 runs each, 2 threads);
-* pruning with Fisher importance and reconstruction under 180 s on 2 cores;
+* pruning with Fisher importance and reconstruction (ridge, then block reconstruction on the
+  PyTorch source) under 180 s on 2 cores;
 * pruned then int8: accuracy within 1.5 points (quantize pass if registered, else quantize_dynamic).
 
 Usage: ``.venv/bin/python -m bench.prune [--teacher DIR --teacher-onnx DIR --flops 0.5]``
@@ -97,7 +98,7 @@ def main() -> None:
     parser.add_argument("--teacher-onnx", default="work/demo/teacher-onnx")
     parser.add_argument("--data", default="builtin:tweets")
     parser.add_argument("--flops", type=float, default=0.5)
-    parser.add_argument("--samples", type=int, default=256)
+    parser.add_argument("--samples", type=int, default=1024)
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--limit", type=int, default=None, help="test examples (default: all)")
     parser.add_argument("--work", default="work/prune/bench")
@@ -134,19 +135,21 @@ def main() -> None:
         )
     )
     prune_seconds = time.perf_counter() - started
-    # The same budget without reconstruction, to show what the refit adds (accuracy only).
-    norecon_dir = work / "pruned-norecon"
-    run_prune(
-        PruneStageConfig(
-            model=str(teacher_onnx),
-            out=str(norecon_dir),
-            calibration=args.data,
-            source=args.teacher,
-            samples=args.samples,
-            overwrite=True,
-            prune=PruneConfig(flops=args.flops, importance="fisher", reconstruct=False),
+    # The same budget without reconstruction and with the ridge refit alone (no PyTorch block
+    # reconstruction), to show what each step adds (accuracy only).
+    norecon_dir, ridge_dir = work / "pruned-norecon", work / "pruned-ridge"
+    for folder, extra in ((norecon_dir, {"reconstruct": False}), (ridge_dir, {"block_steps": 0})):
+        run_prune(
+            PruneStageConfig(
+                model=str(teacher_onnx),
+                out=str(folder),
+                calibration=args.data,
+                source=args.teacher,
+                samples=args.samples,
+                overwrite=True,
+                prune=PruneConfig(flops=args.flops, importance="fisher", **extra),  # type: ignore[arg-type]
+            )
         )
-    )
 
     names = [i.name for i in artifact.meta.inputs]
     tokenizer = load_tokenizer(teacher_onnx)
@@ -172,6 +175,7 @@ def main() -> None:
         }
         preds = {k: _predict(s, batches) for k, s in sessions.items()}
         preds["pruned_fp32_no_reconstruction"] = _predict(_session(norecon_dir / "model.onnx"), batches)
+        preds["pruned_fp32_ridge_only"] = _predict(_session(ridge_dir / "model.onnx"), batches)
         rng = np.random.default_rng(0)
         feeds = {
             "input_ids": rng.integers(5, min(20000, vocab), size=(1, 128), dtype=np.int64),
@@ -182,6 +186,7 @@ def main() -> None:
     acc = {k: float((v == targets).mean()) if targets is not None else None for k, v in preds.items()}
     agreement = float((preds["pruned_fp32"] == preds["unpruned_fp32"]).mean())
     agreement_norecon = float((preds["pruned_fp32_no_reconstruction"] == preds["unpruned_fp32"]).mean())
+    agreement_ridge = float((preds["pruned_fp32_ridge_only"] == preds["unpruned_fp32"]).mean())
     base = acc["unpruned_fp32"] or 0.0
     result: dict[str, Any] = {
         "flops_removed": summary["flops_removed"],
@@ -190,10 +195,12 @@ def main() -> None:
         "accuracy_drop_points": {k: round(100 * (base - (v or 0.0)), 2) for k, v in acc.items()},
         "agreement_pruned_vs_unpruned": agreement,
         "agreement_no_reconstruction": agreement_norecon,
+        "agreement_ridge_only": agreement_ridge,
         "reconstruction": summary["reconstruction"],
         "latency_p50_ms_1x128": p50,
         "latency_ratio_pruned_vs_unpruned": p50["pruned_fp32"] / p50["unpruned_fp32"],
         "prune_seconds": round(prune_seconds, 1),
+        "calibration_samples": args.samples,
         "int8_method": int8_how,
         "size_bytes": summary["size_bytes"],
         "heads_per_layer": [row["heads"][1] for row in summary["layers"]],
@@ -216,7 +223,7 @@ def main() -> None:
         print(f"{key:<30}{(a or 0) * 100:>9.2f}%{result['accuracy_drop_points'][key]:>10.2f}{timing}")
     print(
         f"FLOPs removed {summary['flops_removed']:.1%}, agreement {agreement:.3f} "
-        f"({agreement_norecon:.3f} without reconstruction), latency ratio "
+        f"({agreement_ridge:.3f} ridge only, {agreement_norecon:.3f} without reconstruction), latency ratio "
         f"{result['latency_ratio_pruned_vs_unpruned']:.2f}, prune {prune_seconds:.0f} s, int8 via {int8_how}"
     )
     print("targets:", json.dumps(result["targets"]))

@@ -35,7 +35,20 @@ from .options import data_columns, overwrite_option
 @click.option(
     "--no-reconstruct", is_flag=True, help="Skip the least-squares refit of the kept projection rows."
 )
-@click.option("--samples", type=int, default=256, show_default=True, help="Calibration examples to use.")
+@click.option(
+    "--block-steps",
+    type=int,
+    default=240,
+    show_default=True,
+    help="With --source: Adam steps per layer of block reconstruction after the ridge refit (0: ridge only).",
+)
+@click.option(
+    "--samples",
+    type=int,
+    default=1024,
+    show_default=True,
+    help="Calibration examples (Fisher scores, ridge refit, block reconstruction).",
+)
 @click.option("--min-heads", type=int, default=0, show_default=True, help="Heads every layer keeps.")
 @click.option("--min-neurons", type=int, default=0, show_default=True, help="Neurons every layer keeps.")
 @data_columns
@@ -53,6 +66,7 @@ def prune_command(
     importance: str,
     source: str | None,
     no_reconstruct: bool,
+    block_steps: int,
     samples: int,
     min_heads: int,
     min_neurons: int,
@@ -83,6 +97,7 @@ def prune_command(
             reconstruct=not no_reconstruct,
             min_heads=min_heads,
             min_neurons=min_neurons,
+            block_steps=block_steps,
         ),
         calibration=calibration,
         source=source,

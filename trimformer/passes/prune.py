@@ -53,6 +53,10 @@ class PruneConfig(PassConfig):
     ridge: float = 1e-2
     # "rows": refit the kept projection rows; "scales": one scale per kept head/neuron (Kwon et al.).
     reconstruct_mode: Literal["rows", "scales"] = "rows"
+    # With a PyTorch source: Adam steps per layer of block reconstruction after the ridge refit
+    # (trimformer.pipeline.block_reconstruct); 0 keeps the ridge refit alone.
+    block_steps: int = 240
+    block_lr: float = 1e-3
 
     def check(self) -> None:
         for name in ("heads", "ffn", "flops", "params"):
@@ -72,6 +76,8 @@ class PruneConfig(PassConfig):
             raise UserError("the per-layer minimum of heads/neurons must be >= 0")
         if self.seq_len < 1 or self.ridge < 0:
             raise UserError("seq_len must be >= 1 and ridge >= 0")
+        if self.block_steps < 0 or not self.block_lr > 0:
+            raise UserError("--block-steps must be >= 0 and the block learning rate > 0")
 
     def budget(self) -> Budget:
         return Budget(self.heads, self.ffn, self.flops, self.params, self.min_heads, self.min_neurons)

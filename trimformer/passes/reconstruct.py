@@ -9,7 +9,8 @@ pruned model's residual sum after that block (``stream + branch``) matches the u
 where ``X`` is the pruned block's input to the projection (its own, upstream errors included),
 ``s`` the residual stream and ``P`` the projection's output. The ridge term pulls towards the
 current weights, so a well-conditioned fit changes little and a rank-poor one stays safe.
-Each step re-runs the partly refitted model, so later layers also correct earlier errors.
+A column of ones in ``X`` refits the bias too (unpenalised): removed units' mean contribution
+moves into it instead of being lost. Each step re-runs the partly refitted model, so later layers also correct earlier errors.
 The relative error ``||X W - T|| / ||P_orig||`` is reported before and after each fit (in-sample).
 """
 
@@ -62,6 +63,7 @@ class ReconstructionUnit:
     proj: str  # the projection MatMul's output
     skip: str  # the residual stream it joins
     group: int = 1  # rows per unit (head_dim for heads, 1 for neurons)
+    first_token_only: bool = False
 
 
 def _weight_of(model: onnx.ModelProto, proj: str) -> tuple[onnx.NodeProto, np.ndarray]:
@@ -82,6 +84,17 @@ def _set_weight(model: onnx.ModelProto, node: onnx.NodeProto, weight: np.ndarray
     name = f"{node.output[0]}_reconstructed_{step}"
     model.graph.initializer.append(numpy_helper.from_array(weight.astype(np.float32), name))
     node.input[1] = name
+
+
+def _bias_of(model: onnx.ModelProto, proj: str) -> tuple[onnx.NodeProto, int, np.ndarray] | None:
+    """The bias ``Add`` right after a projection MatMul: (node, input slot, value), if constant."""
+    inits = {i.name: i for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Add" and proj in node.input:
+            slot = 1 - list(node.input).index(proj)
+            if node.input[slot] in inits:
+                return node, slot, numpy_helper.to_array(inits[node.input[slot]])
+    return None
 
 
 def _drop_unused_initializers(model: onnx.ModelProto) -> None:
@@ -145,6 +158,7 @@ def reconstruct(
     calibration: Callable[[], CalibrationFeeds],
     alpha: float = 1e-2,
     mode: str = "rows",
+    intercept: bool = True,
 ) -> tuple[onnx.ModelProto, list[ReconstructionStep]]:
     """Refit the kept projection rows of ``pruned`` (a copy is returned) layer by layer.
 
@@ -160,6 +174,8 @@ def reconstruct(
         for i, unit in enumerate(units):
             proj = values[unit.proj]
             mask = token_mask(feeds, proj.shape[0], proj.shape[1])
+            if unit.first_token_only:
+                mask[:, 1:] = False
             targets[i].append((values[unit.skip][mask] + proj[mask]).astype(np.float32))
             branch_norm[i] += float((proj[mask].astype(np.float64) ** 2).sum())
     del session
@@ -169,30 +185,40 @@ def reconstruct(
             node, weight = _weight_of(model, unit.proj)
             session = session_with_outputs(model, [unit.inp, unit.skip], only=True)
             features = weight.shape[0]
-            gram = np.zeros((features, features))
-            cross = np.zeros((features, weight.shape[1]))
+            bias = _bias_of(model, unit.proj) if intercept and mode == "rows" else None
+            width = features + (bias is not None)
+            gram = np.zeros((width, width))
+            cross = np.zeros((width, weight.shape[1]))
             t_sq = 0.0
             count = 0
             for batch, (feeds, values) in enumerate(_run(session, [unit.inp, unit.skip], calibration)):
                 x_val = values[unit.inp]
                 mask = token_mask(feeds, x_val.shape[0], x_val.shape[1])
+                if unit.first_token_only:
+                    mask[:, 1:] = False
                 x32 = x_val[mask]
                 if batch >= len(targets[i]) or targets[i][batch].shape[0] != x32.shape[0]:
                     raise UserError(
                         "calibration data differs between runs; reconstruction needs a deterministic source"
                     )
                 t32 = targets[i][batch] - values[unit.skip][mask]
+                if bias is not None:
+                    x32 = np.concatenate([x32, np.ones((x32.shape[0], 1), dtype=x32.dtype)], axis=1)
                 # Products in float32 (BLAS speed), sums across batches in float64.
                 gram += x32.T @ x32
                 cross += x32.T @ t32
                 t_sq += float((t32.astype(np.float64) ** 2).sum())
                 count += x32.shape[0]
             w0 = weight.astype(np.float64)
+            if bias is not None:
+                w0 = np.concatenate([w0, np.zeros((1, w0.shape[1]))])
             if mode == "scales":
                 fitted = _fit_scales(gram, cross, w0, unit.group, alpha)
             else:
-                lam = alpha * max(float(np.trace(gram)) / max(features, 1), 1e-12)
-                fitted = np.linalg.solve(gram + lam * np.eye(features), cross + lam * w0)
+                lam = alpha * max(float(np.trace(gram[:features, :features])) / max(features, 1), 1e-12)
+                penalty = np.full(width, lam)
+                penalty[features:] = 0.0  # the bias shift is not pulled towards zero
+                fitted = np.linalg.solve(gram + np.diag(penalty), cross + penalty[:, None] * w0)
 
             def residual(
                 w: np.ndarray, gram: np.ndarray = gram, cross: np.ndarray = cross, t_sq: float = t_sq
@@ -203,7 +229,13 @@ def reconstruct(
             before = float(np.sqrt(residual(w0) / scale))
             after = float(np.sqrt(residual(fitted) / scale))
             if after <= before:
-                _set_weight(model, node, fitted, i)
+                _set_weight(model, node, fitted[:features], i)
+                if bias is not None:
+                    add, slot, value = bias
+                    name = f"{add.output[0]}_reconstructed_{i}"
+                    shifted = (value.astype(np.float64) + fitted[features]).astype(np.float32)
+                    model.graph.initializer.append(numpy_helper.from_array(shifted, name))
+                    add.input[slot] = name
             else:  # never make a block worse than plain removal
                 after = before
             steps.append(ReconstructionStep(unit.layer, unit.block, before, after, count))

@@ -46,8 +46,8 @@ class PruneStageConfig:
     prune: PruneConfig
     calibration: str | None = None
     source: str | None = None
-    samples: int = 256
-    batch_size: int = 16
+    samples: int = 1024
+    batch_size: int = 64
     overwrite: bool = False
     text_column: str | None = None
     text_pair_column: str | None = None
@@ -132,6 +132,28 @@ def plot_pruning_map(stats: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+BLOCK_BATCH = 32
+
+
+def _block_reconstruct(
+    model: ir.Model, source: Any, dataset: Any, record: dict[str, Any], config: PruneStageConfig
+) -> tuple[ir.Model, list[Any]]:
+    import torch
+
+    from .block_reconstruct import BlockConfig, block_reconstruct
+
+    encoder = Encoder(source.tokenizer, source.io.input_names, source.max_length, source.pad_token_id)
+    count = min(config.samples, len(dataset))
+    feeds = []
+    for start in range(0, count, BLOCK_BATCH):
+        stop = min(start + BLOCK_BATCH, count)
+        pairs = None if dataset.pairs is None else dataset.pairs[start:stop]
+        batch = encoder(dataset.texts[start:stop], pairs)
+        feeds.append({name: torch.from_numpy(value) for name, value in batch.items()})
+    block = BlockConfig(steps=config.prune.block_steps, lr=config.prune.block_lr)
+    return block_reconstruct(model, source, record, feeds, block)
+
+
 def run_prune(config: PruneStageConfig) -> dict[str, Any]:
     """Prune an artifact; returns a summary (the full stats are in the report file)."""
     started = time.perf_counter()
@@ -203,6 +225,17 @@ def run_prune(config: PruneStageConfig) -> dict[str, Any]:
     assert isinstance(report, PassReport)
     stats = report.stats
     stats["seconds"]["fisher"] = round(fisher_seconds, 2)
+    pruned_model = report.model
+    if prune.reconstruct and prune.block_steps > 0 and config.source is not None:
+        if layout.fused:
+            logger.warning(
+                "block reconstruction skipped: the graph is fused (prune before fusing); ridge only"
+            )
+        else:
+            block_started = time.perf_counter()
+            pruned_model, steps = _block_reconstruct(pruned_model, source, dataset, stats["record"], config)
+            stats["reconstruction"] += [s.to_dict() for s in steps]
+            stats["seconds"]["block_reconstruction"] = round(time.perf_counter() - block_started, 2)
     params = {
         "pass": "prune",
         **prune.model_dump(mode="json"),
@@ -216,7 +249,7 @@ def run_prune(config: PruneStageConfig) -> dict[str, Any]:
     lineage_stats["heads_per_layer"] = [row["heads"] for row in stats["after"]["layers"]]
     lineage_stats["neurons_per_layer"] = [row["neurons"] for row in stats["after"]["layers"]]
     with artifact.derive(out, step="prune", params=params, overwrite=config.overwrite) as derived:
-        derived.model = ir.to_proto(report.model)
+        derived.model = ir.to_proto(pruned_model)
         derived.stats = lineage_stats
         # Later passes (fusion) read per-layer head counts from here.
         derived.meta.extras["pruning"] = {
