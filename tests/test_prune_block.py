@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 
@@ -87,3 +88,54 @@ def test_negative_block_steps_are_refused(
     with pytest.raises(UserError, match="--block-steps"):
         _prune(tiny_bert_onnx, tiny_bert, tiny_csv, tmp_path / "bad", block_steps=-1)
     assert not (tmp_path / "bad").exists()
+
+
+class _Feeds:
+    def __init__(self, batches: list[dict[str, np.ndarray]]) -> None:
+        self._it = iter(batches)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._it, None)
+
+
+def _ffn_graph(up: np.ndarray, up_bias: np.ndarray, down: np.ndarray) -> onnx.ModelProto:
+    """x -> MatMul(up) + b -> Relu -> MatMul(down) + b -> + x (one feed-forward block)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [
+        numpy_helper.from_array(a.astype(np.float32), n)
+        for a, n in ((up, "up"), (up_bias, "up_b"), (down, "down"), (np.full(4, 0.1), "down_b"))
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "up"], ["h"]),
+        helper.make_node("Add", ["h", "up_b"], ["hb"]),
+        helper.make_node("Relu", ["hb"], ["act"]),
+        helper.make_node("MatMul", ["act", "down"], ["proj"]),
+        helper.make_node("Add", ["proj", "down_b"], ["projb"]),
+        helper.make_node("Add", ["projb", "x"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "ffn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "s", 4])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_ridge_refit_keeps_a_removed_units_mean_in_the_bias() -> None:
+    from trimformer.passes.reconstruct import ReconstructionUnit, reconstruct
+
+    rng = np.random.default_rng(0)
+    up, up_bias, down = rng.normal(size=(4, 3)), rng.normal(size=3), rng.normal(size=(3, 4))
+    up[:, 2], up_bias[2] = 0.0, 5.0  # neuron 2 always outputs 5: removing it only shifts the mean
+    original = _ffn_graph(up, up_bias, down)
+    pruned = _ffn_graph(up[:, :2], up_bias[:2], down[:2])
+    batches = [{"x": rng.normal(size=(2, 5, 4)).astype(np.float32)} for _ in range(4)]
+    unit = ReconstructionUnit(0, "ffn", "act", "proj", "x")
+    fitted, steps = reconstruct(original, pruned, [unit], lambda: _Feeds(batches), alpha=1e-6)
+    assert steps[0].relative_error_before > 0.5 and steps[0].relative_error_after < 1e-3
+    fresh = {"x": rng.normal(size=(3, 7, 4)).astype(np.float32)}
+    run = lambda m: ort.InferenceSession(m.SerializeToString()).run(None, fresh)[0]  # noqa: E731
+    np.testing.assert_allclose(run(fitted), run(original), atol=1e-3)
