@@ -135,34 +135,28 @@ def main() -> None:
     teacher_onnx = Path(args.teacher_onnx)
     artifact = ModelArtifact.open(teacher_onnx)
     pruned_dir = work / "pruned"
-    started = time.perf_counter()
-    summary = run_prune(
-        PruneStageConfig(
-            model=str(teacher_onnx),
-            out=str(pruned_dir),
-            calibration=args.data,
-            source=args.teacher,
-            samples=args.samples,
-            overwrite=True,
-            prune=PruneConfig(flops=args.flops, importance="fisher"),
-        )
-    )
-    prune_seconds = time.perf_counter() - started
-    # The same budget without reconstruction and with the ridge refit alone (no PyTorch block
-    # reconstruction), to show what each step adds (accuracy only).
-    norecon_dir, ridge_dir = work / "pruned-norecon", work / "pruned-ridge"
-    for folder, extra in ((norecon_dir, {"reconstruct": False}), (ridge_dir, {"block_steps": 0})):
-        run_prune(
+
+    def prune(out: Path, **extra: Any) -> dict[str, Any]:
+        return run_prune(
             PruneStageConfig(
                 model=str(teacher_onnx),
-                out=str(folder),
+                out=str(out),
                 calibration=args.data,
                 source=args.teacher,
                 samples=args.samples,
                 overwrite=True,
-                prune=PruneConfig(flops=args.flops, importance="fisher", **extra),  # type: ignore[arg-type]
+                prune=PruneConfig(flops=args.flops, importance="fisher", **extra),
             )
         )
+
+    started = time.perf_counter()
+    summary = prune(pruned_dir)
+    prune_seconds = time.perf_counter() - started
+    # The same budget without reconstruction and with the ridge refit alone (no PyTorch block
+    # reconstruction), to show what each step adds (accuracy only).
+    norecon_dir, ridge_dir = work / "pruned-norecon", work / "pruned-ridge"
+    prune(norecon_dir, reconstruct=False)
+    prune(ridge_dir, block_steps=0)
 
     names = [i.name for i in artifact.meta.inputs]
     tokenizer = load_tokenizer(teacher_onnx)

@@ -40,15 +40,17 @@ logger = logging.getLogger(__name__)
 @dataclass
 class ReconstructionStep:
     layer: int
-    block: str  # "attention" or "ffn"
+    block: str  # "attention" or "ffn" (ridge); "layer" (block reconstruction)
     relative_error_before: float
     relative_error_after: float
     tokens: int
+    method: str = "ridge"  # or "gradient" (trimformer.pipeline.block_reconstruct)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "layer": self.layer,
             "block": self.block,
+            "method": self.method,
             "relative_error_before": round(self.relative_error_before, 6),
             "relative_error_after": round(self.relative_error_after, 6),
             "tokens": self.tokens,

@@ -35,11 +35,12 @@ from torch.nn import functional as F
 
 from ..errors import ParityError, UserError
 from ..passes.graph import EncoderLayout, Linear, const_array, find_blocks
+from ..passes.reconstruct import ReconstructionStep
 from ..progress import progress_bar
 from ..sources import LoadedSource
 from ..sources.pruning import LayerModules, apply_pruning_record, layer_modules
 
-__all__ = ["BlockConfig", "BlockStep", "block_reconstruct", "graph_linears", "torch_linears"]
+__all__ = ["BlockConfig", "block_reconstruct", "graph_linears", "torch_linears"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,24 +52,6 @@ _PROJECTIONS = ("q", "k", "v", "out", "up", "down")
 class BlockConfig:
     steps: int = 240  # Adam steps per layer
     lr: float = 1e-3
-
-
-@dataclass
-class BlockStep:
-    layer: int
-    relative_error_before: float
-    relative_error_after: float
-    tokens: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "layer": self.layer,
-            "block": "layer",
-            "method": "gradient",
-            "relative_error_before": round(self.relative_error_before, 6),
-            "relative_error_after": round(self.relative_error_after, 6),
-            "tokens": self.tokens,
-        }
 
 
 # -- which weights, on each side ------------------------------------------------------------------
@@ -344,7 +327,7 @@ def block_reconstruct(
     record: dict[str, Any],
     feeds: list[dict[str, torch.Tensor]],
     config: BlockConfig,
-) -> tuple[ir.Model, list[BlockStep]]:
+) -> tuple[ir.Model, list[ReconstructionStep]]:
     """Tune the pruned graph's projections layer by layer against the unpruned PyTorch model.
 
     ``feeds``: calibration batches (graph input name -> int64 tensor). Returns the graph with the
@@ -378,7 +361,7 @@ def block_reconstruct(
     ]
     for p in [*student_model.parameters(), *source.model.parameters()]:
         p.requires_grad_(False)
-    steps: list[BlockStep] = []
+    steps: list[ReconstructionStep] = []
     tokens = int(sum(int(m.sum()) for m in masks))
     with torch.no_grad():
         ref_states = [reference.embed(f) for f in feeds]
@@ -388,7 +371,7 @@ def block_reconstruct(
             with torch.no_grad():
                 targets = [reference.layer(index, h, c) for h, c in ref_states]
             before, after = _tune_layer(student, index, states, targets, masks, config)
-            steps.append(BlockStep(index, before, after, tokens))
+            steps.append(ReconstructionStep(index, "layer", before, after, tokens, method="gradient"))
             logger.debug("layer %d: relative error %.4f -> %.4f", index, before, after)
             with torch.no_grad():
                 states = [(student.layer(index, h, c), c) for h, c in states]
