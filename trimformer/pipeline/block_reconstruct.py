@@ -35,6 +35,7 @@ from torch.nn import functional as F
 
 from ..errors import ParityError, UserError
 from ..passes.graph import EncoderLayout, Linear, const_array, find_blocks
+from ..passes.importance import session_with_outputs
 from ..passes.reconstruct import ReconstructionStep
 from ..progress import progress_bar
 from ..sources import LoadedSource
@@ -218,11 +219,7 @@ class _Stepper:
     def embed(self, feeds: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Any]:
         model: Any = self.model
         if self.plain:
-            ids = feeds["input_ids"]
-            positions = torch.arange(ids.shape[1]).unsqueeze(0)
-            hidden = model.embed_norm(model.embed(ids) + model.positions(positions))
-            additive = (1.0 - feeds["attention_mask"].to(hidden.dtype)) * -10000.0
-            return hidden, additive
+            return model.embed_inputs(feeds["input_ids"], feeds["attention_mask"])  # type: ignore[no-any-return]
         store: dict[str, Any] = {}
 
         def hook(_mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -243,8 +240,7 @@ class _Stepper:
         layer: Any = self.mods[index].layer
         if self.plain:
             model: Any = self.model
-            hidden = layer.norm1(hidden + model._attention(layer.self_attn, hidden, context))
-            return layer.norm2(hidden + layer._ff_block(hidden))  # type: ignore[no-any-return]
+            return model.layer_forward(layer, hidden, context)  # type: ignore[no-any-return]
         args, kwargs = context
         out = layer(hidden, *args, **kwargs)
         return out[0] if isinstance(out, tuple) else out  # type: ignore[no-any-return]
@@ -312,9 +308,7 @@ def _logits(model: nn.Module, feeds: list[dict[str, torch.Tensor]], names: tuple
 
 
 def _graph_outputs(proto: onnx.ModelProto, feeds: list[dict[str, torch.Tensor]]) -> np.ndarray:
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    session = session_with_outputs(proto, [])
     names = {i.name for i in session.get_inputs()}
     return np.concatenate(
         [session.run(None, {k: v.numpy() for k, v in f.items() if k in names})[0] for f in feeds]
@@ -359,7 +353,7 @@ def block_reconstruct(
     masks = [
         (f["attention_mask"] if "attention_mask" in f else torch.ones_like(f[names[0]])).bool() for f in feeds
     ]
-    for p in [*student_model.parameters(), *source.model.parameters()]:
+    for p in student_model.parameters():  # the copy only; the source's targets run under no_grad
         p.requires_grad_(False)
     steps: list[ReconstructionStep] = []
     tokens = int(sum(int(m.sum()) for m in masks))

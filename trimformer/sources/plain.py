@@ -69,18 +69,30 @@ class PlainTransformerClassifier(nn.Module):
         self.classifier = nn.Linear(config.hidden_size, len(config.labels))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden, additive = self.embed_inputs(input_ids, attention_mask)
+        for layer in self.encoder.layers:
+            hidden = self.layer_forward(layer, hidden, additive)
+        weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+        return self.classifier(pooled)
+
+    def embed_inputs(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first layer's input and the additive attention mask every layer reads."""
         positions = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
         hidden = self.embed_norm(self.embed(input_ids) + self.positions(positions))
         # An additive float mask exports to the same pattern as BERT's and avoids the bool fast path.
         additive = (1.0 - attention_mask.to(hidden.dtype)) * -10000.0
-        for layer in self.encoder.layers:
-            # The layer's own slow path, spelled out: TransformerEncoderLayer.forward switches to a
-            # fused kernel in eval mode that neither the ONNX exporter nor autograd can follow.
-            hidden = layer.norm1(hidden + layer.dropout1(self._attention(layer.self_attn, hidden, additive)))
-            hidden = layer.norm2(hidden + layer._ff_block(hidden))
-        weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
-        return self.classifier(pooled)
+        return hidden, additive
+
+    def layer_forward(
+        self, layer: nn.TransformerEncoderLayer, hidden: torch.Tensor, additive: torch.Tensor
+    ) -> torch.Tensor:
+        # The layer's own slow path, spelled out: TransformerEncoderLayer.forward switches to a
+        # fused kernel in eval mode that neither the ONNX exporter nor autograd can follow.
+        hidden = layer.norm1(hidden + layer.dropout1(self._attention(layer.self_attn, hidden, additive)))
+        return layer.norm2(hidden + layer._ff_block(hidden))  # type: ignore[no-any-return]
 
     def _attention(
         self, attn: nn.MultiheadAttention, hidden: torch.Tensor, additive: torch.Tensor
