@@ -141,6 +141,21 @@ def _export(student_dir: Path, out: Path) -> None:
     export_source(load_student(student_dir), out, overwrite=True)
 
 
+def _start(args: argparse.Namespace) -> bool:
+    """Threads, progress bars, the teacher check and the work folder, shared with bench.qat."""
+    import torch
+
+    from trimformer.progress import set_progress_enabled
+
+    torch.set_num_threads(args.threads)
+    set_progress_enabled(sys.stderr.isatty())
+    if not (args.teacher / "model.safetensors").is_file():
+        print(f"no teacher at {args.teacher}; run `make demo` first", file=sys.stderr)
+        return False
+    args.work.mkdir(parents=True, exist_ok=True)
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -171,17 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reuse", action="store_true", help="Reuse students already in --work.")
     args = parser.parse_args(argv)
 
-    import torch
-
-    from trimformer.progress import set_progress_enabled
-
-    torch.set_num_threads(args.threads)
-    set_progress_enabled(sys.stderr.isatty())
-    if not (args.teacher / "model.safetensors").is_file():
-        print(f"no teacher at {args.teacher}; run `make demo` first", file=sys.stderr)
+    if not _start(args):
         return 2
     work = args.work
-    work.mkdir(parents=True, exist_ok=True)
     teacher_onnx = args.teacher_onnx
     if not (teacher_onnx / "model.onnx").is_file():
         teacher_onnx = work / "teacher-onnx"

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.distill import _accuracy, _distill, _export, _latency, _session
+from bench.distill import _accuracy, _distill, _export, _latency, _session, _start
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -135,18 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 
-    import torch
-
-    from trimformer.progress import set_progress_enabled
     from trimformer.sources.tokenizer import load_tokenizer
 
-    torch.set_num_threads(args.threads)
-    set_progress_enabled(sys.stderr.isatty())
-    if not (args.teacher / "model.safetensors").is_file():
-        print(f"no teacher at {args.teacher}; run `make demo` first", file=sys.stderr)
+    if not _start(args):
         return 2
     work = args.work
-    work.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {
         "cores": os.cpu_count(),
         "threads": args.threads,
