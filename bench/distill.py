@@ -46,7 +46,7 @@ def _feeds(session: ort.InferenceSession, batch: dict[str, np.ndarray]) -> dict[
 
 def _test_batches(teacher_dir: Path, max_length: int) -> tuple[list[dict[str, np.ndarray]], np.ndarray]:
     from trimformer.data import Encoder, load_dataset, map_labels
-    from trimformer.sources.tokenizer import load_tokenizer
+    from trimformer.data.tokenizer import load_tokenizer
 
     test = load_dataset("builtin:tweets", split="test")
     labels = json.loads((teacher_dir / "config.json").read_text())["id2label"]
@@ -107,7 +107,7 @@ def _layers(model_dir: Path) -> int:
 
 
 def _distill(teacher: Path, out: Path, args: argparse.Namespace, **student: Any) -> dict[str, Any]:
-    from trimformer.pipeline.distill import DistillConfig, distill
+    from trimformer.training.distill.api import DistillConfig, distill
 
     config = DistillConfig(
         teacher=str(teacher),
@@ -136,7 +136,7 @@ def _distill(teacher: Path, out: Path, args: argparse.Namespace, **student: Any)
 
 def _export(student_dir: Path, out: Path) -> None:
     from trimformer.exporters import export_source
-    from trimformer.pipeline.distill_students import load_student
+    from trimformer.training.distill.students import load_student
 
     export_source(load_student(student_dir), out, overwrite=True)
 
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
             "points_below_teacher": round(100 * (teacher_acc - recovered_acc), 2),
             "run": run,
         }
-    from trimformer.sources.tokenizer import load_tokenizer
+    from trimformer.data.tokenizer import load_tokenizer
 
     vocab = load_tokenizer(args.teacher).get_vocab_size()
     latency = _latency(variants, args.threads, args.runs, vocab)

@@ -53,7 +53,7 @@ def ort_static(src: Path, out: Path, calibration: Path) -> None:
 
     _prepare(src, out)
     names = [i.name for i in onnx.load(str(src / "model.onnx"), load_external_data=False).graph.input]
-    from trimformer.passes.fuse import in_scratch_dir
+    from trimformer.passes.fuse.fusion import in_scratch_dir
 
     src, out, calibration = src.resolve(), out.resolve(), calibration.resolve()
     # quantize_static as a user calls it: its defaults (QDQ, S8S8, per-tensor, MinMax); from a

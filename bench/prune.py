@@ -66,7 +66,7 @@ def _latency(
 def _int8(pruned: Path, out: Path, calibration: Any, samples: int) -> tuple[Path, str]:
     """int8 through trimformer's quantize pass when it exists, else onnxruntime's quantize_dynamic."""
     try:
-        import trimformer.passes.quantize  # noqa: F401  (registers the pass)
+        import trimformer.passes.quantize.int8  # noqa: F401  (registers the pass)
         from trimformer.artifact import ModelArtifact
         from trimformer.passes.base import PASS_REGISTRY, PassContext, apply_pass
 
@@ -94,10 +94,10 @@ def _int8(pruned: Path, out: Path, calibration: Any, samples: int) -> tuple[Path
 
 
 def _fused(folder: Path, out: Path) -> Path:
-    import trimformer.passes.fuse  # noqa: F401  (registers the pass)
+    import trimformer.passes.fuse.fusion  # noqa: F401  (registers the pass)
     from trimformer.artifact import ModelArtifact
     from trimformer.passes.base import PassContext, apply_pass
-    from trimformer.passes.fuse import FuseConfig
+    from trimformer.passes.fuse.fusion import FuseConfig
 
     artifact, _ = apply_pass(
         ModelArtifact.open(folder), "fuse", FuseConfig(), PassContext(), out, overwrite=True
@@ -124,10 +124,10 @@ def main() -> None:
     from trimformer.data import Encoder, load_dataset, map_labels
     from trimformer.data.calibration import DatasetFeeds
     from trimformer.data.tokenize import iter_batches
-    from trimformer.passes.prune import PruneConfig
-    from trimformer.pipeline.prune_stage import PruneStageConfig, run_prune
+    from trimformer.data.tokenizer import load_tokenizer
+    from trimformer.passes.prune.structured import PruneConfig
+    from trimformer.pipeline.stages.prune import PruneStageConfig, run_prune
     from trimformer.progress import set_progress_enabled
-    from trimformer.sources.tokenizer import load_tokenizer
 
     set_progress_enabled(False)
     work = Path(args.work)

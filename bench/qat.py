@@ -42,7 +42,7 @@ def _test_set(
     """The builtin:tweets test split (a seeded subset of ``limit`` rows when given), encoded in
     length-sorted batches of 64, and its label indices."""
     from trimformer.data import Encoder, load_dataset, map_labels
-    from trimformer.sources.tokenizer import load_tokenizer
+    from trimformer.data.tokenizer import load_tokenizer
 
     test = load_dataset("builtin:tweets", split="test")
     if limit is not None and limit < len(test):
@@ -72,7 +72,7 @@ def _fake_quant_logits(student_dir: Path, batches: list[dict[str, np.ndarray]]) 
     """The QAT student as trained: PyTorch with the fake-quantization and its final ranges."""
     import torch
 
-    from trimformer.pipeline.qat import load_fake_quant_student
+    from trimformer.training.qat import load_fake_quant_student
 
     source = load_fake_quant_student(student_dir)
     out = []
@@ -84,8 +84,8 @@ def _fake_quant_logits(student_dir: Path, batches: list[dict[str, np.ndarray]]) 
 
 
 def _quantize(model: Path, out: Path, training: bool, samples: int) -> dict[str, Any]:
-    from trimformer.passes.quantize import QuantizeConfig
-    from trimformer.pipeline.quantize_stage import QuantizeStageConfig, run_quantize
+    from trimformer.passes.quantize.int8 import QuantizeConfig
+    from trimformer.pipeline.stages.quantize import QuantizeStageConfig, run_quantize
 
     started = time.perf_counter()
     summary = run_quantize(
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 
-    from trimformer.sources.tokenizer import load_tokenizer
+    from trimformer.data.tokenizer import load_tokenizer
 
     if not _start(args):
         return 2

@@ -57,7 +57,7 @@ def _ort_baselines(model: Path, out: Path, feeds_factory: Any) -> dict[str, floa
     from onnxruntime.quantization import QuantType, quantize_dynamic, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from trimformer.passes.fuse import in_scratch_dir
+    from trimformer.passes.fuse.fusion import in_scratch_dir
 
     seconds = {}
     out.mkdir(parents=True, exist_ok=True)
@@ -73,8 +73,8 @@ def _ort_baselines(model: Path, out: Path, feeds_factory: Any) -> dict[str, floa
 
 
 def _run_pass(model: Path, out: Path, **kwargs: Any) -> tuple[Path, dict[str, Any], float]:
-    from trimformer.passes.quantize import QuantizeConfig
-    from trimformer.pipeline.quantize_stage import QuantizeStageConfig, run_quantize
+    from trimformer.passes.quantize.int8 import QuantizeConfig
+    from trimformer.pipeline.stages.quantize import QuantizeStageConfig, run_quantize
 
     stage_keys = {"calibration", "eval", "batch_size", "pad_to", "eval_limit"}
     stage = {k: kwargs.pop(k) for k in list(kwargs) if k in stage_keys}
@@ -89,9 +89,9 @@ def _run_pass(model: Path, out: Path, **kwargs: Any) -> tuple[Path, dict[str, An
 
 def _rss_child(model: str, samples: int, out: str) -> None:
     """Runs in a fresh process: the quantize pass, then prints the process's peak RSS."""
-    from trimformer.passes.quantize import QuantizeConfig
-    from trimformer.pipeline.latency import PeakMemory
-    from trimformer.pipeline.quantize_stage import QuantizeStageConfig, run_quantize
+    from trimformer.passes.quantize.int8 import QuantizeConfig
+    from trimformer.pipeline.stages.quantize import QuantizeStageConfig, run_quantize
+    from trimformer.validation.latency import PeakMemory
 
     # psutil sampling, not ru_maxrss: Linux keeps the parent's high-water mark across fork + exec.
     with PeakMemory(interval=0.005) as mem:
@@ -141,7 +141,7 @@ def _predict(session: Any, batches: list[dict[str, np.ndarray]]) -> np.ndarray:
 def _latency(
     sessions: dict[str, Any], feed: dict[str, np.ndarray], runs: int, rounds: int
 ) -> dict[str, dict[str, float]]:
-    from trimformer.pipeline.latency import summarize
+    from trimformer.validation.latency import summarize
 
     samples: dict[str, list[float]] = {k: [] for k in sessions}
     names = {k: [i.name for i in s.get_inputs()] for k, s in sessions.items()}
@@ -180,7 +180,7 @@ def main() -> None:
     from trimformer.artifact import ModelArtifact
     from trimformer.data import Encoder, load_dataset, map_labels
     from trimformer.data.calibration import DatasetFeeds
-    from trimformer.sources.tokenizer import load_tokenizer
+    from trimformer.data.tokenizer import load_tokenizer
 
     model_dir = Path(args.model).resolve()
     art = ModelArtifact.open(model_dir)

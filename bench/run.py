@@ -102,7 +102,7 @@ def ensure(variant: Variant, workdir: Path) -> None:
 def calibration_file(workdir: Path, teacher: Path, samples: int = 512) -> Path:
     """The calibration rows every int8 variant uses: the first N training-split tweets, 128 tokens."""
     from trimformer.data import Encoder, load_dataset
-    from trimformer.sources.tokenizer import load_tokenizer
+    from trimformer.data.tokenizer import load_tokenizer
 
     path = workdir / f"calibration-{samples}.jsonl"
     if path.is_file():

@@ -27,9 +27,9 @@ def measure_variants(
     variants: list[Any], teacher: Path, threads: int, rounds: int, limit: int | None
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     from trimformer.data import Encoder, load_dataset, map_labels
-    from trimformer.pipeline.runners import TorchRunner
+    from trimformer.data.tokenizer import load_tokenizer
     from trimformer.sources import load_source
-    from trimformer.sources.tokenizer import load_tokenizer
+    from trimformer.validation.runners import TorchRunner
 
     source = load_source(teacher)
     assert source.labels is not None

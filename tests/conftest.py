@@ -1,15 +1,13 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from builders import make_csv, make_hf_model, make_plain_model
+from tests.builders import make_csv, make_hf_model, make_plain_model
 
 
 @pytest.fixture(scope="session")

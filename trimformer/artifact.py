@@ -26,10 +26,10 @@ from typing import Any, Literal
 import onnx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from . import __version__
-from .errors import UserError
-from .fsutil import atomic_output_dir, hash_files, sha256_file
-from .onnx_io import check_external_data, load_onnx, save_onnx
+from trimformer import __version__
+from trimformer.errors import UserError
+from trimformer.fsutil import atomic_output_dir, hash_files, sha256_file
+from trimformer.onnx_io import check_external_data, load_onnx, save_onnx
 
 __all__ = [
     "ARTIFACT_META",

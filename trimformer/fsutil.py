@@ -16,7 +16,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import UserError
+from trimformer.errors import UserError
 
 __all__ = ["atomic_output_dir", "check_output_dir", "hash_files", "sha256_bytes", "sha256_file"]
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import onnx
 from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
-from .errors import UserError
+from trimformer.errors import UserError
 
 __all__ = ["TWO_GB", "check_external_data", "load_onnx", "probe_onnxruntime", "save_onnx"]
 

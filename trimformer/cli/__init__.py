@@ -6,6 +6,6 @@ Exit codes: 0 ok, 1 a validation gate failed, 2 bad input or configuration, 3 in
 
 from __future__ import annotations
 
-from .main import cli, main
+from trimformer.cli.main import cli, main
 
 __all__ = ["cli", "main"]

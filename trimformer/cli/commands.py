@@ -11,8 +11,8 @@ import pkgutil
 
 import click
 
-from . import __path__ as _package_path
-from .main import cli
+from trimformer.cli import __path__ as _package_path
+from trimformer.cli.main import cli
 
 _SKIP = {"main", "commands", "options"}
 

@@ -6,8 +6,8 @@ import os
 
 import click
 
-from .main import State, emit, pass_state
-from .options import data_columns, overwrite_option
+from trimformer.cli.main import State, emit, pass_state
+from trimformer.cli.options import data_columns, overwrite_option
 
 
 @click.command("distill")
@@ -152,7 +152,7 @@ def distill_command(state: State, **kwargs: object) -> None:
       trimformer distill --teacher work/teacher --data builtin:tweets --out work/qat-student \
           --layers 3 --qat --qat-steps 300
     """
-    from ..pipeline.distill import DistillConfig, distill
+    from trimformer.training.distill.api import DistillConfig, distill
 
     result = distill(DistillConfig(**kwargs))  # type: ignore[arg-type]
     if int(os.environ.get("RANK", "0")) != 0:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from .main import State, emit, pass_state
-from .options import overwrite_option
+from trimformer.cli.main import State, emit, pass_state
+from trimformer.cli.options import overwrite_option
 
 
 @click.command("export")
@@ -30,7 +30,7 @@ def export_command(
     Example:
       trimformer export work/teacher --out work/teacher-onnx
     """
-    from ..exporters import export_model
+    from trimformer.exporters import export_model
 
     result = export_model(model, out, task=task, opset=opset, atol=atol, overwrite=overwrite)
     info = result.to_dict()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from .main import State, emit, pass_state
-from .options import overwrite_option
+from trimformer.cli.main import State, emit, pass_state
+from trimformer.cli.options import overwrite_option
 
 
 @click.command("fuse")
@@ -41,8 +41,8 @@ def fuse_command(
     Example:
       trimformer fuse work/teacher-onnx --out work/teacher-fused
     """
-    from ..passes.fuse import FuseConfig
-    from ..pipeline.quantize_stage import run_fuse
+    from trimformer.passes.fuse.fusion import FuseConfig
+    from trimformer.pipeline.stages.quantize import run_fuse
 
     result = run_fuse(
         model,

@@ -10,9 +10,9 @@ from typing import Any, TypeVar
 
 import click
 
-from .. import __version__
-from ..errors import EXIT_INTERNAL, EXIT_INTERRUPTED, TrimformerError
-from ..progress import set_progress_enabled
+from trimformer import __version__
+from trimformer.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, TrimformerError
+from trimformer.progress import set_progress_enabled
 
 __all__ = ["cli", "emit", "main", "pass_state"]
 
@@ -106,6 +106,6 @@ def _quiet_libraries(debug: bool) -> None:
 
 
 def main() -> None:
-    from . import commands  # noqa: F401  (registers the commands)
+    from trimformer.cli import commands  # noqa: F401  (registers the commands)
 
     cli(prog_name="trimformer")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from .main import State, emit, pass_state
-from .options import overwrite_option
+from trimformer.cli.main import State, emit, pass_state
+from trimformer.cli.options import overwrite_option
 
 
 @click.command("optimize")
@@ -27,7 +27,7 @@ def optimize_command(
     Example:
       trimformer optimize work/teacher-onnx --passes fp16 --out work/teacher-fp16
     """
-    from ..pipeline.optimize import optimize
+    from trimformer.pipeline.stages.optimize import optimize
 
     names = [p.strip() for p in passes.split(",") if p.strip()]
     artifact, stats = optimize(

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import click
 
-from ..errors import UserError
-from .main import State, emit, pass_state
-from .options import overwrite_option
+from trimformer.cli.main import State, emit, pass_state
+from trimformer.cli.options import overwrite_option
+from trimformer.errors import UserError
 
 
 def _read_recipe(path: str | None) -> str | None:
@@ -53,7 +53,7 @@ def package_command(
           --report work/student-int8/report/report.json --ort
       trimformer verify dist/sentiment.tar.gz
     """
-    from ..pipeline.package import package_artifact
+    from trimformer.packaging.package import package_artifact
 
     result = package_artifact(
         model,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from .main import State, emit, pass_state
-from .options import data_columns, overwrite_option
+from trimformer.cli.main import State, emit, pass_state
+from trimformer.cli.options import data_columns, overwrite_option
 
 
 @click.command("prune")
@@ -82,8 +82,8 @@ def prune_command(
       trimformer prune work/teacher-onnx --calibration builtin:tweets --flops 0.5 \\
           --source work/teacher --out work/pruned
     """
-    from ..passes.prune import PruneConfig
-    from ..pipeline.prune_stage import PruneStageConfig, run_prune
+    from trimformer.passes.prune.structured import PruneConfig
+    from trimformer.pipeline.stages.prune import PruneStageConfig, run_prune
 
     config = PruneStageConfig(
         model=model,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from .main import State, emit, pass_state
-from .options import data_columns, overwrite_option
+from trimformer.cli.main import State, emit, pass_state
+from trimformer.cli.options import data_columns, overwrite_option
 
 
 @click.command("quantize")
@@ -79,8 +79,8 @@ def quantize_command(
           --eval builtin:tweets --max-accuracy-drop 0.5
       trimformer quantize work/qat-student-onnx --ranges-from-training --out work/qat-int8
     """
-    from ..passes.quantize import QuantizeConfig
-    from ..pipeline.quantize_stage import QuantizeStageConfig, run_quantize
+    from trimformer.passes.quantize.int8 import QuantizeConfig
+    from trimformer.pipeline.stages.quantize import QuantizeStageConfig, run_quantize
 
     config = QuantizeConfig(
         preset=preset,

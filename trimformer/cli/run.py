@@ -7,8 +7,8 @@ from typing import Any
 
 import click
 
-from ..errors import GateFailed
-from .main import State, emit, pass_state
+from trimformer.cli.main import State, emit, pass_state
+from trimformer.errors import GateFailed
 
 _WORDS = {"cached": "cached", "start": "running", "done": "done", "failed": "failed", "skip": "skipped"}
 
@@ -48,8 +48,8 @@ def run_command(
       trimformer run recipes/edge-cpu.toml --workdir work/edge
       trimformer run recipes/edge-cpu.toml --workdir work/edge --from quantize
     """
-    from ..pipeline.recipe import load_recipe
-    from ..pipeline.runner import StageEvent, run_recipe
+    from trimformer.pipeline.recipe import load_recipe
+    from trimformer.pipeline.runner import StageEvent, run_recipe
 
     parsed = load_recipe(recipe)
     folder = Path(workdir or _default_workdir(recipe))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from .main import State, emit, pass_state
-from .options import data_columns, overwrite_option
+from trimformer.cli.main import State, emit, pass_state
+from trimformer.cli.options import data_columns, overwrite_option
 
 
 @click.command("train")
@@ -32,7 +32,7 @@ def train_command(state: State, **kwargs: object) -> None:
     Example:
       trimformer train --model builtin:minilm --data builtin:tweets --out work/teacher
     """
-    from ..pipeline.train import TrainConfig, train
+    from trimformer.training.finetune import TrainConfig, train
 
     result = train(TrainConfig(**kwargs))  # type: ignore[arg-type]
     emit(

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import click
 
-from ..errors import GateFailed
-from .main import State, pass_state
-from .options import data_columns
+from trimformer.cli.main import State, pass_state
+from trimformer.cli.options import data_columns
+from trimformer.errors import GateFailed
 
 
 @click.command("validate")
@@ -56,8 +56,8 @@ def validate_command(
       trimformer validate work/teacher-onnx --data builtin:tweets --reference work/teacher \\
           --max-accuracy-drop 1.0
     """
-    from ..pipeline.runners import ProviderOptions
-    from ..pipeline.validate import ValidateConfig, parse_grid, validate
+    from trimformer.validation.runners import ProviderOptions
+    from trimformer.validation.validate import ValidateConfig, parse_grid, validate
 
     config = ValidateConfig(
         model=model,

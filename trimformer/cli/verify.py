@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .main import State, emit, pass_state
+from trimformer.cli.main import State, emit, pass_state
 
 
 @click.command("verify")
@@ -25,7 +25,7 @@ def verify_command(state: State, bundle: str, provider: str, expected_digest: st
     Example:
       trimformer verify dist/sentiment.tar.gz --expect sha256:3f2a...
     """
-    from ..runtime import verify_bundle
+    from trimformer.runtime import verify_bundle
 
     result = verify_bundle(bundle, provider=provider, expected_digest=expected_digest)
     ort_note = ", ORT-format copy too" if result["ort_format"] else ""

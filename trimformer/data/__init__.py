@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .datasets import BUILTIN_DATASETS, SPLITS, TextDataset, load_dataset, map_labels
-from .tokenize import Encoder, iter_batches
+from trimformer.data.datasets import BUILTIN_DATASETS, SPLITS, TextDataset, load_dataset, map_labels
+from trimformer.data.tokenize import Encoder, iter_batches
 
 __all__ = [
     "BUILTIN_DATASETS",

@@ -11,8 +11,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .datasets import TextDataset
-from .tokenize import Encoder
+from trimformer.data.datasets import TextDataset
+from trimformer.data.tokenize import Encoder
 
 __all__ = ["DatasetFeeds"]
 

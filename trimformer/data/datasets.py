@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UserError
+from trimformer.errors import UserError
 
 __all__ = ["BUILTIN_DATASETS", "SPLITS", "TextDataset", "load_dataset", "map_labels"]
 

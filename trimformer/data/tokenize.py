@@ -7,7 +7,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 from tokenizers import Tokenizer
 
-from .datasets import TextDataset
+from trimformer.data.datasets import TextDataset
 
 __all__ = ["Encoder", "iter_batches"]
 

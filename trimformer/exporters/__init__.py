@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from .configs import DEFAULT_OPSET, ExportConfig, export_config_for
-from .parity import ParityResult, check_parity, random_feeds
-from .torch_export import ExportResult, export_model, export_source
+from trimformer.exporters.configs import DEFAULT_OPSET, ExportConfig, export_config_for
+from trimformer.exporters.parity import ParityResult, check_parity, random_feeds
+from trimformer.exporters.torch_export import ExportResult, export_model, export_source
 
 __all__ = [
     "DEFAULT_OPSET",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..sources import LoadedSource
+from trimformer.sources import LoadedSource
 
 __all__ = ["DEFAULT_OPSET", "MIN_OPSET", "ExportConfig", "export_config_for"]
 

@@ -9,8 +9,8 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from ..errors import ParityError
-from ..sources import LoadedSource
+from trimformer.errors import ParityError
+from trimformer.sources import LoadedSource
 
 __all__ = ["ParityResult", "check_parity", "random_feeds"]
 

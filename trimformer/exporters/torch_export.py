@@ -15,16 +15,24 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from .. import __version__
-from ..artifact import MODEL_FILE, ArtifactMeta, IOSpec, LineageStep, ModelArtifact, TokenizerSpec, write_meta
-from ..errors import UserError
-from ..fsutil import atomic_output_dir
-from ..onnx_io import TWO_GB, load_onnx, save_onnx
-from ..passes.quant_training_ranges import QAT_RANGES_FILE
-from ..sources import LoadedSource, load_source
-from ..sources.tokenizer import TOKENIZER_FILES
-from .configs import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, ExportConfig, export_config_for
-from .parity import ParityResult, check_parity, random_feeds
+from trimformer import __version__
+from trimformer.artifact import (
+    MODEL_FILE,
+    ArtifactMeta,
+    IOSpec,
+    LineageStep,
+    ModelArtifact,
+    TokenizerSpec,
+    write_meta,
+)
+from trimformer.data.tokenizer import TOKENIZER_FILES
+from trimformer.errors import UserError
+from trimformer.exporters.configs import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, ExportConfig, export_config_for
+from trimformer.exporters.parity import ParityResult, check_parity, random_feeds
+from trimformer.fsutil import atomic_output_dir
+from trimformer.onnx_io import TWO_GB, load_onnx, save_onnx
+from trimformer.passes.quantize.training_ranges import QAT_RANGES_FILE
+from trimformer.sources import LoadedSource, load_source
 
 __all__ = ["ExportResult", "export_model", "export_source"]
 

@@ -6,8 +6,16 @@ None of them imports torch.
 
 from __future__ import annotations
 
-from . import fp16, fuse, prune, quantize  # noqa: F401  (registration)
-from .base import PASS_REGISTRY, PassConfig, PassContext, PassReport, apply_pass, get_pass, register_pass
+from trimformer.passes import fp16, fuse, prune, quantize  # noqa: F401  (registration)
+from trimformer.passes.base import (
+    PASS_REGISTRY,
+    PassConfig,
+    PassContext,
+    PassReport,
+    apply_pass,
+    get_pass,
+    register_pass,
+)
 
 __all__ = [
     "PASS_REGISTRY",

@@ -32,9 +32,9 @@ from onnx_ir.passes import (
 )
 from pydantic import BaseModel, ConfigDict
 
-from ..artifact import ModelArtifact
-from ..errors import TrimformerError, UserError
-from ..onnx_io import probe_onnxruntime
+from trimformer.artifact import ModelArtifact
+from trimformer.errors import TrimformerError, UserError
+from trimformer.onnx_io import probe_onnxruntime
 
 __all__ = [
     "PASS_REGISTRY",

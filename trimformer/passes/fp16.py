@@ -19,8 +19,8 @@ import onnxruntime as ort
 from onnx_ir.passes import FunctionalPass
 from pydantic import Field
 
-from ..errors import ParityError, UserError
-from .base import PassConfig, PassContext, PassReport, register_pass
+from trimformer.errors import ParityError, UserError
+from trimformer.passes.base import PassConfig, PassContext, PassReport, register_pass
 
 __all__ = ["SENSITIVE_OPS", "Fp16Config", "Fp16Pass", "random_graph_feeds"]
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from ..errors import UserError
+from trimformer.errors import UserError
 
 __all__ = [
     "AttentionBlock",

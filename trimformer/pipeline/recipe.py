@@ -39,7 +39,7 @@ from pydantic import (
     model_validator,
 )
 
-from ..errors import UserError
+from trimformer.errors import UserError
 
 __all__ = [
     "KNOWN_PASS_MODULES",
@@ -60,7 +60,11 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 # Modules whose import registers passes; absent ones (not written or not installed) are skipped.
-KNOWN_PASS_MODULES = ("trimformer.passes.fuse", "trimformer.passes.prune", "trimformer.passes.quantize")
+KNOWN_PASS_MODULES = (
+    "trimformer.passes.fuse.fusion",
+    "trimformer.passes.prune.structured",
+    "trimformer.passes.quantize.int8",
+)
 
 # Passes whose relative order is fixed: pruning edits float MatMul weights, so it must see the
 # graph before fusion rewrites the attention block and before quantization replaces the weights.
@@ -223,7 +227,7 @@ def known_passes() -> dict[str, Any]:
             if exc.name != module:
                 raise
             logger.debug("pass module %s is not available", module)
-    from ..passes.base import PASS_REGISTRY
+    from trimformer.passes.base import PASS_REGISTRY
 
     return PASS_REGISTRY
 
@@ -376,7 +380,7 @@ def _check(recipe: Recipe, path: Path) -> None:
 
 
 def _check_files(recipe: Recipe) -> list[tuple[str, str]]:
-    from ..sources import BUILTIN_MODELS  # type: ignore[attr-defined]
+    from trimformer.sources import BUILTIN_MODELS  # type: ignore[attr-defined]
 
     problems = []
     source = recipe.model.source
@@ -407,7 +411,7 @@ def _check_files(recipe: Recipe) -> list[tuple[str, str]]:
         data_specs.append(("model.train.data", recipe.model.train.data))
     for key, spec in data_specs:
         if spec.startswith("builtin:"):
-            from ..data import BUILTIN_DATASETS
+            from trimformer.data import BUILTIN_DATASETS
 
             if spec not in BUILTIN_DATASETS:
                 problems.append(
@@ -442,16 +446,16 @@ def _check_table(table: dict[str, Any], cls: type | None, where: str, missing: s
 def _check_stage_tables(recipe: Recipe) -> list[tuple[str, str]]:
     problems = []
     if recipe.model.train is not None:
-        from .train import TrainConfig
+        from trimformer.training.finetune import TrainConfig
 
         problems += _check_table(recipe.model.train.params, TrainConfig, "model.train", "")
     if recipe.distill is not None:
-        cls = _stage_config("trimformer.pipeline.distill", "DistillConfig")
+        cls = _stage_config("trimformer.training.distill.api", "DistillConfig")
         problems += _check_table(
             recipe.distill,
             cls,
             "distill",
-            "the distill stage needs trimformer.pipeline.distill (DistillConfig), which this install lacks",
+            "the distill stage needs trimformer.training.distill.api (DistillConfig), which this install lacks",
         )
     return problems
 
@@ -478,8 +482,8 @@ def _check_validate(recipe: Recipe) -> list[tuple[str, str]]:
     section = recipe.validate_
     if section is None:
         return []
-    from .runners import PROVIDERS, resolve_provider
-    from .validate import parse_grid
+    from trimformer.validation.runners import PROVIDERS, resolve_provider
+    from trimformer.validation.validate import parse_grid
 
     problems = []
     for i, provider in enumerate(section.providers):

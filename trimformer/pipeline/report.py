@@ -16,12 +16,12 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import __version__
-from ..fsutil import atomic_output_dir
+from trimformer import __version__
+from trimformer.fsutil import atomic_output_dir
 
 if TYPE_CHECKING:
-    from .recipe import Recipe
-    from .runner import RunResult
+    from trimformer.pipeline.recipe import Recipe
+    from trimformer.pipeline.runner import RunResult
 
 __all__ = [
     "collect_report",

@@ -34,11 +34,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
-from ..errors import GateFailed, UserError
-from ..fsutil import sha256_file
-from .recipe import Recipe
-from .stages import Stage, StageContext, build_plan
+from trimformer import __version__
+from trimformer.errors import GateFailed, UserError
+from trimformer.fsutil import sha256_file
+from trimformer.pipeline.plan import Stage, StageContext, build_plan
+from trimformer.pipeline.recipe import Recipe
 
 __all__ = [
     "MARKER",
@@ -129,11 +129,11 @@ def _canonical(value: Any) -> bytes:
 
 def _external_path(spec: str) -> Path:
     if spec == "builtin:tweets":
-        from ..data.datasets import _builtin_path
+        from trimformer.data.datasets import _builtin_path
 
         return _builtin_path(spec)
     if spec.startswith("builtin:"):
-        from ..sources import resolve_model_path
+        from trimformer.sources import resolve_model_path
 
         return resolve_model_path(spec)
     return Path(spec)
@@ -476,7 +476,7 @@ def run_recipe(
         finally:
             _write_json_atomic(workdir / "run.json", {"recipe": str(recipe.path), **result.to_dict()})
         if report:
-            from .report import write_run_report
+            from trimformer.pipeline.report import write_run_report
 
             result.report_dir = write_run_report(recipe, result, workdir / "report")
             _write_json_atomic(workdir / "run.json", {"recipe": str(recipe.path), **result.to_dict()})

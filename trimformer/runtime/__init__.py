@@ -12,9 +12,16 @@ pydantic), so a service image stays small::
 
 from __future__ import annotations
 
-from .bundle import BUNDLE_FORMAT, MANIFEST, MANIFEST_DIGEST, BundleError, VerifiedBundle, check_bundle_folder
-from .predictor import SMOKE_TEXTS, Prediction, Predictor, open_verified
-from .verify import verify_bundle
+from trimformer.runtime.bundle import (
+    BUNDLE_FORMAT,
+    MANIFEST,
+    MANIFEST_DIGEST,
+    BundleError,
+    VerifiedBundle,
+    check_bundle_folder,
+)
+from trimformer.runtime.predictor import SMOKE_TEXTS, Prediction, Predictor, open_verified
+from trimformer.runtime.verify import verify_bundle
 
 __all__ = [
     "BUNDLE_FORMAT",

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from .bundle import MANIFEST, BundleError, check_relative_name
+from trimformer.runtime.bundle import MANIFEST, BundleError, check_relative_name
 
 __all__ = [
     "ARCHIVE_SUFFIXES",

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from ..errors import UserError
+from trimformer.errors import UserError
 
 __all__ = [
     "BUNDLE_FORMAT",

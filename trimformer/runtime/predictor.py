@@ -21,16 +21,23 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from ..errors import UserError
-from .archive import (
+from trimformer.errors import UserError
+from trimformer.runtime.archive import (
     canonical_archive_problem,
     check_archive_sidecar,
     extracted_bundle,
     is_archive_path,
 )
-from .bundle import MANIFEST, MANIFEST_DIGEST, BundleError, VerifiedBundle, check_bundle_folder, read_verified
-from .encoding import KNOWN_INPUTS, TextEncoder
-from .session import make_session, resolve_providers
+from trimformer.runtime.bundle import (
+    MANIFEST,
+    MANIFEST_DIGEST,
+    BundleError,
+    VerifiedBundle,
+    check_bundle_folder,
+    read_verified,
+)
+from trimformer.runtime.encoding import KNOWN_INPUTS, TextEncoder
+from trimformer.runtime.session import make_session, resolve_providers
 
 __all__ = ["SMOKE_TEXTS", "Prediction", "Predictor", "open_verified", "smoke_difference"]
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from ..errors import UserError
-from .bundle import BundleError
+from trimformer.errors import UserError
+from trimformer.runtime.bundle import BundleError
 
 __all__ = ["PROVIDER_NAMES", "make_session", "resolve_providers"]
 

@@ -19,8 +19,8 @@ from typing import Any
 
 import onnxruntime as ort
 
-from .archive import archive_sidecar, is_archive_path
-from .predictor import Predictor, open_verified
+from trimformer.runtime.archive import archive_sidecar, is_archive_path
+from trimformer.runtime.predictor import Predictor, open_verified
 
 __all__ = ["verify_bundle"]
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import UserError
-from .base import TASKS, LoadedSource, SourceIO
-from .hf import SUPPORTED_ARCHITECTURES, is_hf_folder, load_hf
-from .plain import PlainConfig, PlainTransformerClassifier, is_plain_folder, load_plain
+from trimformer.errors import UserError
+from trimformer.sources.base import TASKS, LoadedSource, SourceIO
+from trimformer.sources.hf import SUPPORTED_ARCHITECTURES, is_hf_folder, load_hf
+from trimformer.sources.plain import PlainConfig, PlainTransformerClassifier, is_plain_folder, load_plain
 
 __all__ = [
     "SUPPORTED_ARCHITECTURES",
@@ -50,7 +50,7 @@ def load_source(spec: str | Path, task: str | None = None, num_labels: int | Non
         )
     if (folder / "pruning_record.json").is_file() and (folder / "model.safetensors").is_file():
         # A pruned, retrained student: per-layer sizes come from the record, not the config.
-        from .pruning import load_pruned_source
+        from trimformer.sources.pruning import load_pruned_source
 
         return load_pruned_source(folder)
     if is_plain_folder(folder):

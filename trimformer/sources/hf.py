@@ -11,10 +11,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import UserError
-from ..fsutil import hash_files
-from .base import TASKS, LoadedSource, SourceIO
-from .tokenizer import load_tokenizer
+from trimformer.data.tokenizer import load_tokenizer
+from trimformer.errors import UserError
+from trimformer.fsutil import hash_files
+from trimformer.sources.base import TASKS, LoadedSource, SourceIO
 
 __all__ = ["SUPPORTED_ARCHITECTURES", "is_hf_folder", "load_hf", "read_pooling"]
 

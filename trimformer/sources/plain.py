@@ -17,10 +17,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
 
-from ..errors import UserError
-from ..fsutil import hash_files
-from .base import LoadedSource, SourceIO
-from .tokenizer import load_tokenizer
+from trimformer.data.tokenizer import load_tokenizer
+from trimformer.errors import UserError
+from trimformer.fsutil import hash_files
+from trimformer.sources.base import LoadedSource, SourceIO
 
 __all__ = ["PLAIN_CONFIG_FILE", "PlainConfig", "PlainTransformerClassifier", "is_plain_folder", "load_plain"]
 

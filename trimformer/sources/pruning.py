@@ -24,10 +24,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..errors import UserError
+from trimformer.errors import UserError
 
 if TYPE_CHECKING:
-    from .base import LoadedSource
+    from trimformer.sources.base import LoadedSource
 
 __all__ = [
     "RECORD_FILE",
@@ -79,7 +79,7 @@ def _core(model: nn.Module) -> nn.Module:
 
 def layer_modules(model: nn.Module) -> list[LayerModules]:
     """The prunable modules of each layer, for HF BERT/DistilBERT/RoBERTa and the plain model."""
-    from .plain import PlainTransformerClassifier
+    from trimformer.sources.plain import PlainTransformerClassifier
 
     if isinstance(model, PlainTransformerClassifier):
         head_dim = model.config.hidden_size // model.config.num_heads
@@ -304,7 +304,7 @@ def apply_pruning_record(model: nn.Module, record: dict[str, Any]) -> None:
     pruned graph. For the plain model the attention is re-bound per instance to read each layer's
     head count from its weights (its class reads one global count).
     """
-    from .plain import PlainTransformerClassifier
+    from trimformer.sources.plain import PlainTransformerClassifier
 
     record = validate_record(record)
     mods = layer_modules(model)
@@ -366,11 +366,16 @@ def load_pruned_source(folder: str | Path) -> LoadedSource:
     record = load_pruning_record(record_path)
     from safetensors.torch import load_file
 
-    from ..fsutil import hash_files
-    from .base import LoadedSource, SourceIO
-    from .hf import SUPPORTED_ARCHITECTURES, ClassifierHead, EmbeddingHead, read_pooling
-    from .plain import PLAIN_CONFIG_FILE, PlainTransformerClassifier, is_plain_folder, read_plain_config
-    from .tokenizer import load_tokenizer
+    from trimformer.data.tokenizer import load_tokenizer
+    from trimformer.fsutil import hash_files
+    from trimformer.sources.base import LoadedSource, SourceIO
+    from trimformer.sources.hf import SUPPORTED_ARCHITECTURES, ClassifierHead, EmbeddingHead, read_pooling
+    from trimformer.sources.plain import (
+        PLAIN_CONFIG_FILE,
+        PlainTransformerClassifier,
+        is_plain_folder,
+        read_plain_config,
+    )
 
     weights = folder / "model.safetensors"
     state = load_file(str(weights))

@@ -1,0 +1,465 @@
+"""The bad-input matrix: every command, every kind of input (models, data, recipes, bundles, options).
+
+Each case must exit 2 with exactly one line that names the problem, print no traceback, and leave no
+output folder behind (nor any temporary sibling of it).
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from tests.builders import make_csv, make_hf_model
+from trimformer.cli.commands import cli
+
+Case = Callable[[Path, dict[str, Path]], list[str]]
+
+
+class _Evil:
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (print, ("pwned",))
+
+
+def _hf_with(tmp: Path, edit: Callable[[Path], None]) -> Path:
+    folder = make_hf_model(tmp / "m")
+    edit(folder)
+    return folder
+
+
+def _copy_artifact(fx: dict[str, Path], tmp: Path, edit: Callable[[Path], None]) -> Path:
+    target = tmp / "art"
+    shutil.copytree(fx["onnx"], target)
+    edit(target)
+    return target
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _recipe(tmp: Path, fx: dict[str, Path], extra: str) -> Path:
+    return _write(
+        tmp / "r.toml",
+        f'[model]\nsource = "{fx["bert"]}"\n[data]\nsource = "{fx["csv"]}"\n{extra}',
+    )
+
+
+def _tampered_bundle(tmp: Path, fx: dict[str, Path]) -> Path:
+    bundle = tmp / "bundle"
+    assert (
+        CliRunner().invoke(cli, ["--quiet", "package", str(fx["onnx"]), "--out", str(bundle)]).exit_code == 0
+    )
+    (bundle / "config.json").write_text((bundle / "config.json").read_text() + " ")
+    return bundle
+
+
+OUT = "out"
+CASES: dict[str, tuple[Case, str]] = {
+    # --- models --------------------------------------------------------------------------
+    "export: model path missing": (
+        lambda t, fx: ["export", str(t / "nope"), "--out", str(t / OUT)],
+        "does not exist",
+    ),
+    "export: folder without a model": (
+        lambda t, fx: ["export", str((t / "empty").mkdir() or t / "empty"), "--out", str(t / OUT)],
+        "no model in",
+    ),
+    "export: unsupported architecture": (
+        lambda t, fx: [
+            "export",
+            str(
+                _hf_with(
+                    t,
+                    lambda f: _write(
+                        f / "config.json",
+                        (f / "config.json")
+                        .read_text()
+                        .replace('"model_type": "bert"', '"model_type": "gpt2"'),
+                    ),
+                )
+            ),
+            "--out",
+            str(t / OUT),
+        ],
+        "supported architectures",
+    ),
+    "export: pickle-only checkpoint": (
+        lambda t, fx: [
+            "export",
+            str(
+                _hf_with(
+                    t,
+                    lambda f: (
+                        (f / "model.safetensors").unlink(),
+                        (f / "pytorch_model.bin").write_bytes(pickle.dumps({"w": _Evil()})),
+                    ),
+                )
+            ),
+            "--out",
+            str(t / OUT),
+        ],
+        "weights_only",
+    ),
+    "export: config without weights": (
+        lambda t, fx: [
+            "export",
+            str(_hf_with(t, lambda f: (f / "model.safetensors").unlink())),
+            "--out",
+            str(t / OUT),
+        ],
+        "no weights",
+    ),
+    "export: opset out of range": (
+        lambda t, fx: ["export", str(fx["bert"]), "--out", str(t / OUT), "--opset", "9"],
+        "opset 9 is not supported",
+    ),
+    "export: output exists": (
+        lambda t, fx: ["export", str(fx["bert"]), "--out", str((t / OUT).mkdir() or t / OUT)],
+        "already exists",
+    ),
+    "validate: not an artifact": (
+        lambda t, fx: ["validate", str(fx["bert"]), "--data", str(fx["csv"]), "--out", str(t / OUT)],
+        "not a trimformer artifact",
+    ),
+    "validate: truncated model": (
+        lambda t, fx: [
+            "validate",
+            str(
+                _copy_artifact(
+                    fx, t, lambda a: (a / "model.onnx").write_bytes((a / "model.onnx").read_bytes()[:5000])
+                )
+            ),
+            "--data",
+            str(fx["csv"]),
+            "--out",
+            str(t / OUT),
+        ],
+        "corrupt or truncated|not a readable ONNX|cannot load",
+    ),
+    "validate: malformed trimformer.json": (
+        lambda t, fx: [
+            "validate",
+            str(_copy_artifact(fx, t, lambda a: _write(a / "trimformer.json", "{"))),
+            "--data",
+            str(fx["csv"]),
+            "--out",
+            str(t / OUT),
+        ],
+        "malformed",
+    ),
+    # --- data ----------------------------------------------------------------------------
+    "validate: dataset file missing": (
+        lambda t, fx: ["validate", str(fx["onnx"]), "--data", str(t / "none.csv"), "--out", str(t / OUT)],
+        "does not exist",
+    ),
+    "validate: unsupported dataset format": (
+        lambda t, fx: [
+            "validate",
+            str(fx["onnx"]),
+            "--data",
+            str(_write(t / "d.xlsx", "x")),
+            "--out",
+            str(t / OUT),
+        ],
+        "unsupported dataset format",
+    ),
+    "validate: no such text column": (
+        lambda t, fx: [
+            "validate",
+            str(fx["onnx"]),
+            "--data",
+            str(fx["csv"]),
+            "--text-column",
+            "body",
+            "--out",
+            str(t / OUT),
+        ],
+        r"no column 'body' \(columns: text, label\)",
+    ),
+    "validate: no such label column": (
+        lambda t, fx: [
+            "validate",
+            str(fx["onnx"]),
+            "--data",
+            str(fx["csv"]),
+            "--label-column",
+            "y",
+            "--out",
+            str(t / OUT),
+        ],
+        "no label column 'y'",
+    ),
+    "validate: empty dataset": (
+        lambda t, fx: [
+            "validate",
+            str(fx["onnx"]),
+            "--data",
+            str(_write(t / "e.csv", "text,label\n")),
+            "--out",
+            str(t / OUT),
+        ],
+        "empty",
+    ),
+    "validate: labels outside the label map": (
+        lambda t, fx: [
+            "validate",
+            str(fx["onnx"]),
+            "--data",
+            str(_write(t / "l.csv", "text,label\ngood,joy\n")),
+            "--out",
+            str(t / OUT),
+        ],
+        "absent from the model's label map: joy",
+    ),
+    "validate: broken JSONL line": (
+        lambda t, fx: [
+            "validate",
+            str(fx["onnx"]),
+            "--data",
+            str(_write(t / "b.jsonl", '{"text": "a"}\n{oops\n')),
+            "--out",
+            str(t / OUT),
+        ],
+        r"b.jsonl:2 is not valid JSON",
+    ),
+    "validate: unknown built-in dataset": (
+        lambda t, fx: ["validate", str(fx["onnx"]), "--data", "builtin:imdb", "--out", str(t / OUT)],
+        "unknown built-in dataset",
+    ),
+    "train: unlabelled data": (
+        lambda t, fx: [
+            "train",
+            "--model",
+            str(fx["bert"]),
+            "--data",
+            str(_write(t / "u.csv", "text\na\nb\nc\n" * 5)),
+            "--out",
+            str(t / OUT),
+        ],
+        "has no labels",
+    ),
+    # --- options -------------------------------------------------------------------------
+    "validate: provider not installed": (
+        lambda t, fx: [
+            "validate",
+            str(fx["onnx"]),
+            "--data",
+            str(fx["csv"]),
+            "--provider",
+            "tensorrt",
+            "--out",
+            str(t / OUT),
+        ],
+        "provider 'tensorrt' is not available",
+    ),
+    "validate: bad grid": (
+        lambda t, fx: [
+            "validate",
+            str(fx["onnx"]),
+            "--data",
+            str(fx["csv"]),
+            "--grid",
+            "1by128",
+            "--out",
+            str(t / OUT),
+        ],
+        "BATCHxSEQ",
+    ),
+    "validate: gate without reference": (
+        lambda t, fx: [
+            "validate",
+            str(fx["onnx"]),
+            "--data",
+            str(fx["csv"]),
+            "--min-speedup",
+            "2",
+            "--out",
+            str(t / OUT),
+        ],
+        "pass --reference",
+    ),
+    "train: zero steps": (
+        lambda t, fx: [
+            "train",
+            "--model",
+            str(fx["bert"]),
+            "--data",
+            str(fx["csv"]),
+            "--steps",
+            "0",
+            "--out",
+            str(t / OUT),
+        ],
+        "--steps must be at least 1",
+    ),
+    "quantize: unknown preset": (
+        lambda t, fx: [
+            "quantize",
+            str(fx["onnx"]),
+            "--calibration",
+            str(fx["csv"]),
+            "--preset",
+            "tpu",
+            "--out",
+            str(t / OUT),
+        ],
+        "tpu",
+    ),
+    "quantize: unknown method": (
+        lambda t, fx: [
+            "quantize",
+            str(fx["onnx"]),
+            "--calibration",
+            str(fx["csv"]),
+            "--method",
+            "magic",
+            "--out",
+            str(t / OUT),
+        ],
+        "magic",
+    ),
+    "quantize: more samples than the data has": (
+        lambda t, fx: [
+            "quantize",
+            str(fx["onnx"]),
+            "--calibration",
+            str(fx["csv"]),
+            "--samples",
+            "100000",
+            "--out",
+            str(t / OUT),
+        ],
+        "100000|rows|samples",
+    ),
+    "prune: ratio outside [0, 1)": (
+        lambda t, fx: [
+            "prune",
+            str(fx["onnx"]),
+            "--calibration",
+            str(fx["csv"]),
+            "--heads",
+            "1.5",
+            "--out",
+            str(t / OUT),
+        ],
+        r"1\.5|\[0, 1\)",
+    ),
+    "prune: fisher without a PyTorch source": (
+        lambda t, fx: [
+            "prune",
+            str(fx["onnx"]),
+            "--calibration",
+            str(fx["csv"]),
+            "--heads",
+            "0.5",
+            "--importance",
+            "fisher",
+            "--out",
+            str(t / OUT),
+        ],
+        "--source",
+    ),
+    "optimize: unknown pass": (
+        lambda t, fx: ["optimize", str(fx["onnx"]), "--passes", "shrink", "--out", str(t / OUT)],
+        "unknown pass 'shrink'; known passes:",
+    ),
+    "distill: layer out of range": (
+        lambda t, fx: [
+            "distill",
+            "--teacher",
+            str(fx["bert"]),
+            "--data",
+            str(fx["csv"]),
+            "--layers",
+            "0,7",
+            "--out",
+            str(t / OUT),
+        ],
+        "7",
+    ),
+    "distill: more processes than the machine has": (
+        lambda t, fx: [
+            "distill",
+            "--teacher",
+            str(fx["bert"]),
+            "--data",
+            str(fx["csv"]),
+            "--layers",
+            "1",
+            "--nproc-per-node",
+            "512",
+            "--out",
+            str(t / OUT),
+        ],
+        "512",
+    ),
+    # --- recipes -------------------------------------------------------------------------
+    "run: recipe with a typo'd key": (
+        lambda t, fx: [
+            "run",
+            str(_recipe(t, fx, "[export]\nopset = 17\nopsett = 1\n")),
+            "--workdir",
+            str(t / OUT),
+        ],
+        "opsett",
+    ),
+    "run: unknown pass in a recipe": (
+        lambda t, fx: [
+            "run",
+            str(_recipe(t, fx, '[export]\n[[passes]]\nname = "shrink"\n')),
+            "--workdir",
+            str(t / OUT),
+        ],
+        "shrink",
+    ),
+    "run: recipe file missing": (
+        lambda t, fx: ["run", str(t / "none.toml"), "--workdir", str(t / OUT)],
+        "none.toml",
+    ),
+    # --- bundles -------------------------------------------------------------------------
+    "verify: bundle missing": (lambda t, fx: ["verify", str(t / "nothing")], "nothing"),
+    "verify: tampered bundle": (lambda t, fx: ["verify", str(_tampered_bundle(t, fx))], "config.json"),
+    "package: output exists": (
+        lambda t, fx: ["package", str(fx["onnx"]), "--out", str((t / OUT).mkdir() or t / OUT)],
+        "exists",
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def fx(tiny_bert: Path, tiny_bert_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return {
+        "bert": tiny_bert,
+        "onnx": tiny_bert_onnx,
+        "csv": make_csv(tmp_path_factory.mktemp("d") / "d.csv", 60),
+    }
+
+
+def test_the_matrix_is_large_enough() -> None:
+    assert len(CASES) >= 30
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_bad_input(name: str, fx: dict[str, Path], tmp_path: Path) -> None:
+    build, pattern = CASES[name]
+    args = build(tmp_path, fx)
+    preexisting = (tmp_path / OUT).exists()
+    result = CliRunner().invoke(cli, ["--quiet", *args])
+    output = result.output
+    assert result.exit_code == 2, f"{name}: exit {result.exit_code}: {output}"
+    assert "Traceback" not in output and "pwned" not in output
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), f"{name}: {output}"
+    assert re.search(pattern, lines[0]), f"{name}: {lines[0]}"
+    if not preexisting:
+        assert not (tmp_path / OUT).exists(), f"{name} left {OUT}/ behind"
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(f".{OUT}.")], (
+        f"{name} left a temp folder"
+    )

@@ -1,0 +1,57 @@
+"""Tokenizers from model folders, as `tokenizers.Tokenizer` objects (the runtime needs nothing else)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+from trimformer.errors import UserError
+
+__all__ = ["TOKENIZER_FILES", "configure_tokenizer", "load_tokenizer"]
+
+logger = logging.getLogger(__name__)
+
+# Files that travel with a model so Hugging Face loaders (and Optimum) can rebuild the tokenizer.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "sentencepiece.bpe.model",
+)
+
+
+def load_tokenizer(folder: Path) -> Tokenizer:
+    """Read ``tokenizer.json``, or convert a slow tokenizer (vocab.txt, ...) with transformers."""
+    folder = Path(folder)
+    path = folder / "tokenizer.json"
+    if path.is_file():
+        try:
+            return Tokenizer.from_file(str(path))
+        except Exception as exc:
+            raise UserError(f"{path} is not a valid tokenizers file: {exc}") from exc
+    try:
+        from transformers import AutoTokenizer
+
+        hf = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, use_fast=True)
+        backend = getattr(hf, "backend_tokenizer", None)
+    except Exception as exc:
+        raise UserError(
+            f"no tokenizer in {folder}: add tokenizer.json (or vocab.txt for BERT) next to the model"
+        ) from exc
+    if backend is None:
+        raise UserError(f"the tokenizer in {folder} has no fast version; add a tokenizer.json")
+    return Tokenizer.from_str(backend.to_str())
+
+
+def configure_tokenizer(tokenizer: Tokenizer, max_length: int, pad_token_id: int) -> Tokenizer:
+    """Truncate to ``max_length`` and pad to the longest sequence of each batch."""
+    tokenizer = Tokenizer.from_str(tokenizer.to_str())
+    tokenizer.enable_truncation(max_length=max_length)
+    pad_token = tokenizer.id_to_token(pad_token_id) or "[PAD]"
+    tokenizer.enable_padding(pad_id=pad_token_id, pad_token=pad_token)
+    return tokenizer

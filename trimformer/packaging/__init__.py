@@ -1,0 +1,1 @@
+"""[no torch] Bundles: manifest, archive, ORT format."""

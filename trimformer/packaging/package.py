@@ -1,0 +1,327 @@
+"""Packaging: an artifact (+ its validation report) -> a self-verifying, byte-reproducible bundle.
+
+``package_artifact`` writes ``OUT/`` (see :mod:`trimformer.runtime.bundle` for the layout) and
+``OUT.tar.gz`` next to it, plus ``OUT.tar.gz.sha256``. The folder is built in a temporary sibling
+and renamed into place only after it passed the same check a service runs (``verify_bundle``):
+every hash, and the smoke inference through :class:`trimformer.runtime.Predictor`.
+
+Reproducible: the model, tokenizer and metadata files are copied byte for byte, config.json is
+only rewritten (sorted keys) when its labels must be fixed, the manifest is sorted JSON with no
+timestamps or absolute paths, and the archive is canonical (:mod:`trimformer.runtime.archive`).
+Packaging the same artifact and report twice, into any folder, gives identical bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from trimformer import __version__
+from trimformer.artifact import ARTIFACT_META, MODEL_FILE, ModelArtifact
+from trimformer.errors import UserError
+from trimformer.fsutil import atomic_output_dir, check_output_dir, sha256_bytes, sha256_file
+from trimformer.packaging.manifest import lineage_facts, model_facts, validation_facts
+from trimformer.packaging.ort_format import ORT_CONFIG_FILE, ORT_FILE, convert_to_ort
+from trimformer.runtime.archive import ARCHIVE_SUFFIXES, archive_sidecar, write_tar_gz
+from trimformer.runtime.bundle import (
+    BUNDLE_FORMAT,
+    BUNDLE_FORMAT_VERSION,
+    MANIFEST,
+    MANIFEST_DIGEST,
+    digest_line,
+)
+from trimformer.runtime.encoding import KNOWN_INPUTS, TextEncoder
+from trimformer.runtime.predictor import SMOKE_TEXTS, smoke_difference
+from trimformer.runtime.session import make_session
+from trimformer.runtime.verify import verify_bundle
+
+__all__ = ["BUNDLE_TOKENIZER_FILES", "PackageResult", "archive_path_for", "package_artifact"]
+
+logger = logging.getLogger(__name__)
+
+# The tokenizer files Hugging Face loaders (and Optimum) read; tokenizer.json is the one the
+# runtime reads. A superset of trimformer.data.tokenizer.TOKENIZER_FILES, repeated here so that
+# packaging does not import the torch-side sources package.
+BUNDLE_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "sentencepiece.bpe.model",
+    "spiece.model",
+)
+CONFIG_FILE = "config.json"
+# Smoke tolerance, times max(1, largest |output|): float graphs agree to ~1e-6 across machines;
+# integer kernels differ more between CPUs (VNNI or not), hence the wider margin for quantized graphs.
+_SMOKE_ATOL = {False: 1e-3, True: 5e-2}
+
+
+@dataclass(frozen=True)
+class PackageResult:
+    folder: Path
+    archive: Path
+    manifest: dict[str, Any]
+    digest: str
+    archive_sha256: str
+
+    def to_dict(self) -> dict[str, Any]:
+        files = self.manifest["files"]
+        return {
+            "folder": str(self.folder),
+            "archive": str(self.archive),
+            "digest": self.digest,
+            "archive_sha256": self.archive_sha256,
+            "files": sorted([*files, MANIFEST, MANIFEST_DIGEST]),
+            "size_mb": round(sum(entry["size"] for entry in files.values()) / 1e6, 3),
+            "validated": self.manifest["validation"] is not None,
+            "ort_format": self.manifest["ort_format"] is not None,
+        }
+
+
+def archive_path_for(out: str | Path) -> Path:
+    out = Path(out)
+    return out.with_name(out.name + ".tar.gz")
+
+
+def _check_destinations(artifact: ModelArtifact, out: Path, archive: Path, overwrite: bool) -> None:
+    if out.name.endswith(ARCHIVE_SUFFIXES):
+        raise UserError(
+            f"--out names the bundle folder; the archive is written next to it as <out>.tar.gz: "
+            f"use --out {out.name[: -len('.tar.gz') if out.name.endswith('.tar.gz') else -len('.tgz')]}"
+        )
+    source = artifact.path.resolve()
+    target = out.resolve()
+    if target == source or target in source.parents or source in target.parents:
+        raise UserError(f"--out {out} overlaps the model folder {artifact.path}; choose a folder outside it")
+    check_output_dir(out, overwrite)
+    if archive.exists() and not overwrite:
+        raise UserError(
+            f"archive {archive} already exists; pass --overwrite to replace it or choose another --out"
+        )
+    if archive.exists() and not archive.is_file():
+        raise UserError(f"{archive} exists and is not a file; remove it or choose another --out")
+
+
+def _config_bytes(artifact: ModelArtifact) -> bytes:
+    """config.json with id2label/label2id matching the artifact's labels (Optimum reads them)."""
+    path = artifact.path / CONFIG_FILE
+    config: dict[str, Any] = {}
+    if path.is_file():
+        raw = path.read_bytes()
+        try:
+            config = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise UserError(f"{path} is not valid JSON ({exc}); re-export the model") from exc
+        if not isinstance(config, dict):
+            raise UserError(f"{path} is not a JSON object; re-export the model")
+    labels = artifact.labels
+    wanted: dict[str, Any] = {}
+    if labels:
+        wanted = {
+            "id2label": {str(i): label for i, label in enumerate(labels)},
+            "label2id": {label: i for i, label in enumerate(labels)},
+        }
+    if path.is_file() and all(config.get(k) == v for k, v in wanted.items()):
+        return raw  # unchanged: byte for byte what the artifact carried
+    config.update(wanted)
+    config.setdefault("architectures", [artifact.meta.architecture])
+    return (json.dumps(config, indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+
+def _copy_files(artifact: ModelArtifact, tmp: Path) -> tuple[list[str], list[str]]:
+    """Model (+ external data), tokenizer files, config.json and trimformer.json; returns
+    (external data names, tokenizer file names)."""
+    model_files = artifact.model_files()
+    external = [p.relative_to(artifact.path.resolve()).as_posix() for p in model_files[1:]]
+    shutil.copyfile(artifact.model_path, tmp / MODEL_FILE)
+    for name in external:
+        (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(artifact.path / name, tmp / name)
+    tokenizer_file = artifact.meta.tokenizer.file
+    if not (artifact.path / tokenizer_file).is_file():
+        raise UserError(
+            f"{artifact.path} has no {tokenizer_file}; the runtime needs a tokenizers file: re-export the model"
+        )
+    tokenizer_files = sorted(
+        {tokenizer_file} | {n for n in BUNDLE_TOKENIZER_FILES if (artifact.path / n).is_file()}
+    )
+    for name in tokenizer_files:
+        shutil.copyfile(artifact.path / name, tmp / name)
+    (tmp / CONFIG_FILE).write_bytes(_config_bytes(artifact))
+    shutil.copyfile(artifact.path / ARTIFACT_META, tmp / ARTIFACT_META)
+    skipped = sorted(
+        p.relative_to(artifact.path).as_posix()
+        for p in artifact.side_files()
+        if p.relative_to(artifact.path).as_posix() not in {*tokenizer_files, CONFIG_FILE}
+    )
+    if skipped:
+        logger.info("not shipped (pipeline-only files): %s", ", ".join(skipped))
+    return external, tokenizer_files
+
+
+def _run_smoke(model: bytes | Path, encoder: TextEncoder, output: str, label: str) -> np.ndarray:
+    session = make_session(model, ["CPUExecutionProvider"], threads=None, label=label)
+    values = session.run([output], encoder(list(SMOKE_TEXTS)))[0]
+    if not np.all(np.isfinite(values)):
+        raise UserError(
+            f"the {label} outputs NaN or infinity on the smoke texts; validate the model before packaging"
+        )
+    return np.asarray(values)
+
+
+def _check_io(artifact: ModelArtifact, facts: dict[str, Any]) -> None:
+    unknown = [io["name"] for io in facts["inputs"] if io["name"] not in KNOWN_INPUTS]
+    if unknown:
+        raise UserError(
+            f"{artifact.model_path} has inputs {unknown} the runtime cannot feed (it feeds {KNOWN_INPUTS})"
+        )
+    if not facts["outputs"]:
+        raise UserError(f"{artifact.model_path} has no outputs")
+    if artifact.task == "sequence-classification":
+        if not artifact.labels:
+            raise UserError(
+                f"{artifact.path} is a classifier without labels in trimformer.json; re-export it"
+            )
+        width = facts["outputs"][0]["shape"][-1]
+        if isinstance(width, int) and width != len(artifact.labels):
+            raise UserError(
+                f"{artifact.model_path} outputs {width} scores but trimformer.json lists {len(artifact.labels)} labels"
+            )
+
+
+def package_artifact(
+    artifact_dir: str | Path,
+    out: str | Path,
+    report: str | Path | None = None,
+    recipe_text: str | None = None,
+    ort_format: bool = False,
+    overwrite: bool = False,
+) -> PackageResult:
+    """Write the bundle folder ``out`` and ``<out>.tar.gz``; see the module docstring."""
+    artifact = ModelArtifact.open(artifact_dir)
+    out = Path(out)
+    archive = archive_path_for(out)
+    _check_destinations(artifact, out, archive, overwrite)
+    facts = model_facts(artifact.load_model(load_weights=False), [])
+    _check_io(artifact, facts)
+    lineage = lineage_facts(artifact)
+    validation = validation_facts(Path(report), artifact) if report is not None else None
+    if ort_format and len(artifact.model_files()) > 1:
+        raise UserError(
+            "--ort needs a model without external data (under 2 GB); package this one without --ort"
+        )
+    tok = artifact.meta.tokenizer
+
+    parent = out.parent if str(out.parent) else Path(".")
+    parent.mkdir(parents=True, exist_ok=True)
+    archive_tmp = Path(tempfile.mkstemp(prefix=f".{archive.name}.tmp-", dir=parent)[1])
+    sidecar_tmp = Path(tempfile.mkstemp(prefix=f".{archive.name}.sha256.tmp-", dir=parent)[1])
+    try:
+        with atomic_output_dir(out, overwrite=overwrite) as tmp:
+            external, tokenizer_files = _copy_files(artifact, tmp)
+            facts["external_data"] = external
+            encoder = TextEncoder(
+                (tmp / tok.file).read_text(encoding="utf-8"),
+                [io["name"] for io in facts["inputs"]],
+                tok.max_length,
+                tok.pad_token_id,
+            )
+            output = facts["outputs"][0]["name"]
+            model_input: bytes | Path = tmp / MODEL_FILE if external else (tmp / MODEL_FILE).read_bytes()
+            values = _run_smoke(model_input, encoder, output, "model")
+            scale = max(1.0, float(np.max(np.abs(values), initial=0.0)))
+            atol = _SMOKE_ATOL[bool(facts["quantized"])] * scale
+            smoke = {
+                "texts": list(SMOKE_TEXTS),
+                "output": output,
+                "values": np.round(values.astype(np.float64), 6).tolist(),
+                "atol": float(f"{atol:.6g}"),
+            }
+            ort_facts = None
+            if ort_format:
+                _, _, reproducible = convert_to_ort(tmp / MODEL_FILE, tmp)
+                ort_values = _run_smoke((tmp / ORT_FILE).read_bytes(), encoder, output, "ORT-format model")
+                diff = smoke_difference(ort_values, smoke)
+                if not diff <= atol:
+                    raise UserError(
+                        f"the ORT-format copy gives different outputs from model.onnx (max difference {diff:.3g} > "
+                        f"{atol:.3g}); package without --ort and report it"
+                    )
+                ort_facts = {
+                    "file": ORT_FILE,
+                    "required_operators": ORT_CONFIG_FILE,
+                    "converter": "onnxruntime.tools.convert_onnx_models_to_ort",
+                    "optimization": "Fixed, level all, no NCHWc",
+                    "onnxruntime": ort.__version__,
+                    "reproducible": reproducible,
+                    "smoke_max_abs_diff": float(f"{diff:.6g}"),
+                }
+            files = {
+                path.relative_to(tmp).as_posix(): {"sha256": sha256_file(path), "size": path.stat().st_size}
+                for path in sorted(tmp.rglob("*"))
+                if path.is_file()
+            }
+            manifest = {
+                "format": BUNDLE_FORMAT,
+                "format_version": BUNDLE_FORMAT_VERSION,
+                "trimformer": __version__,
+                "task": artifact.task,
+                "architecture": artifact.meta.architecture,
+                "labels": artifact.labels,
+                "model": facts,
+                "tokenizer": {
+                    "file": tok.file,
+                    "files": tokenizer_files,
+                    "max_length": tok.max_length,
+                    "pad_token_id": tok.pad_token_id,
+                    "uses_token_type_ids": tok.uses_token_type_ids,
+                },
+                "files": files,
+                "runtime": {
+                    # Where packaging itself loaded the model and recorded the smoke outputs.
+                    "onnxruntime": ort.__version__,
+                    "providers": ["CPUExecutionProvider"],
+                },
+                "validation": validation,
+                "smoke": smoke,
+                "ort_format": ort_facts,
+                "recipe": None
+                if recipe_text is None
+                else {"sha256": sha256_bytes(recipe_text.encode("utf-8")), "text": recipe_text},
+                "lineage": lineage,
+            }
+            manifest_bytes = (
+                json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+            ).encode()
+            (tmp / MANIFEST).write_bytes(manifest_bytes)
+            (tmp / MANIFEST_DIGEST).write_text(digest_line(manifest_bytes), encoding="ascii")
+            # The tool checks itself: what a service will run must accept what we wrote.
+            verify_bundle(tmp)
+            names = [*files, MANIFEST, MANIFEST_DIGEST]
+            write_tar_gz([(name, tmp / name) for name in names], archive_tmp)
+            archive_sha = sha256_file(archive_tmp)
+            sidecar_tmp.write_text(f"{archive_sha}  {archive.name}\n", encoding="ascii")
+            for done in (archive_tmp, sidecar_tmp):
+                os.chmod(done, 0o644)  # mkstemp makes them private; archives are meant to be shared
+        os.replace(archive_tmp, archive)
+        os.replace(sidecar_tmp, archive_sidecar(archive))
+    finally:
+        archive_tmp.unlink(missing_ok=True)
+        sidecar_tmp.unlink(missing_ok=True)
+    digest = "sha256:" + sha256_bytes(manifest_bytes)
+    logger.info("packaged %s into %s (%s)", artifact.path, out, digest)
+    return PackageResult(
+        folder=out, archive=archive, manifest=manifest, digest=digest, archive_sha256=archive_sha
+    )

@@ -1,0 +1,263 @@
+"""The ``fuse`` pass: transformer fusions through onnxruntime's maintained optimizer.
+
+Attention, EmbedLayerNormalization, SkipLayerNormalization, LayerNormalization and (Bias)Gelu are
+fused by ``onnxruntime.transformers.optimizer.optimize_model`` with ``opt_level=0`` (its Python
+fusions only, no hardware-specific ORT rewrites), so the result still runs on any CPU or GPU.
+The pass reports how many times each fusion fired and ends with a numerical check of the fused
+graph against the input graph on seeded random inputs.
+
+onnxruntime cannot find the head count on the TorchScript export (the reshape sizes are computed
+at run time); :func:`detect_attention_dims` reads it from the constant ``head_dim`` of the
+``(batch, seq, -1, head_dim)`` reshapes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from onnx import numpy_helper
+from onnx_ir.passes import FunctionalPass
+
+from trimformer.errors import ParityError, UserError
+from trimformer.passes.base import PassConfig, PassContext, PassReport, register_pass
+from trimformer.passes.fuse.cpu_kernels import prefer_cpu_kernels
+
+__all__ = [
+    "FUSED_OPS",
+    "FuseConfig",
+    "FusePass",
+    "check_same_outputs",
+    "detect_attention_dims",
+    "fuse_proto",
+    "fused_op_counts",
+    "in_scratch_dir",
+]
+
+logger = logging.getLogger(__name__)
+
+FUSED_OPS = (
+    "Attention",
+    "MultiHeadAttention",
+    "EmbedLayerNormalization",
+    "SkipLayerNormalization",
+    "LayerNormalization",
+    "BiasGelu",
+    "Gelu",
+    "FastGelu",
+)
+MS_DOMAIN = "com.microsoft"
+
+
+class FuseConfig(PassConfig):
+    """``num_heads``/``hidden_size`` 0 means: detect them from the graph."""
+
+    model_type: str = "bert"
+    num_heads: int = 0
+    hidden_size: int = 0
+    # Tolerance of the check of the fused graph against the input graph (max abs diff of output 0).
+    atol: float = 1e-3
+    # onnxruntime's faster CPU kernels for the same arithmetic (cpu_kernels.py); off for GPU targets.
+    cpu_kernels: bool = True
+
+
+@contextlib.contextmanager
+def in_scratch_dir(base: Path | None = None) -> Any:
+    """Run onnxruntime's shape-inference helpers from a scratch folder: on failure they drop
+    ``sym_shape_infer_temp.onnx`` and a large ``.data`` file into the current directory."""
+    previous = Path.cwd()
+    with tempfile.TemporaryDirectory(prefix="trimformer-ort-", dir=base) as tmp:
+        os.chdir(tmp)
+        try:
+            yield Path(tmp)
+        finally:
+            os.chdir(previous)
+
+
+def _const_ints(graph: onnx.GraphProto) -> dict[str, list[int]]:
+    values: dict[str, list[int]] = {}
+    for init in graph.initializer:
+        if init.data_type == onnx.TensorProto.INT64:
+            values[init.name] = numpy_helper.to_array(init).reshape(-1).tolist()
+    for node in graph.node:
+        if (
+            node.op_type == "Constant"
+            and node.attribute
+            and node.attribute[0].type == onnx.AttributeProto.TENSOR
+        ):
+            tensor = node.attribute[0].t
+            if tensor.data_type == onnx.TensorProto.INT64:
+                values[node.output[0]] = numpy_helper.to_array(tensor).reshape(-1).tolist()
+    return values
+
+
+def detect_attention_dims(model: onnx.ModelProto) -> tuple[int, int]:
+    """(num_heads, hidden_size) from the graph, or (0, 0) when no attention reshape is found.
+
+    The head split is a Reshape to ``(batch, seq, heads, head_dim)`` with at least ``head_dim``
+    constant; the hidden size is the input width of the MatMul feeding it.
+    """
+    graph = model.graph
+    consts = _const_ints(graph)
+    producers = {out: node for node in graph.node for out in node.output}
+    shapes = {init.name: tuple(init.dims) for init in graph.initializer}
+    head_dims: Counter[tuple[int, int]] = Counter()
+    for node in graph.node:
+        if node.op_type != "Reshape" or len(node.input) < 2:
+            continue
+        shape = consts.get(node.input[1])
+        if shape is None and node.input[1] in producers and producers[node.input[1]].op_type == "Concat":
+            parts = [consts.get(i) for i in producers[node.input[1]].input]
+            if len(parts) == 4 and parts[3] is not None and len(parts[3]) == 1:
+                shape = [0, 0, parts[2][0] if parts[2] else -1, parts[3][0]]
+        if shape is None or len(shape) != 4 or shape[3] <= 0:
+            continue
+        # Width of the projection feeding the reshape (MatMul weight, maybe through a bias Add).
+        src = producers.get(node.input[0])
+        if src is not None and src.op_type == "Add":
+            src = next(
+                (producers[i] for i in src.input if i in producers and producers[i].op_type == "MatMul"), None
+            )
+        if src is None or src.op_type != "MatMul" or src.input[1] not in shapes:
+            continue
+        w = shapes[src.input[1]]
+        if len(w) != 2 or w[1] % shape[3]:
+            continue
+        if w[0] != w[1]:
+            # Head-pruned: each layer keeps its own head count, written into its Reshape. One
+            # global (num_heads, hidden) would be wrong for some layer; (0, 0) makes onnxruntime
+            # read every layer's count from its own Reshape.
+            return 0, 0
+        head_dims[(w[1] // shape[3], w[0])] += 1
+    if not head_dims:
+        return 0, 0
+    return head_dims.most_common(1)[0][0]
+
+
+def fused_op_counts(model: onnx.ModelProto) -> dict[str, int]:
+    counts = Counter(node.op_type for node in model.graph.node)
+    return {op: counts[op] for op in FUSED_OPS if counts[op]}
+
+
+def fuse_proto(
+    model: onnx.ModelProto, config: FuseConfig, scratch: Path | None = None
+) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """Fuse a graph; returns the fused model and stats (counts per fusion, heads, node counts)."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    num_heads, hidden = config.num_heads, config.hidden_size
+    detected = False
+    if num_heads <= 0 or hidden <= 0:
+        found_heads, found_hidden = detect_attention_dims(model)
+        num_heads = num_heads if num_heads > 0 else found_heads
+        hidden = hidden if hidden > 0 else found_hidden
+        detected = True
+    before = fused_op_counts(model)
+    # optimize_model logs through the root logger at WARNING for things that are not problems
+    # for us (an unfused pooler); keep them at debug level.
+    ort_logger = logging.getLogger("onnxruntime.transformers")
+    level = ort_logger.level
+    ort_logger.setLevel(logging.ERROR)
+    try:
+        with in_scratch_dir(scratch):
+            optimized = optimize_model(
+                model, model_type=config.model_type, num_heads=num_heads, hidden_size=hidden, opt_level=0
+            )
+    except Exception as exc:
+        raise UserError(
+            f"onnxruntime's transformer optimizer failed: {' '.join(str(exc).split())[:300]}"
+        ) from exc
+    finally:
+        ort_logger.setLevel(level)
+    fused = optimized.model
+    if any(n.domain == MS_DOMAIN for n in fused.graph.node) and not any(
+        o.domain == MS_DOMAIN for o in fused.opset_import
+    ):
+        fused.opset_import.append(onnx.helper.make_opsetid(MS_DOMAIN, 1))
+    after = fused_op_counts(fused)
+    stats: dict[str, Any] = {
+        "fusions": {
+            op: after.get(op, 0) - before.get(op, 0)
+            for op in FUSED_OPS
+            if after.get(op, 0) > before.get(op, 0)
+        },
+        "fused_ops": after,
+        "num_heads": num_heads,
+        "hidden_size": hidden,
+        "dims_detected": detected,
+        "nodes_before": len(model.graph.node),
+        "nodes_after": len(fused.graph.node),
+        "fully_fused": bool(after.get("Attention", 0) and after.get("SkipLayerNormalization", 0)),
+    }
+    return fused, stats
+
+
+def _random_feeds(model: onnx.ModelProto, batch: int, seq: int, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    # Token ids below the smallest weight dimension: valid for any vocabulary or position table.
+    high = min(
+        (int(i.dims[0]) for i in model.graph.initializer if len(i.dims) == 2 and i.dims[0] >= 8), default=100
+    )
+    feeds: dict[str, np.ndarray] = {}
+    for value in model.graph.input:
+        name = value.name
+        if "mask" in name:
+            mask = np.ones((batch, seq), dtype=np.int64)
+            mask[0, seq // 2 :] = 0
+            feeds[name] = mask
+        elif "type" in name:
+            feeds[name] = np.zeros((batch, seq), dtype=np.int64)
+        else:
+            feeds[name] = rng.integers(min(5, high - 1), high, size=(batch, seq), dtype=np.int64)
+    return feeds
+
+
+def check_same_outputs(
+    reference: onnx.ModelProto, candidate: onnx.ModelProto, atol: float, seed: int = 0
+) -> float:
+    """Max abs diff of output 0 on seeded random token ids (batch 2, 16 tokens, half masked)."""
+    import onnxruntime as ort
+
+    feeds = _random_feeds(reference, 2, 16, seed)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    outs = []
+    for model in (reference, candidate):
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        names = {i.name for i in session.get_inputs()}
+        outs.append(np.asarray(session.run(None, {k: v for k, v in feeds.items() if k in names})[0]))
+    diff = float(np.max(np.abs(outs[0] - outs[1])))
+    if diff > atol:
+        raise ParityError(f"the fused graph differs from the input graph by {diff:.3g} (tolerance {atol:g})")
+    return diff
+
+
+class FusePass(FunctionalPass):
+    def __init__(self, config: FuseConfig, ctx: PassContext) -> None:
+        super().__init__()
+        self.config = config
+        self.ctx = ctx
+
+    def call(self, model: ir.Model) -> PassReport:
+        proto = ir.to_proto(model)
+        fused, stats = fuse_proto(proto, self.config, self.ctx.scratch)
+        if self.config.cpu_kernels:
+            stats["cpu_kernels"] = prefer_cpu_kernels(fused)
+        stats["max_abs_diff"] = check_same_outputs(proto, fused, self.config.atol, self.ctx.seed)
+        logger.info(
+            "fuse: %s (max abs diff %.2g)", stats["fusions"] or "nothing fused", stats["max_abs_diff"]
+        )
+        return PassReport(ir.from_proto(fused), modified=bool(stats["fusions"]), stats=stats)
+
+
+@register_pass("fuse", FuseConfig)
+def make_fuse_pass(config: FuseConfig, ctx: PassContext) -> FusePass:
+    return FusePass(config, ctx)

@@ -1,0 +1,241 @@
+"""Importance of heads and feed-forward neurons: one score per unit, kept apart from the surgery.
+
+* ``magnitude``: L2 norm of the unit's weights (Q/K/V columns and output rows of a head; up column
+  and down row of a neuron). Needs no data.
+* ``activation``: L2 norm, over calibration tokens run through onnxruntime, of what the unit adds to
+  the residual stream (a head's context times its output rows; a neuron's activation times its
+  down row).
+* ``ablation``: the increase of the loss (KL divergence to the unpruned model's predictions, or
+  squared error for embeddings) when one head is masked, measured with onnxruntime; for users who
+  only have the ONNX file. Neurons, too many to ablate one by one, get ``activation`` scores.
+* ``fisher``: computed on the PyTorch source (``trimformer.training.fisher``) and handed over as data.
+
+Scores are higher-is-more-important and comparable across layers within a kind.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+
+from trimformer.passes.base import CalibrationFeeds, iter_feeds
+from trimformer.passes.graph import EncoderLayout, const_array
+from trimformer.progress import progress_bar
+
+__all__ = [
+    "IMPORTANCE_KINDS",
+    "Scores",
+    "ablation_scores",
+    "activation_scores",
+    "magnitude_scores",
+    "session_with_outputs",
+    "token_mask",
+]
+
+logger = logging.getLogger(__name__)
+
+IMPORTANCE_KINDS = ("magnitude", "activation", "fisher", "ablation")
+
+
+@dataclass
+class Scores:
+    heads: list[np.ndarray]
+    neurons: list[np.ndarray]
+
+    def to_dict(self) -> dict[str, list[list[float]]]:
+        return {"heads": [h.tolist() for h in self.heads], "neurons": [n.tolist() for n in self.neurons]}
+
+
+def magnitude_scores(layout: EncoderLayout) -> Scores:
+    heads, neurons = [], []
+    for layer in layout.layers:
+        attn, d = layer.attention, layer.attention.head_dim
+        out = attn.out.weight.astype(np.float64)
+        if attn.fused is not None:
+            packed = const_array(attn.fused.inputs[1])
+            assert packed is not None
+            width = attn.num_heads * d
+            qkv = [packed[:, i * width : (i + 1) * width] for i in range(3)]
+        else:
+            qkv = [lin.weight for lin in (attn.q, attn.k, attn.v) if lin is not None]
+        sq = sum((w.astype(np.float64) ** 2).sum(axis=0) for w in qkv) + (out**2).sum(axis=1)
+        heads.append(np.sqrt(sq.reshape(attn.num_heads, d).sum(axis=1)))
+        up = const_array(layer.ffn.up.inputs[1])
+        assert up is not None
+        down = layer.ffn.down.weight.astype(np.float64)
+        neurons.append(np.sqrt((up.astype(np.float64) ** 2).sum(axis=0) + (down**2).sum(axis=1)))
+    return Scores(heads, neurons)
+
+
+def token_mask(feeds: dict[str, np.ndarray], batch: int, seq: int) -> np.ndarray:
+    """Which (batch, seq) positions are real tokens (padding contributes nothing to scores)."""
+    mask = feeds.get("attention_mask")
+    if mask is None or mask.shape != (batch, seq):
+        return np.ones((batch, seq), dtype=bool)
+    return mask.astype(bool)
+
+
+def _needed_part(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """Only the nodes and initializers that the named values depend on, with those as outputs."""
+    graph = model.graph
+    if any(
+        a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+        for n in graph.node
+        for a in n.attribute
+    ):
+        return model  # subgraphs may read outer values; keep everything
+    needed = set(names)
+    keep = []
+    for node in reversed(graph.node):
+        if any(o in needed for o in node.output):
+            keep.append(node)
+            needed.update(i for i in node.input if i)
+    part = onnx.ModelProto()
+    part.ir_version = model.ir_version
+    part.opset_import.extend(model.opset_import)
+    part.graph.name = graph.name
+    part.graph.input.extend(graph.input)
+    part.graph.node.extend(reversed(keep))
+    part.graph.initializer.extend(i for i in graph.initializer if i.name in needed)
+    part.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names)
+    return part
+
+
+def session_with_outputs(
+    model: onnx.ModelProto, names: list[str], threads: int | None = None, only: bool = False
+) -> ort.InferenceSession:
+    """An onnxruntime session that also returns the named intermediate values.
+
+    ``only``: return just those values, computing only the part of the graph they need.
+    """
+    if only:
+        proto = _needed_part(model, names)
+    else:
+        proto = onnx.ModelProto()
+        proto.CopyFrom(model)
+        existing = {o.name for o in proto.graph.output}
+        for name in names:
+            if name not in existing:
+                proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+                existing.add(name)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _run(
+    session: ort.InferenceSession, names: list[str], calibration: Callable[[], CalibrationFeeds]
+) -> Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
+    inputs = [i.name for i in session.get_inputs()]
+    for feeds in iter_feeds(calibration()):
+        values = session.run(names, {n: feeds[n] for n in inputs if n in feeds})
+        yield feeds, dict(zip(names, values, strict=True))
+
+
+def _tokens(value: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    return value[mask].astype(np.float64)
+
+
+def activation_scores(
+    model: onnx.ModelProto, layout: EncoderLayout, calibration: Callable[[], CalibrationFeeds]
+) -> Scores:
+    names: list[str] = []
+    for layer in layout.layers:
+        names += [str(layer.attention.context.name), str(layer.ffn.activation.name)]
+    session = session_with_outputs(model, names)
+    heads = [np.zeros(layer.attention.num_heads) for layer in layout.layers]
+    neurons = [np.zeros(layer.ffn.size) for layer in layout.layers]
+    outs = [layer.attention.out.weight.astype(np.float64) for layer in layout.layers]
+    downs = [(layer.ffn.down.weight.astype(np.float64) ** 2).sum(axis=1) for layer in layout.layers]
+    with progress_bar("activation importance", None) as bar:
+        for feeds, values in _run(session, names, calibration):
+            for i, layer in enumerate(layout.layers):
+                ctx = values[str(layer.attention.context.name)]
+                mask = token_mask(feeds, ctx.shape[0], ctx.shape[1])
+                h, d = layer.attention.num_heads, layer.attention.head_dim
+                x = _tokens(ctx, mask).reshape(-1, h, d)
+                contrib = np.einsum("nhd,hdo->nho", x, outs[i].reshape(h, d, -1))
+                heads[i] += (contrib**2).sum(axis=(0, 2))
+                act = _tokens(values[str(layer.ffn.activation.name)], mask)
+                neurons[i] += (act**2).sum(axis=0) * downs[i]
+            bar.advance(bar.task_ids[0])
+    return Scores([np.sqrt(h) for h in heads], [np.sqrt(n) for n in neurons])
+
+
+def _masked_graph(model: onnx.ModelProto, layout: EncoderLayout) -> tuple[onnx.ModelProto, list[str]]:
+    """The model with a head-mask input ``[heads x head_dim]`` per layer, multiplied into the context."""
+    graph_model = ir.from_proto(model)
+    # Value names are unique in a valid graph (node names need not be).
+    by_output = {node.outputs[0].name: node for node in graph_model.graph if node.outputs}
+    names = []
+    for layer in layout.layers:
+        attn = layer.attention
+        matmul = by_output[attn.out.matmul.outputs[0].name]
+        name = f"trimformer_head_mask_{layer.index}"
+        mask = ir.Value(
+            name=name, type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([attn.num_heads * attn.head_dim])
+        )
+        graph_model.graph.inputs.append(mask)
+        mul = ir.Node("", "Mul", [matmul.inputs[0], mask], name=f"{name}_mul")
+        graph_model.graph.insert_before(matmul, mul)
+        matmul.replace_input_with(0, mul.outputs[0])
+        names.append(name)
+    return ir.to_proto(graph_model), names
+
+
+def _divergence(reference: np.ndarray, output: np.ndarray, classify: bool) -> float:
+    if classify:
+        ref = reference - reference.max(axis=-1, keepdims=True)
+        out = output - output.max(axis=-1, keepdims=True)
+        log_p = ref - np.log(np.exp(ref).sum(axis=-1, keepdims=True))
+        log_q = out - np.log(np.exp(out).sum(axis=-1, keepdims=True))
+        return float((np.exp(log_p) * (log_p - log_q)).sum())
+    return float(((reference - output) ** 2).sum())
+
+
+def ablation_scores(
+    model: onnx.ModelProto,
+    layout: EncoderLayout,
+    calibration: Callable[[], CalibrationFeeds],
+    classify: bool,
+) -> Scores:
+    """Loss increase when each head alone is masked (one onnxruntime session, mask inputs)."""
+    masked, mask_names = _masked_graph(model, layout)
+    session = session_with_outputs(masked, [])
+    output = session.get_outputs()[0].name
+    ones = {
+        name: np.ones(layer.attention.num_heads * layer.attention.head_dim, dtype=np.float32)
+        for name, layer in zip(mask_names, layout.layers, strict=True)
+    }
+    batches = list(iter_feeds(calibration()))
+    inputs = {i.name for i in session.get_inputs()}
+    reference = [
+        session.run([output], {**{k: v for k, v in f.items() if k in inputs}, **ones})[0] for f in batches
+    ]
+    heads = [np.zeros(layer.attention.num_heads) for layer in layout.layers]
+    total = sum(layer.attention.num_heads for layer in layout.layers)
+    with progress_bar("ablation importance", total) as bar:
+        for i, layer in enumerate(layout.layers):
+            d = layer.attention.head_dim
+            for h in range(layer.attention.num_heads):
+                masks = dict(ones)
+                masks[mask_names[i]] = ones[mask_names[i]].copy()
+                masks[mask_names[i]][h * d : (h + 1) * d] = 0.0
+                loss = 0.0
+                for feeds, ref in zip(batches, reference, strict=True):
+                    out = session.run([output], {**{k: v for k, v in feeds.items() if k in inputs}, **masks})[
+                        0
+                    ]
+                    loss += _divergence(ref, out, classify)
+                heads[i][h] = loss
+                bar.advance(bar.task_ids[0])
+    neurons = activation_scores(model, layout, calibration).neurons
+    return Scores(heads, neurons)

@@ -1,0 +1,348 @@
+"""The ``prune`` pass: structured removal of attention heads and feed-forward neurons.
+
+Post-training, after Kwon et al. 2022 ("A Fast Post-Training Pruning Framework for Transformers"):
+score every head and neuron (:mod:`.importance`), choose what to remove under a budget
+(:mod:`.prune_budget`), remove it from the graph as coupled groups (:mod:`.prune_surgery`), check
+that the result equals the unpruned graph with the same units masked, then refit the kept rows of
+each layer's projections on calibration data (:mod:`.reconstruct`).
+
+Fisher scores need PyTorch gradients, so they are computed outside ``passes/``
+(``trimformer.training.fisher``) and handed in as ``ctx.data["importance_scores"]``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Literal
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from onnx_ir.passes import FunctionalPass
+
+from trimformer.errors import ParityError, UserError
+from trimformer.passes.base import PassConfig, PassContext, PassReport, iter_feeds, register_pass
+from trimformer.passes.graph import EncoderLayout, find_blocks
+from trimformer.passes.prune.budget import Budget, layer_costs, select_plan
+from trimformer.passes.prune.importance import (
+    Scores,
+    ablation_scores,
+    activation_scores,
+    magnitude_scores,
+    session_with_outputs,
+)
+from trimformer.passes.prune.reconstruct import ReconstructionStep, reconstruct, reconstruction_units
+from trimformer.passes.prune.surgery import LayerPlan, apply_plan
+
+__all__ = ["PruneConfig", "PrunePass", "build_record", "layout_stats", "plan_from_scores"]
+
+logger = logging.getLogger(__name__)
+
+ImportanceKind = Literal["auto", "magnitude", "activation", "fisher", "ablation"]
+EXACT_ATOL = 1e-4
+
+
+class PruneConfig(PassConfig):
+    """What to remove (fractions in [0, 1)) and how to choose and recover."""
+
+    heads: float | None = None
+    ffn: float | None = None
+    flops: float | None = None
+    params: float | None = None
+    importance: ImportanceKind = "auto"
+    reconstruct: bool = True
+    min_heads: int = 0
+    min_neurons: int = 0
+    # Sequence length at which FLOPs are counted (attention scores grow with it).
+    seq_len: int = 128
+    ridge: float = 1e-2
+    # "rows": refit the kept projection rows; "scales": one scale per kept head/neuron (Kwon et al.).
+    reconstruct_mode: Literal["rows", "scales"] = "rows"
+    # With a PyTorch source: Adam steps per layer of block reconstruction after the ridge refit
+    # (trimformer.training.block_reconstruct); 0 keeps the ridge refit alone.
+    block_steps: int = 240
+    block_lr: float = 1e-3
+
+    def check(self) -> None:
+        for name in ("heads", "ffn", "flops", "params"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value < 1.0:
+                raise UserError(f"--{name} must be a fraction in [0, 1) to remove, got {value}")
+        given = [n for n in ("heads", "ffn", "flops", "params") if getattr(self, n) is not None]
+        if not given:
+            raise UserError(
+                "nothing to prune: give --heads, --ffn, --flops or --params (fractions to remove)"
+            )
+        if {"flops", "params"} & set(given) and len(given) > 1:
+            raise UserError(
+                f"--flops/--params is one global target; do not combine it with {', '.join(given)}"
+            )
+        if self.min_heads < 0 or self.min_neurons < 0:
+            raise UserError("the per-layer minimum of heads/neurons must be >= 0")
+        if self.seq_len < 1 or self.ridge < 0:
+            raise UserError("seq_len must be >= 1 and ridge >= 0")
+        if self.block_steps < 0 or not self.block_lr > 0:
+            raise UserError("--block-steps must be >= 0 and the block learning rate > 0")
+
+    def budget(self) -> Budget:
+        return Budget(self.heads, self.ffn, self.flops, self.params, self.min_heads, self.min_neurons)
+
+
+def resolve_importance(kind: str, has_calibration: bool, has_fisher: bool) -> str:
+    if kind == "auto":
+        return "fisher" if has_fisher else ("activation" if has_calibration else "magnitude")
+    return kind
+
+
+def _scores(kind: str, proto: onnx.ModelProto, layout: EncoderLayout, ctx: PassContext) -> Scores:
+    if kind == "magnitude":
+        return magnitude_scores(layout)
+    if kind == "fisher":
+        data = ctx.data.get("importance_scores")
+        if data is None:
+            raise UserError("fisher importance needs the PyTorch model: pass --source PYTORCH_DIR")
+        scores = Scores(
+            [np.asarray(h, dtype=np.float64) for h in data["heads"]],
+            [np.asarray(n, dtype=np.float64) for n in data["neurons"]],
+        )
+        for layer, h, n in zip(layout.layers, scores.heads, scores.neurons, strict=False):
+            if h.shape != (layer.attention.num_heads,) or n.shape != (layer.ffn.size,):
+                raise UserError(
+                    "the Fisher scores do not match the graph's heads/neurons; is --source the right model?"
+                )
+        if len(scores.heads) != len(layout.layers):
+            raise UserError(
+                "the Fisher scores do not match the graph's layer count; is --source the right model?"
+            )
+        return scores
+    calibration = ctx.require_calibration(f"prune (importance {kind})")
+    if kind == "activation":
+        return activation_scores(proto, layout, calibration)
+    classify = proto.graph.output[0].name == "logits"
+    return ablation_scores(proto, layout, calibration, classify)
+
+
+def plan_from_scores(
+    layout: EncoderLayout, scores: Scores, config: PruneConfig, kind: str
+) -> list[LayerPlan]:
+    return select_plan(layout, scores, config.budget(), config.seq_len, comparable=kind == "fisher")
+
+
+def layout_stats(layout: EncoderLayout, plan: list[LayerPlan] | None, seq_len: int) -> dict[str, Any]:
+    """Per-layer kept heads/neurons, encoder FLOPs (per sequence of ``seq_len``) and parameters."""
+    costs = layer_costs(layout.hidden_size, layout.head_dim, seq_len)
+    rows = []
+    for i, layer in enumerate(layout.layers):
+        heads = layer.attention.num_heads if plan is None else len(plan[i].kept_heads)
+        neurons = layer.ffn.size if plan is None else len(plan[i].kept_neurons)
+        h = layout.hidden_size
+        # Branch biases (output / down projection) stay even when a branch is removed.
+        rows.append(
+            {
+                "layer": i,
+                "heads": heads,
+                "neurons": neurons,
+                "flops": heads * costs.head_flops + neurons * costs.neuron_flops,
+                "params": heads * costs.head_params + neurons * costs.neuron_params + 2 * h,
+            }
+        )
+    return {
+        "layers": rows,
+        "flops": float(sum(r["flops"] for r in rows)),
+        "params": int(sum(r["params"] for r in rows)),
+        "heads": int(sum(r["heads"] for r in rows)),
+        "neurons": int(sum(r["neurons"] for r in rows)),
+    }
+
+
+def build_record(
+    layout: EncoderLayout, plan: list[LayerPlan], architecture: str, importance: str, source_hash: str
+) -> dict[str, Any]:
+    """The replayable record (indices refer to the graph pruned, i.e. the original model)."""
+    layers = []
+    for layer, step in zip(layout.layers, plan, strict=True):
+        kept_h, kept_n = list(step.kept_heads), list(step.kept_neurons)
+        layers.append(
+            {
+                "layer": layer.index,
+                "num_heads": layer.attention.num_heads,
+                "ffn_size": layer.ffn.size,
+                "kept_heads": kept_h,
+                "removed_heads": [h for h in range(layer.attention.num_heads) if h not in set(kept_h)],
+                "kept_neurons": kept_n,
+                "removed_neurons": [n for n in range(layer.ffn.size) if n not in set(kept_n)],
+            }
+        )
+    return {
+        "format": "trimformer-pruning-record/1",
+        "architecture": architecture,
+        "num_layers": len(layout.layers),
+        "num_heads": layout.num_heads,
+        "head_dim": layout.head_dim,
+        "hidden_size": layout.hidden_size,
+        "ffn_size": layout.ffn_size,
+        "importance": importance,
+        "layers": layers,
+        "source_model_hash": source_hash,
+    }
+
+
+# -- the exactness self-check --------------------------------------------------------------------
+def _masked_reference(
+    proto: onnx.ModelProto, layout: EncoderLayout, plan: list[LayerPlan]
+) -> onnx.ModelProto:
+    """The unpruned graph with the plan's removed heads and neurons multiplied by zero."""
+    model = ir.from_proto(proto)
+    by_output = {node.outputs[0].name: node for node in model.graph if node.outputs}
+    for layer, step in zip(layout.layers, plan, strict=True):
+        attn, ffn = layer.attention, layer.ffn
+        for matmul_name, width, group, kept in (
+            (attn.out.matmul.outputs[0].name, attn.num_heads * attn.head_dim, attn.head_dim, step.kept_heads),
+            (ffn.down.matmul.outputs[0].name, ffn.size, 1, step.kept_neurons),
+        ):
+            mask = np.zeros(width, dtype=np.float32)
+            for unit in kept:
+                mask[unit * group : (unit + 1) * group] = 1.0
+            node = by_output[matmul_name]
+            name = f"{matmul_name}_verify_mask"
+            value = ir.Value(name=name, const_value=ir.tensor(mask, name=name))
+            model.graph.register_initializer(value)
+            mul = ir.Node("", "Mul", [node.inputs[0], value], name=name + "_mul")
+            model.graph.insert_before(node, mul)
+            node.replace_input_with(0, mul.outputs[0])
+    return ir.to_proto(model)
+
+
+def _probe_feeds(proto: onnx.ModelProto, ctx: PassContext) -> list[dict[str, np.ndarray]]:
+    feeds: list[dict[str, np.ndarray]] = []
+    if ctx.calibration is not None:
+        for feed in iter_feeds(ctx.calibration()):
+            feeds.append(feed)
+            if len(feeds) == 2:
+                break
+    if feeds:
+        return feeds
+    rng = np.random.default_rng(ctx.seed)
+    feed = {}
+    for inp in proto.graph.input:
+        name = inp.name
+        if name == "attention_mask":
+            arr = np.ones((2, 9), dtype=np.int64)
+            arr[1, 6:] = 0
+        elif name == "token_type_ids":
+            arr = np.zeros((2, 9), dtype=np.int64)
+        else:
+            arr = rng.integers(1, 5, size=(2, 9), dtype=np.int64)
+        feed[name] = arr
+    return [feed]
+
+
+def verify_exact(
+    original: onnx.ModelProto,
+    pruned: onnx.ModelProto,
+    layout: EncoderLayout,
+    plan: list[LayerPlan],
+    ctx: PassContext,
+) -> float:
+    """Max abs difference between the pruned graph and the masked unpruned one; raises past 1e-4."""
+    reference = session_with_outputs(_masked_reference(original, layout, plan), [])
+    candidate = session_with_outputs(pruned, [])
+    worst = 0.0
+    for feed in _probe_feeds(original, ctx):
+        names = {i.name for i in reference.get_inputs()}
+        expected = reference.run(None, {k: v for k, v in feed.items() if k in names})[0]
+        got = candidate.run(None, {k: v for k, v in feed.items() if k in names})[0]
+        worst = max(worst, float(np.abs(expected - got).max()))
+    if worst > EXACT_ATOL:
+        raise ParityError(
+            f"pruning changed the outputs by {worst:.2e} beyond masking the removed units; please report this graph"
+        )
+    return worst
+
+
+class PrunePass(FunctionalPass):
+    """Remove heads and neurons; returns the pruned model with stats (plan, record, errors)."""
+
+    def __init__(self, config: PruneConfig, ctx: PassContext) -> None:
+        super().__init__()
+        config.check()
+        self.config = config
+        self.ctx = ctx
+
+    def call(self, model: ir.Model) -> PassReport:
+        started = time.perf_counter()
+        config, ctx = self.config, self.ctx
+        original = ir.to_proto(model)
+        try:  # block checks read attention-bias shapes; graphs saved by optimizers may lack them
+            original = onnx.shape_inference.infer_shapes(original, strict_mode=False, data_prop=True)
+        except Exception as exc:
+            logger.debug("shape inference before pruning failed: %s", exc)
+        work = ir.from_proto(original)
+        layout = find_blocks(work.graph)
+        kind = resolve_importance(
+            config.importance, ctx.calibration is not None, "importance_scores" in ctx.data
+        )
+        if config.reconstruct and ctx.calibration is None:
+            raise UserError(
+                "reconstruction needs calibration data: pass --calibration DATA (or --no-reconstruct)"
+            )
+        scores = _scores(kind, original, layout, ctx)
+        scored = time.perf_counter()
+        plan = plan_from_scores(layout, scores, config, kind)
+        before = layout_stats(layout, None, config.seq_len)
+        after = layout_stats(layout, plan, config.seq_len)
+        units = reconstruction_units(layout, plan)
+        apply_plan(work, layout, plan)
+        pruned = ir.to_proto(work)
+        try:
+            pruned = onnx.shape_inference.infer_shapes(pruned, strict_mode=False, data_prop=True)
+        except Exception as exc:  # shapes are a convenience; onnxruntime infers its own
+            logger.debug("shape inference after pruning failed: %s", exc)
+        exact = verify_exact(original, pruned, layout, plan, ctx)
+        steps: list[ReconstructionStep] = []
+        if config.reconstruct:
+            calibration = ctx.require_calibration("prune (reconstruction)")
+            pruned, steps = reconstruct(
+                original, pruned, units, calibration, alpha=config.ridge, mode=config.reconstruct_mode
+            )
+        result = ir.from_proto(pruned)
+        record = build_record(
+            layout,
+            plan,
+            str(ctx.data.get("architecture", "unknown")),
+            kind,
+            str(ctx.data.get("source_model_hash", "")),
+        )
+        stats = {
+            "importance": kind,
+            "layout": layout.describe(),
+            "seq_len": config.seq_len,
+            "before": before,
+            "after": after,
+            "flops_removed": round(1 - after["flops"] / before["flops"], 4),
+            "params_removed": round(1 - after["params"] / before["params"], 4),
+            "exactness_max_abs_diff": exact,
+            "reconstruction": [s.to_dict() for s in steps],
+            "scores": scores.to_dict(),
+            "record": record,
+            "seconds": {
+                "importance": round(scored - started, 2),
+                "total": round(time.perf_counter() - started, 2),
+            },
+        }
+        logger.info(
+            "pruned %d/%d heads and %d/%d neurons (%.0f%% of encoder FLOPs) with %s importance",
+            before["heads"] - after["heads"],
+            before["heads"],
+            before["neurons"] - after["neurons"],
+            before["neurons"],
+            100 * stats["flops_removed"],
+            kind,
+        )
+        return PassReport(result, True, stats)
+
+
+@register_pass("prune", PruneConfig)
+def make_prune_pass(config: PruneConfig, ctx: PassContext) -> PrunePass:
+    return PrunePass(config, ctx)

@@ -1,0 +1,288 @@
+"""The prune stage: artifact in, pruned artifact out, with its record, report and per-layer map.
+
+Glue between the CLI (or a recipe) and the ``prune`` pass: reads the calibration data, computes
+Fisher scores on the PyTorch source when one is given (checking that its weights are the graph's),
+runs the pass, and writes ``pruning_record.json`` (replayable with
+``trimformer.sources.pruning.apply_pruning_record``), ``pruning_report.json`` and
+``pruning_map.png`` into the new artifact folder. Every check runs before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from trimformer.artifact import ModelArtifact
+from trimformer.data import Encoder, load_dataset
+from trimformer.data.calibration import DatasetFeeds
+from trimformer.data.tokenizer import load_tokenizer
+from trimformer.errors import UserError
+from trimformer.fsutil import check_output_dir
+from trimformer.onnx_io import probe_onnxruntime
+from trimformer.passes.base import PassContext, PassReport
+from trimformer.passes.graph import EncoderLayout, find_blocks
+from trimformer.passes.prune.structured import PruneConfig, PrunePass
+from trimformer.sources.pruning import RECORD_FILE
+
+__all__ = ["PruneStageConfig", "run_prune", "write_prune_outputs"]
+
+logger = logging.getLogger(__name__)
+
+REPORT_FILE = "pruning_report.json"
+MAP_FILE = "pruning_map.png"
+
+
+@dataclass
+class PruneStageConfig:
+    model: str
+    out: str
+    prune: PruneConfig
+    calibration: str | None = None
+    source: str | None = None
+    samples: int = 1024
+    batch_size: int = 64
+    overwrite: bool = False
+    text_column: str | None = None
+    text_pair_column: str | None = None
+    label_column: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _calibration_split(spec: str) -> str:
+    # Built-in sets have a held-out test split: calibrate on train, never on what validate scores.
+    return "train" if spec.startswith("builtin:") else "all"
+
+
+def check_source_matches(source: Any, layout: EncoderLayout) -> None:
+    """Refuse a PyTorch source whose projection weights are not the graph's."""
+    from trimformer.sources.pruning import layer_modules
+
+    mods = layer_modules(source.model)
+    if len(mods) != len(layout.layers):
+        raise UserError(
+            f"--source has {len(mods)} layers, the graph {len(layout.layers)}; pass the model it came from"
+        )
+    for i, (m, layer) in enumerate(zip(mods, layout.layers, strict=True)):
+        pairs = (
+            (m.out.weight.detach().numpy().T, layer.attention.out.weight),
+            (m.down.weight.detach().numpy().T, layer.ffn.down.weight),
+        )
+        for torch_w, onnx_w in pairs:
+            if torch_w.shape != onnx_w.shape or not np.allclose(torch_w, onnx_w, atol=1e-4, rtol=1e-3):
+                raise UserError(
+                    f"--source weights do not match the ONNX graph (layer {i}); pass the PyTorch model it was exported from"
+                )
+
+
+def write_prune_outputs(folder: Path, stats: dict[str, Any]) -> None:
+    """Write the record, the full report and the per-layer map next to the pruned model."""
+    (folder / RECORD_FILE).write_text(json.dumps(stats["record"], indent=1) + "\n", encoding="utf-8")
+    (folder / REPORT_FILE).write_text(json.dumps(stats, indent=1, default=float) + "\n", encoding="utf-8")
+    plot_pruning_map(stats, folder / MAP_FILE)
+
+
+def plot_pruning_map(stats: dict[str, Any], path: Path) -> None:
+    """Per-layer map: kept heads (grid), kept neurons and FLOPs before/after (bars)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    record = stats["record"]
+    layers = record["layers"]
+    heads = max(int(entry.get("num_heads", record["num_heads"])) for entry in layers)
+    grid = np.zeros((len(layers), heads))
+    for i, entry in enumerate(layers):
+        grid[i, list(entry["kept_heads"])] = 1.0
+    fig, axes = plt.subplots(1, 3, figsize=(13, 0.5 * len(layers) + 2.2))
+    axes[0].imshow(grid, cmap="Greens", vmin=0, vmax=1, aspect="auto")
+    idx = np.arange(len(layers))
+    axes[0].set(
+        title="kept heads (green)", xlabel="head", ylabel="layer", yticks=idx, xticks=np.arange(heads)
+    )
+    before = [row["neurons"] for row in stats["before"]["layers"]]
+    after = [row["neurons"] for row in stats["after"]["layers"]]
+    axes[1].barh(idx, before, color="lightgray", label="before")
+    axes[1].barh(idx, after, color="tab:green", label="after")
+    axes[1].set(title="feed-forward neurons", xlabel="neurons", ylabel="layer", yticks=idx)
+    axes[1].invert_yaxis()
+    axes[1].legend(loc="lower right")
+    fb = [row["flops"] / 1e6 for row in stats["before"]["layers"]]
+    fa = [row["flops"] / 1e6 for row in stats["after"]["layers"]]
+    axes[2].barh(idx, fb, color="lightgray", label="before")
+    axes[2].barh(idx, fa, color="tab:blue", label="after")
+    axes[2].set(
+        title=f"MFLOPs per sequence of {stats['seq_len']}", xlabel="MFLOPs", ylabel="layer", yticks=idx
+    )
+    axes[2].invert_yaxis()
+    axes[2].legend(loc="lower right")
+    fig.suptitle(
+        f"{stats['flops_removed']:.0%} of encoder FLOPs, {stats['params_removed']:.0%} of encoder parameters "
+        f"removed ({stats['importance']} importance)"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+BLOCK_BATCH = 32
+
+
+def _block_reconstruct(
+    model: ir.Model, source: Any, dataset: Any, record: dict[str, Any], config: PruneStageConfig
+) -> tuple[ir.Model, list[Any]]:
+    import torch
+
+    from trimformer.training.block_reconstruct import BlockConfig, block_reconstruct
+
+    encoder = Encoder(source.tokenizer, source.io.input_names, source.max_length, source.pad_token_id)
+    count = min(config.samples, len(dataset))
+    feeds = []
+    for start in range(0, count, BLOCK_BATCH):
+        stop = min(start + BLOCK_BATCH, count)
+        pairs = None if dataset.pairs is None else dataset.pairs[start:stop]
+        batch = encoder(dataset.texts[start:stop], pairs)
+        feeds.append({name: torch.from_numpy(value) for name, value in batch.items()})
+    block = BlockConfig(steps=config.prune.block_steps, lr=config.prune.block_lr)
+    return block_reconstruct(model, source, record, feeds, block)
+
+
+def run_prune(config: PruneStageConfig) -> dict[str, Any]:
+    """Prune an artifact; returns a summary (the full stats are in the report file)."""
+    started = time.perf_counter()
+    prune = config.prune
+    prune.check()
+    if config.samples < 1 or config.batch_size < 1:
+        raise UserError("--samples and --batch-size must be at least 1")
+    if prune.importance in ("activation", "ablation") and config.calibration is None:
+        raise UserError(f"importance {prune.importance!r} needs calibration data: pass --calibration DATA")
+    if prune.importance == "fisher" and config.source is None:
+        raise UserError("importance 'fisher' needs the PyTorch model: pass --source PYTORCH_DIR")
+    if prune.importance == "fisher" and config.calibration is None:
+        raise UserError("importance 'fisher' needs labelled calibration data: pass --calibration DATA")
+    if prune.reconstruct and config.calibration is None:
+        raise UserError(
+            "reconstruction needs calibration data: pass --calibration DATA (or --no-reconstruct)"
+        )
+    out = Path(config.out)
+    check_output_dir(out, config.overwrite)
+    artifact = ModelArtifact.open(config.model)
+    if "pruning" in artifact.meta.extras:
+        raise UserError(
+            f"{config.model} is already pruned; prune the unpruned artifact with a larger budget instead"
+        )
+    model = ir.from_proto(artifact.load_model())
+    layout = find_blocks(model.graph)
+    # Pruning runs onnxruntime on this graph: one that would crash it natively fails here first.
+    probe_onnxruntime(artifact.model_path)
+    input_names = [spec.name for spec in artifact.meta.inputs]
+    ctx = PassContext(
+        data={
+            "architecture": artifact.meta.architecture,
+            "source_model_hash": artifact.meta.source_hash or artifact.model_hash(),
+        }
+    )
+    if config.calibration is not None:
+        dataset = load_dataset(
+            config.calibration,
+            config.text_column,
+            config.text_pair_column,
+            config.label_column,
+            split=_calibration_split(config.calibration),
+            limit=config.samples,
+        )
+        # Batches of similar length waste little on padding (a fixed order, so runs repeat exactly).
+        dataset = dataset.take(sorted(range(len(dataset)), key=lambda i: len(dataset.texts[i])))
+        tokenizer = load_tokenizer(artifact.path)
+        encoder = Encoder(
+            tokenizer, input_names, artifact.meta.tokenizer.max_length, artifact.meta.tokenizer.pad_token_id
+        )
+        samples, batch = config.samples, config.batch_size
+        ctx.calibration = lambda: DatasetFeeds(dataset, encoder, input_names, samples, batch, pad_to=None)
+    if config.source is not None:
+        from trimformer.sources import load_source
+        from trimformer.training.fisher import fisher_scores
+
+        source = load_source(config.source)
+        check_source_matches(source, layout)
+        if prune.importance in ("auto", "fisher") and config.calibration is not None:
+            ctx.data["importance_scores"] = fisher_scores(
+                source,
+                dataset,
+                samples=config.samples,
+                batch_size=config.batch_size,
+                max_length=artifact.meta.tokenizer.max_length,
+            )
+    fisher_seconds = time.perf_counter() - started
+    report = PrunePass(prune, ctx)(model)
+    assert isinstance(report, PassReport)
+    stats = report.stats
+    stats["seconds"]["fisher"] = round(fisher_seconds, 2)
+    pruned_model = report.model
+    if prune.reconstruct and prune.block_steps > 0 and config.source is not None:
+        if layout.fused:
+            logger.warning(
+                "block reconstruction skipped: the graph is fused (prune before fusing); ridge only"
+            )
+        else:
+            block_started = time.perf_counter()
+            pruned_model, steps = _block_reconstruct(pruned_model, source, dataset, stats["record"], config)
+            stats["reconstruction"] += [s.to_dict() for s in steps]
+            stats["seconds"]["block_reconstruction"] = round(time.perf_counter() - block_started, 2)
+    params = {
+        "pass": "prune",
+        **prune.model_dump(mode="json"),
+        "calibration": config.calibration,
+        "samples": config.samples,
+        "source": config.source,
+    }
+    lineage_stats = {
+        k: stats[k] for k in ("importance", "flops_removed", "params_removed", "exactness_max_abs_diff")
+    }
+    lineage_stats["heads_per_layer"] = [row["heads"] for row in stats["after"]["layers"]]
+    lineage_stats["neurons_per_layer"] = [row["neurons"] for row in stats["after"]["layers"]]
+    with artifact.derive(out, step="prune", params=params, overwrite=config.overwrite) as derived:
+        derived.model = ir.to_proto(pruned_model)
+        derived.stats = lineage_stats
+        # Later passes (fusion) read per-layer head counts from here.
+        derived.meta.extras["pruning"] = {
+            "record": RECORD_FILE,
+            "num_heads": lineage_stats["heads_per_layer"],
+            "ffn_size": lineage_stats["neurons_per_layer"],
+            "head_dim": layout.head_dim,
+            "hidden_size": layout.hidden_size,
+        }
+        stats["size_bytes"] = {"before": artifact.size_bytes()}
+        write_prune_outputs(derived.path, stats)
+    pruned = ModelArtifact.open(out)
+    stats["size_bytes"]["after"] = pruned.size_bytes()
+    (out / REPORT_FILE).write_text(json.dumps(stats, indent=1, default=float) + "\n", encoding="utf-8")
+    seconds = round(time.perf_counter() - started, 2)
+    return {
+        "artifact": str(out),
+        "importance": stats["importance"],
+        "flops_removed": stats["flops_removed"],
+        "params_removed": stats["params_removed"],
+        "before": {k: stats["before"][k] for k in ("heads", "neurons", "flops", "params")},
+        "after": {k: stats["after"][k] for k in ("heads", "neurons", "flops", "params")},
+        "layers": [
+            {
+                "layer": b["layer"],
+                "heads": [b["heads"], a["heads"]],
+                "neurons": [b["neurons"], a["neurons"]],
+                "flops": [b["flops"], a["flops"]],
+            }
+            for b, a in zip(stats["before"]["layers"], stats["after"]["layers"], strict=True)
+        ],
+        "reconstruction": stats["reconstruction"],
+        "size_bytes": stats["size_bytes"],
+        "exactness_max_abs_diff": stats["exactness_max_abs_diff"],
+        "seconds": seconds,
+    }

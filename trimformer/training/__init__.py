@@ -1,0 +1,1 @@
+"""[torch] Training: fine-tuning, distillation, QAT, Fisher scores and block reconstruction."""

@@ -1,0 +1,1 @@
+"""[torch] Distillation: losses, feature capture, students, the trainer and DDP launch."""

@@ -1,0 +1,1 @@
+"""[no torch] Measure a model with onnxruntime: accuracy, latency, memory, gates."""
