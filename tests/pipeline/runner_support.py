@@ -51,7 +51,7 @@ class StampPass(InPlacePass):
             "changed": changed,
             "accuracy": accuracy,
             "calibration_batch": None if feeds is None else sorted(feeds),
-            "source": Path(self.ctx.data["source"]).name if "source" in self.ctx.data else None,
+            "source": Path(self.ctx.source).name if self.ctx.source else None,
         }
         if self.config.layers:
             stats["layers"] = self.config.layers

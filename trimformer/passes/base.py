@@ -58,7 +58,12 @@ class PassConfig(BaseModel):
 
 @dataclasses.dataclass
 class PassReport(PassResult):
+    """A PassResult with ``stats`` for the lineage and ``files``: what the pass produced beside
+    the model (name in the artifact folder -> a path the pass keeps alive until the stage copies
+    it in), so no pass writes paths into the shared context."""
+
     stats: dict[str, Any] = dataclasses.field(default_factory=dict)
+    files: dict[str, Path] = dataclasses.field(default_factory=dict)
 
 
 class CalibrationFeeds(Protocol):
@@ -74,6 +79,8 @@ class PassContext:
 
     ``calibration`` makes a fresh streaming source each call (never all samples in memory);
     ``evaluate`` scores a candidate ModelProto (higher is better) for accuracy-aware passes.
+    The optional facts below come from the torch side or the artifact's metadata: a pass that
+    needs one and finds None says what to pass.
     """
 
     calibration: Callable[[], CalibrationFeeds] | None = None
@@ -81,7 +88,15 @@ class PassContext:
     seed: int = 0
     scratch: Path = field(default_factory=lambda: Path(tempfile.gettempdir()))
     progress: bool = True
-    data: dict[str, Any] = field(default_factory=dict)
+    # The PyTorch source folder the artifact was exported from (for passes that need it).
+    source: str | None = None
+    architecture: str | None = None
+    source_model_hash: str | None = None
+    # Fisher scores from trimformer.training.fisher: {"heads": [...], "neurons": [...]} a layer.
+    importance_scores: dict[str, list[Any]] | None = None
+    # A QAT student's ranges (trimformer.formats.qat_ranges) and the file they came from.
+    training_ranges: dict[str, Any] | None = None
+    training_ranges_file: str | None = None
 
     def require_calibration(self, pass_name: str) -> Callable[[], CalibrationFeeds]:
         if self.calibration is None:

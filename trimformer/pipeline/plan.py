@@ -89,9 +89,7 @@ def build_pass_context(artifact: Any, recipe: Recipe, scratch: Path, source: Pat
     from trimformer.passes.base import PassContext
 
     data = recipe.data
-    ctx = PassContext(seed=recipe.seed, scratch=scratch, data={})
-    if source is not None:
-        ctx.data["source"] = str(source)
+    ctx = PassContext(seed=recipe.seed, scratch=scratch, source=None if source is None else str(source))
     if data is None:
         return ctx
     spec = recipe.resolve(data.source)

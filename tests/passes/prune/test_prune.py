@@ -39,7 +39,7 @@ def _prune_proto(
     path: Path, config: PruneConfig, ctx: PassContext | None = None
 ) -> tuple[onnx.ModelProto, dict]:
     model = ir.from_proto(onnx.load(str(path)))
-    report = PrunePass(config, ctx or PassContext(data={"architecture": "test"}))(model)
+    report = PrunePass(config, ctx or PassContext(architecture="test"))(model)
     return ir.to_proto(report.model), report.stats
 
 

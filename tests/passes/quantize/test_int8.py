@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 from trimformer.errors import GateFailed, UserError
 from trimformer.passes.base import PassContext
 from trimformer.passes.quantize.calibrate import load_ranges, save_ranges
-from trimformer.passes.quantize.int8 import QuantizeConfig, QuantizePass
+from trimformer.passes.quantize.int8 import RANGES_FILE, QuantizeConfig, QuantizePass
 
 HIDDEN = 16
 
@@ -103,7 +103,7 @@ def quantize(
     cfg.setdefault("smooth_alpha", 0.0)
     ctx = PassContext(calibration=make_feeds, evaluate=evaluate, scratch=tmp_path)
     report = QuantizePass(QuantizeConfig(**cfg), ctx)(ir.from_proto(model))
-    report.stats["_ctx"] = ctx
+    report.stats["_files"] = report.files
     return ir.to_proto(report.model), report.stats
 
 
@@ -174,7 +174,8 @@ def test_smoothing_lowers_the_error_with_outlier_channels(tmp_path: Path) -> Non
 def test_calibration_cache_round_trips(tmp_path: Path) -> None:
     model = make_block()
     first, stats = quantize(model, tmp_path / "a")
-    cache = Path(stats["_ctx"].data["calibration_cache_file"])
+    # The pass hands the cache it wrote back in its report, under the name the artifact keeps it.
+    cache = stats["_files"][RANGES_FILE]
     ranges = load_ranges(cache)
     again = tmp_path / "again.json"
     save_ranges(ranges, again)

@@ -7,7 +7,7 @@ that the result equals the unpruned graph with the same units masked, then refit
 each layer's projections on calibration data (:mod:`.reconstruct`).
 
 Fisher scores need PyTorch gradients, so they are computed outside ``passes/``
-(``trimformer.training.fisher``) and handed in as ``ctx.data["importance_scores"]``.
+(``trimformer.training.fisher``) and handed in as ``ctx.importance_scores``.
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def _scores(kind: str, proto: onnx.ModelProto, layout: EncoderLayout, ctx: PassC
     if kind == "magnitude":
         return magnitude_scores(layout)
     if kind == "fisher":
-        data = ctx.data.get("importance_scores")
+        data = ctx.importance_scores
         if data is None:
             raise UserError("fisher importance needs the PyTorch model: pass --source PYTORCH_DIR")
         scores = Scores(
@@ -281,7 +281,7 @@ class PrunePass(FunctionalPass):
         work = ir.from_proto(original)
         layout = find_blocks(work.graph)
         kind = resolve_importance(
-            config.importance, ctx.calibration is not None, "importance_scores" in ctx.data
+            config.importance, ctx.calibration is not None, ctx.importance_scores is not None
         )
         if config.reconstruct and ctx.calibration is None:
             raise UserError(
@@ -310,9 +310,9 @@ class PrunePass(FunctionalPass):
         record = build_record(
             layout,
             plan,
-            str(ctx.data.get("architecture", "unknown")),
+            ctx.architecture or "unknown",
             kind,
-            str(ctx.data.get("source_model_hash", "")),
+            ctx.source_model_hash or "",
         )
         stats = {
             "importance": kind,

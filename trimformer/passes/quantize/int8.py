@@ -53,6 +53,7 @@ from trimformer.passes.quantize.presets import (
 from trimformer.passes.quantize.sensitivity import node_sensitivity
 from trimformer.passes.quantize.smooth import ABSMAX_SUFFIX, channel_absmax, insert_smoothing
 from trimformer.passes.quantize.training_ranges import (
+    QAT_RANGES_FILE,
     check_training_options,
     check_training_settings,
     training_ranges,
@@ -91,7 +92,7 @@ class QuantizeConfig(PassConfig):
     # None: the preset's (on for the CPU presets).
     cpu_kernels: bool | None = None
     # Use the activation ranges of quantization-aware training (the artifact's qat_ranges.json,
-    # handed over in ctx.data by the stage) instead of calibrating; SmoothQuant off.
+    # handed over in ctx.training_ranges by the stage) instead of calibrating; SmoothQuant off.
     ranges_from_training: bool = False
 
     def check(self) -> QuantPreset:
@@ -241,6 +242,7 @@ class QuantizePass(FunctionalPass):
         super().__init__()
         self.config = config
         self.ctx = ctx
+        self._cache: Path | None = None  # the calibration ranges this run wrote, if any
 
     # -- steps ---------------------------------------------------------------------------------
     def _prepare(self, proto: onnx.ModelProto, stats: dict[str, Any]) -> onnx.ModelProto:
@@ -329,7 +331,7 @@ class QuantizePass(FunctionalPass):
         cache = scratch / RANGES_FILE
         save_ranges(ranges, cache)
         _strip_absmax(ranges)
-        self.ctx.data["calibration_cache_file"] = str(cache)
+        self._cache = cache
         stats["calibration"] = {
             "method": cfg.method,
             "rows": rows,
@@ -339,12 +341,12 @@ class QuantizePass(FunctionalPass):
         return ranges
 
     def _training_record(self) -> tuple[dict[str, Any], str]:
-        record = self.ctx.data.get("training_ranges")
+        record = self.ctx.training_ranges
         if record is None:
             raise UserError(
                 "ranges_from_training needs the model's qat_ranges.json; run `trimformer quantize --ranges-from-training`"
             )
-        return record, str(self.ctx.data.get("training_ranges_file", "qat_ranges.json"))
+        return record, self.ctx.training_ranges_file or QAT_RANGES_FILE
 
     def _feeds(self, count: int) -> list[dict[str, np.ndarray]]:
         if self.ctx.calibration is None:
@@ -520,11 +522,12 @@ class QuantizePass(FunctionalPass):
                 quantized = self._accuracy_aware(
                     float_proto, typed, quantized, candidates, chosen, ranges, settings, stats
                 )
-            if self.ctx.data.get("calibration_cache_file"):
+            files: dict[str, Path] = {}
+            if self._cache is not None:
                 # Keep the cache beyond the scratch folder's life: the stage copies it into the artifact.
                 kept = Path(tempfile.mkdtemp(prefix="trimformer-ranges-", dir=self.ctx.scratch)) / RANGES_FILE
-                kept.write_bytes(Path(self.ctx.data["calibration_cache_file"]).read_bytes())
-                self.ctx.data["calibration_cache_file"] = str(kept)
+                kept.write_bytes(self._cache.read_bytes())
+                files[RANGES_FILE] = kept
         finally:
             scratch_dir.cleanup()
         done = set(_quantized_names(quantized, candidates))
@@ -553,7 +556,7 @@ class QuantizePass(FunctionalPass):
             phase_seconds=phases,
         )
         logger.info("quantize: %d of %d nodes int8 (%s)", len(done), len(candidates), settings["format"])
-        return PassReport(ir.from_proto(quantized), modified=True, stats=stats)
+        return PassReport(ir.from_proto(quantized), modified=True, stats=stats, files=files)
 
 
 @register_pass("quantize", QuantizeConfig)

@@ -184,10 +184,8 @@ def run_prune(config: PruneStageConfig) -> dict[str, Any]:
     probe_onnxruntime(artifact.model_path)
     input_names = [spec.name for spec in artifact.meta.inputs]
     ctx = PassContext(
-        data={
-            "architecture": artifact.meta.architecture,
-            "source_model_hash": artifact.meta.source_hash or artifact.model_hash(),
-        }
+        architecture=artifact.meta.architecture,
+        source_model_hash=artifact.meta.source_hash or artifact.model_hash(),
     )
     if config.calibration is not None:
         dataset = load_dataset(
@@ -213,7 +211,7 @@ def run_prune(config: PruneStageConfig) -> dict[str, Any]:
         source = load_source(config.source)
         check_source_matches(source, layout)
         if prune.importance in ("auto", "fisher") and config.calibration is not None:
-            ctx.data["importance_scores"] = fisher_scores(
+            ctx.importance_scores = fisher_scores(
                 source,
                 dataset,
                 samples=config.samples,

@@ -28,7 +28,7 @@ from trimformer.errors import UserError
 from trimformer.fsutil import check_output_dir
 from trimformer.passes.base import PassContext, PassReport, apply_pass
 from trimformer.passes.fuse.fusion import FuseConfig
-from trimformer.passes.quantize.int8 import RANGES_FILE, QuantizeConfig
+from trimformer.passes.quantize.int8 import QuantizeConfig
 from trimformer.passes.quantize.training_ranges import QAT_RANGES_FILE, read_training_ranges
 
 __all__ = ["REPORT_FILE", "QuantizeStageConfig", "attention_dims", "run_fuse", "run_quantize"]
@@ -169,7 +169,7 @@ def run_quantize(config: QuantizeStageConfig) -> dict[str, Any]:
     out = Path(config.out)
     check_output_dir(out, config.overwrite)
     artifact = ModelArtifact.open(config.model)
-    training: dict[str, Any] = {}
+    training_ranges, training_ranges_file = None, None
     if qcfg.ranges_from_training:
         ranges_path = artifact.path / QAT_RANGES_FILE
         if not ranges_path.is_file():
@@ -177,10 +177,7 @@ def run_quantize(config: QuantizeStageConfig) -> dict[str, Any]:
                 f"{config.model} was not trained with QAT (no {QAT_RANGES_FILE}); distill with --qat and export "
                 "again, or quantize with --calibration DATA"
             )
-        training = {
-            "training_ranges": read_training_ranges(ranges_path),
-            "training_ranges_file": str(ranges_path),
-        }
+        training_ranges, training_ranges_file = read_training_ranges(ranges_path), str(ranges_path)
     if qcfg.num_heads <= 0 or qcfg.hidden_size <= 0:
         heads, hidden = attention_dims(artifact)
         qcfg = qcfg.model_copy(
@@ -188,12 +185,11 @@ def run_quantize(config: QuantizeStageConfig) -> dict[str, Any]:
         )
     with tempfile.TemporaryDirectory(prefix="trimformer-quantize-") as tmp:
         ctx = _context(artifact, config, Path(tmp))
-        ctx.data.update(training)
+        ctx.training_ranges, ctx.training_ranges_file = training_ranges, training_ranges_file
 
         def on_written(folder: Path, report: PassReport) -> None:
-            cache = ctx.data.get("calibration_cache_file")
-            if cache:
-                shutil.copy2(cache, folder / RANGES_FILE)
+            for name, path in report.files.items():
+                shutil.copy2(path, folder / name)
             (folder / REPORT_FILE).write_text(
                 json.dumps(report.stats, indent=1, default=float) + "\n", encoding="utf-8"
             )
