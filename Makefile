@@ -2,7 +2,7 @@
 #
 #   make demo              the built-in edge recipe end to end (MiniLM + tweets -> 3-layer pruned int8 bundle)
 #   make test [FAST=1]     the tests (FAST=1 skips the slow end-to-end ones; CI runs them all)
-#   make lint              ruff check, ruff format --check, mypy
+#   make lint              ruff check, ruff format --check, mypy, lint-imports (the layer contracts)
 #   make bench             every variant side by side in one run -> docs/BENCHMARKS.md
 #   make pipeline RECIPE=recipes/int8.toml
 #   make export|distill|prune|quantize|validate|package MODEL=dir OUT=dir [DATA=..] [ARGS="..."]
@@ -40,6 +40,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check trimformer tests bench
 	$(VENV)/bin/ruff format --check trimformer tests bench
 	$(VENV)/bin/mypy trimformer
+	$(VENV)/bin/lint-imports
 
 format: $(STAMP)
 	$(VENV)/bin/ruff check --fix trimformer tests bench

@@ -23,35 +23,28 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
+
+from bench.common import open_session, predicted_labels, time_sessions
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 RESULTS = Path(__file__).parent / "results" / "distill.json"
 
 
-def _session(path: Path, threads: int) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def _feeds(session: ort.InferenceSession, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {i.name: batch[i.name] for i in session.get_inputs()}
-
-
-def _test_batches(teacher_dir: Path, max_length: int) -> tuple[list[dict[str, np.ndarray]], np.ndarray]:
+def _test_batches(
+    teacher_dir: Path, max_length: int, limit: int | None = None, seed: int = 0
+) -> tuple[list[dict[str, np.ndarray]], np.ndarray]:
+    """The builtin:tweets test split (a seeded subset of ``limit`` rows when given), encoded in
+    length-sorted batches of 64, and its label indices (shared with bench.qat)."""
     from trimformer.data import Encoder, load_dataset, map_labels
     from trimformer.data.tokenizer import load_tokenizer
 
     test = load_dataset("builtin:tweets", split="test")
+    if limit is not None and limit < len(test):
+        pick = np.random.default_rng(seed).choice(len(test), limit, replace=False)
+        test = test.take(sorted(int(i) for i in pick))
     labels = json.loads((teacher_dir / "config.json").read_text())["id2label"]
-    names = [labels[str(i)] for i in range(len(labels))]
-    y = map_labels(test.labels or [], names)
+    y = map_labels(test.labels or [], [labels[str(i)] for i in range(len(labels))])
     encoder = Encoder(
         load_tokenizer(teacher_dir), ("input_ids", "attention_mask", "token_type_ids"), max_length
     )
@@ -66,8 +59,7 @@ def _test_batches(teacher_dir: Path, max_length: int) -> tuple[list[dict[str, np
 
 
 def _accuracy(model_dir: Path, batches: list[dict[str, np.ndarray]], y: np.ndarray, threads: int) -> float:
-    session = _session(model_dir / "model.onnx", threads)
-    pred = np.concatenate([session.run(None, _feeds(session, b))[0].argmax(-1) for b in batches])
+    pred = predicted_labels(open_session(model_dir / "model.onnx", threads), batches)
     return float((pred == y).mean())
 
 
@@ -81,23 +73,14 @@ def _latency(
         "attention_mask": np.ones((1, seq), dtype=np.int64),
         "token_type_ids": np.zeros((1, seq), dtype=np.int64),
     }
-    sessions = {name: _session(path / "model.onnx", threads) for name, path in paths.items()}
-    feeds = {name: _feeds(s, batch) for name, s in sessions.items()}
-    for name, s in sessions.items():
-        for _ in range(20):
-            s.run(None, feeds[name])
-    samples: dict[str, list[float]] = {name: [] for name in sessions}
-    names = list(sessions)
-    for r in range(max(1, runs // 20)):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            s, f = sessions[name], feeds[name]
-            for _ in range(20):
-                t0 = time.perf_counter()
-                s.run(None, f)
-                samples[name].append((time.perf_counter() - t0) * 1000.0)
+    sessions = {name: open_session(path / "model.onnx", threads) for name, path in paths.items()}
+    case = f"1x{seq}"
+    times = time_sessions(
+        sessions, batch, case=case, rounds=max(1, runs // 20), calls_per_round=20, warmup=20
+    )
     return {
-        name: {"p50": float(np.percentile(v, 50)), "p90": float(np.percentile(v, 90)), "runs": len(v)}
-        for name, v in samples.items()
+        name: {"p50": stats.p50, "p90": stats.p90, "runs": stats.runs}
+        for name, stats in times.stats(case).items()
     }
 
 

@@ -21,7 +21,6 @@ import json
 import logging
 import platform
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -32,6 +31,7 @@ import onnxruntime as ort
 import psutil
 
 from trimformer.runtime import Predictor
+from trimformer.validation.latency import PeakMemory
 
 logger = logging.getLogger(__name__)
 
@@ -66,27 +66,6 @@ def _requests(texts: list[str], count: int) -> list[list[str]]:
 
 def _rss() -> int:
     return int(psutil.Process().memory_info().rss)
-
-
-class _Sampler:
-    def __init__(self, interval: float = 0.02) -> None:
-        self.peak = _rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._interval = interval
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, _rss())
-            self._stop.wait(self._interval)
-
-    def __enter__(self) -> _Sampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def _percentiles(samples: list[float]) -> dict[str, float]:
@@ -125,7 +104,7 @@ def run(bundle: str, threads: int, count: int, warmup: int, ort_threads: int, ou
     baseline = _rss()
 
     threaded_times = [0.0] * count
-    with _Sampler() as sampler, ThreadPoolExecutor(max_workers=threads) as pool:
+    with PeakMemory(interval=0.02) as sampler, ThreadPoolExecutor(max_workers=threads) as pool:
         started = time.perf_counter()
         list(pool.map(lambda i: call(i, threaded, threaded_times), range(count)))
         threaded_seconds = time.perf_counter() - started

@@ -7,13 +7,14 @@ Elementwise work is ignored: it is a few percent at these sizes.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import TensorProto, helper
+
+from bench.common import open_session
+from trimformer.validation.latency import time_calls
 
 __all__ = ["count_ops", "measure_peak"]
 
@@ -39,10 +40,7 @@ def _observed_shapes(model: onnx.ModelProto, names: set[str], batch: int, seq: i
     initializers = {i.name for i in probe.graph.initializer}
     for name in sorted(names - existing - initializers):
         probe.graph.output.append(onnx.ValueInfoProto(name=name))
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
-    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = open_session(probe, optimization="disabled")
     feeds = {}
     for value in session.get_inputs():
         if "mask" in value.name:
@@ -108,12 +106,7 @@ def _square_model(op: str, size: int) -> onnx.ModelProto:
 
 def measure_peak(op: str, threads: int, size: int = 2048, seconds: float = 3.0) -> float:
     """Ops per second of one large square product through onnxruntime (best of repeated runs)."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    session = ort.InferenceSession(
-        _square_model(op, size).SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
+    session = open_session(_square_model(op, size), threads)
     rng = np.random.default_rng(0)
     if op == "MatMulInteger":
         feeds = {
@@ -125,11 +118,7 @@ def measure_peak(op: str, threads: int, size: int = 2048, seconds: float = 3.0) 
             "a": rng.standard_normal((size, size), dtype=np.float32),
             "b": rng.standard_normal((size, size), dtype=np.float32),
         }
-    session.run(None, feeds)
-    best = float("inf")
-    started = time.perf_counter()
-    while time.perf_counter() - started < seconds:
-        t0 = time.perf_counter()
-        session.run(None, feeds)
-        best = min(best, time.perf_counter() - t0)
-    return 2.0 * size**3 / best
+    samples_ms = time_calls(
+        lambda: session.run(None, feeds), warmup=1, runs=1, min_seconds=seconds, max_runs=1_000_000
+    )
+    return 2.0 * size**3 / (min(samples_ms) / 1000.0)

@@ -22,45 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
+
+from bench.common import open_session, predicted_labels, time_sessions
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 RESULTS = Path(__file__).parent / "results" / "prune.json"
-
-
-def _session(path: Path, threads: int = 2) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def _predict(session: ort.InferenceSession, batches: list[dict[str, np.ndarray]]) -> np.ndarray:
-    names = [i.name for i in session.get_inputs()]
-    return np.concatenate([session.run(None, {n: b[n] for n in names})[0].argmax(-1) for b in batches])
-
-
-def _latency(
-    sessions: dict[str, ort.InferenceSession], feeds: dict[str, np.ndarray], runs: int
-) -> dict[str, float]:
-    """p50 ms per model, interleaved in rounds of 20 calls after warm-up."""
-    samples: dict[str, list[float]] = {k: [] for k in sessions}
-    for s in sessions.values():
-        names = [i.name for i in s.get_inputs()]
-        for _ in range(10):
-            s.run(None, {n: feeds[n] for n in names})
-    rounds = max(1, runs // 20)
-    for _ in range(rounds):
-        for key, s in sessions.items():
-            names = [i.name for i in s.get_inputs()]
-            f = {n: feeds[n] for n in names}
-            for _ in range(20):
-                t0 = time.perf_counter()
-                s.run(None, f)
-                samples[key].append((time.perf_counter() - t0) * 1000)
-    return {k: float(np.percentile(v, 50)) for k, v in samples.items()}
+THREADS = 2
 
 
 def _int8(pruned: Path, out: Path, calibration: Any, samples: int) -> tuple[Path, str]:
@@ -119,7 +87,7 @@ def main() -> None:
 
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
     from trimformer.artifact import ModelArtifact
     from trimformer.data import Encoder, load_dataset, map_labels
     from trimformer.data.calibration import DatasetFeeds
@@ -176,25 +144,37 @@ def main() -> None:
         calibration = lambda: DatasetFeeds(train, encoder, names, args.samples, 16)  # noqa: E731
         int8_path, int8_how = _int8(pruned_dir, Path(tmp) / "int8", calibration, args.samples)
         sessions = {
-            "unpruned_fp32": _session(teacher_onnx / "model.onnx"),
-            "pruned_fp32": _session(pruned_dir / "model.onnx"),
-            "pruned_int8": _session(int8_path),
+            "unpruned_fp32": open_session(teacher_onnx / "model.onnx", THREADS),
+            "pruned_fp32": open_session(pruned_dir / "model.onnx", THREADS),
+            "pruned_int8": open_session(int8_path, THREADS),
         }
-        preds = {k: _predict(s, batches) for k, s in sessions.items()}
+        preds = {k: predicted_labels(s, batches) for k, s in sessions.items()}
         # The deployment form of both: `trimformer fuse` (fused attention, onnxruntime's faster CPU
         # kernels). The plain exports are timed too: there onnxruntime's own session-level
         # SkipLayerNormalization adds a fixed ~2 ms to both models, pruned or not.
-        sessions["unpruned_fp32_fused"] = _session(_fused(teacher_onnx, Path(tmp) / "unpruned-fused"))
-        sessions["pruned_fp32_fused"] = _session(_fused(pruned_dir, Path(tmp) / "pruned-fused"))
-        preds["pruned_fp32_no_reconstruction"] = _predict(_session(norecon_dir / "model.onnx"), batches)
-        preds["pruned_fp32_ridge_only"] = _predict(_session(ridge_dir / "model.onnx"), batches)
+        sessions["unpruned_fp32_fused"] = open_session(
+            _fused(teacher_onnx, Path(tmp) / "unpruned-fused"), THREADS
+        )
+        sessions["pruned_fp32_fused"] = open_session(_fused(pruned_dir, Path(tmp) / "pruned-fused"), THREADS)
+        preds["pruned_fp32_no_reconstruction"] = predicted_labels(
+            open_session(norecon_dir / "model.onnx", THREADS), batches
+        )
+        preds["pruned_fp32_ridge_only"] = predicted_labels(
+            open_session(ridge_dir / "model.onnx", THREADS), batches
+        )
         rng = np.random.default_rng(0)
         feeds = {
             "input_ids": rng.integers(5, min(20000, vocab), size=(1, 128), dtype=np.int64),
             "attention_mask": np.ones((1, 128), dtype=np.int64),
             "token_type_ids": np.zeros((1, 128), dtype=np.int64),
         }
-        p50 = _latency(sessions, feeds, args.runs)
+        # Rounds of 20 calls after 10 warm-up calls, the order rotating each round.
+        times = time_sessions(
+            sessions, feeds, case="1x128", rounds=max(1, args.runs // 20), calls_per_round=20, warmup=10
+        )
+        p50 = times.medians("1x128")
+        fused_ratio = times.ratios("1x128", "unpruned_fp32_fused")["pruned_fp32_fused"]
+        plain_ratio = times.ratios("1x128", "unpruned_fp32")["pruned_fp32"]
     acc = {k: float((v == targets).mean()) if targets is not None else None for k, v in preds.items()}
     agreement = float((preds["pruned_fp32"] == preds["unpruned_fp32"]).mean())
     agreement_norecon = float((preds["pruned_fp32_no_reconstruction"] == preds["unpruned_fp32"]).mean())
@@ -210,8 +190,8 @@ def main() -> None:
         "agreement_ridge_only": agreement_ridge,
         "reconstruction": summary["reconstruction"],
         "latency_p50_ms_1x128": p50,
-        "latency_ratio_pruned_vs_unpruned": p50["pruned_fp32_fused"] / p50["unpruned_fp32_fused"],
-        "latency_ratio_plain_export": p50["pruned_fp32"] / p50["unpruned_fp32"],
+        "latency_ratio_pruned_vs_unpruned": fused_ratio,
+        "latency_ratio_plain_export": plain_ratio,
         "prune_seconds": round(prune_seconds, 1),
         "calibration_samples": args.samples,
         "int8_method": int8_how,
@@ -222,7 +202,7 @@ def main() -> None:
         "targets": {
             "accuracy_drop_le_1.0": 100 * (base - (acc["pruned_fp32"] or 0.0)) <= 1.0,
             "agreement_ge_0.95": agreement >= 0.95,
-            "latency_ratio_le_0.6": p50["pruned_fp32_fused"] / p50["unpruned_fp32_fused"] <= 0.6,
+            "latency_ratio_le_0.6": fused_ratio <= 0.6,
             "prune_under_180s": prune_seconds < 180,
             "int8_drop_le_1.5": 100 * (base - (acc["pruned_int8"] or 0.0)) <= 1.5,
         },

@@ -28,44 +28,13 @@ from typing import Any
 
 import numpy as np
 
-from bench.distill import _accuracy, _distill, _export, _latency, _session, _start
+from bench.common import logits, open_session
+from bench.distill import _accuracy, _distill, _export, _latency, _start, _test_batches
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 RESULTS = Path(__file__).parent / "results" / "qat.json"
 LATENCY_TOLERANCE = 1.05
-
-
-def _test_set(
-    teacher_dir: Path, max_length: int, limit: int | None, seed: int = 0
-) -> tuple[list[dict[str, np.ndarray]], np.ndarray]:
-    """The builtin:tweets test split (a seeded subset of ``limit`` rows when given), encoded in
-    length-sorted batches of 64, and its label indices."""
-    from trimformer.data import Encoder, load_dataset, map_labels
-    from trimformer.data.tokenizer import load_tokenizer
-
-    test = load_dataset("builtin:tweets", split="test")
-    if limit is not None and limit < len(test):
-        pick = np.random.default_rng(seed).choice(len(test), limit, replace=False)
-        test = test.take(sorted(int(i) for i in pick))
-    labels = json.loads((teacher_dir / "config.json").read_text())["id2label"]
-    y = map_labels(test.labels or [], [labels[str(i)] for i in range(len(labels))])
-    encoder = Encoder(
-        load_tokenizer(teacher_dir), ("input_ids", "attention_mask", "token_type_ids"), max_length
-    )
-    order = np.argsort([len(t) for t in test.texts], kind="stable")
-    batches, targets = [], []
-    for start in range(0, len(order), 64):
-        rows = order[start : start + 64]
-        batches.append(encoder([test.texts[i] for i in rows]))
-        targets.append(y[rows])
-    return batches, np.concatenate(targets)
-
-
-def _onnx_logits(model_dir: Path, batches: list[dict[str, np.ndarray]], threads: int) -> np.ndarray:
-    session = _session(model_dir / "model.onnx", threads)
-    names = [i.name for i in session.get_inputs()]
-    return np.concatenate([session.run(None, {n: b[n] for n in names})[0] for b in batches])
 
 
 def _fake_quant_logits(student_dir: Path, batches: list[dict[str, np.ndarray]]) -> np.ndarray:
@@ -163,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         "qat": _quantize(work / "student-qat-onnx", work / "student-qat-int8", True, args.samples),
     }
 
-    batches, y = _test_set(args.teacher, max_length=128, limit=args.limit)
+    batches, y = _test_batches(args.teacher, max_length=128, limit=args.limit)
     variants = {
         "float student": work / "student-onnx",
         "PTQ int8 student": work / "student-ptq-int8",
@@ -171,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         "QAT + static int8": work / "student-qat-int8",
     }
     accuracy = {name: _accuracy(path, batches, y, args.threads) for name, path in variants.items()}
-    qat_int8 = _onnx_logits(work / "student-qat-int8", batches, args.threads)
+    qat_int8 = logits(open_session(work / "student-qat-int8" / "model.onnx", args.threads), batches)
     fake = _fake_quant_logits(students["qat"], batches)
     accuracy["QAT fake-quant PyTorch"] = float((fake.argmax(-1) == y).mean())
     parity = {

@@ -25,10 +25,14 @@ from typing import Any
 
 import numpy as np
 
+from bench.common import open_session, predicted_labels, time_sessions
+from trimformer.validation.latency import InterleavedLatency
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 WORK = ROOT / "work" / "quantize" / "bench"
 THREADS = 2
+CASE = "1x128"
 
 TARGETS = {
     "latency_vs_ort_dynamic": 0.80,
@@ -38,18 +42,6 @@ TARGETS = {
     "pass_seconds": 30.0,
     "rss_ratio_4096_vs_256": 1.25,
 }
-
-
-def _session(path: Path) -> Any:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = THREADS
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def _ort_baselines(model: Path, out: Path, feeds_factory: Any) -> dict[str, float]:
@@ -131,32 +123,12 @@ def _rss(model: Path) -> dict[str, Any]:
     }
 
 
-def _predict(session: Any, batches: list[dict[str, np.ndarray]]) -> np.ndarray:
-    names = [i.name for i in session.get_inputs()]
-    return np.concatenate(
-        [np.asarray(session.run(None, {n: b[n] for n in names})[0]).argmax(-1) for b in batches]
-    )
-
-
 def _latency(
     sessions: dict[str, Any], feed: dict[str, np.ndarray], runs: int, rounds: int
-) -> dict[str, dict[str, float]]:
-    from trimformer.validation.latency import summarize
-
-    samples: dict[str, list[float]] = {k: [] for k in sessions}
-    names = {k: [i.name for i in s.get_inputs()] for k, s in sessions.items()}
-    for key, sess in sessions.items():
-        for _ in range(20):
-            sess.run(None, {n: feed[n] for n in names[key]})
-    per_round = max(1, runs // rounds)
-    for _ in range(rounds):
-        for key, sess in sessions.items():
-            f = {n: feed[n] for n in names[key]}
-            for _ in range(per_round):
-                t0 = time.perf_counter()
-                sess.run(None, f)
-                samples[key].append((time.perf_counter() - t0) * 1000)
-    return {k: {**summarize(v).to_dict(), "runs": len(v)} for k, v in samples.items()}
+) -> InterleavedLatency:
+    """``rounds`` interleaved rounds of ``runs // rounds`` calls per variant, after 20 warm-up calls."""
+    per_round = max(1, runs // max(1, rounds))
+    return time_sessions(sessions, feed, case=CASE, rounds=rounds, calls_per_round=per_round, warmup=20)
 
 
 def main() -> None:
@@ -232,7 +204,7 @@ def main() -> None:
             "float_nodes": len(summary["float_nodes"]),
             "calibration_seconds": (summary.get("calibration") or {}).get("seconds"),
         }
-    sessions = {k: _session(p) for k, p in paths.items()}
+    sessions = {k: open_session(p, THREADS) for k, p in paths.items()}
     batches = []
     for start in range(0, len(test), 64):
         batches.append(enc(test.texts[start : start + 64], None))
@@ -240,9 +212,11 @@ def main() -> None:
         targets = map_labels(test.labels, art.labels) if test.labels is not None and art.labels else None
     except TrimformerError:
         targets = None
-    preds = {k: _predict(s, batches) for k, s in sessions.items()}
+    preds = {k: predicted_labels(s, batches) for k, s in sessions.items()}
     feed = enc(calib.texts[:1], None, pad_to=128)
-    lat = _latency(sessions, feed, args.runs, args.rounds)
+    times = _latency(sessions, feed, args.runs, args.rounds)
+    lat = {k: {**stats.to_dict(), "runs": stats.runs} for k, stats in times.stats(CASE).items()}
+    vs_fp32, vs_ort_dynamic = times.ratios(CASE, "fp32"), times.ratios(CASE, "ort-dynamic")
     rows = []
     for key in paths:
         acc = float((preds[key] == targets).mean()) if targets is not None else None
@@ -251,8 +225,8 @@ def main() -> None:
             {
                 "variant": key,
                 "p50_ms": lat[key]["p50"],
-                "vs_fp32": round(lat[key]["p50"] / lat["fp32"]["p50"], 3),
-                "vs_ort_dynamic": round(lat[key]["p50"] / lat["ort-dynamic"]["p50"], 3),
+                "vs_fp32": round(vs_fp32[key], 3),
+                "vs_ort_dynamic": round(vs_ort_dynamic[key], 3),
                 "agreement": round(float((preds[key] == preds["fp32"]).mean()), 4),
                 "accuracy": None if acc is None else round(acc, 4),
                 "size_mb": round(paths[key].stat().st_size / 1e6, 2),

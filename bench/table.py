@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bench.measure import SessionRunner, interleaved_latency, predict_all
+from bench.common import Batch, SessionRunner
 from bench.opcount import count_ops, measure_peak
+from trimformer.progress import progress_bar
+from trimformer.validation.latency import time_interleaved
 
 __all__ = ["measure_variants"]
 
@@ -16,6 +20,38 @@ __all__ = ["measure_variants"]
 def _softmax(x: np.ndarray) -> np.ndarray:
     z = np.exp(x - x.max(-1, keepdims=True))
     return z / z.sum(-1, keepdims=True)
+
+
+def _predict_all(run: Callable[[Batch], np.ndarray], encoder: Any, texts: Sequence[str]) -> np.ndarray:
+    out = [np.asarray(run(encoder(texts[i : i + 64])), dtype=np.float32) for i in range(0, len(texts), 64)]
+    return np.concatenate(out)
+
+
+def _cycling(run: Callable[[Batch], np.ndarray], feeds: Sequence[Batch]) -> Callable[[], object]:
+    """One call per feed in turn (real texts of natural length), wrapping around."""
+    turn = itertools.cycle(feeds)
+    return lambda: run(next(turn))
+
+
+def _latency(
+    runners: dict[str, Callable[[Batch], np.ndarray]], shapes: dict[str, list[Batch]], rounds: int
+) -> dict[str, dict[str, list[float]]]:
+    """Samples in ms, ``result[variant][shape]``: interleaved rounds, every variant once per round
+    in a rotating order, 20 calls per round of each batch-1 shape and 2 of 32x128."""
+    calls = {
+        name: {shape: _cycling(run, feeds) for shape, feeds in shapes.items()}
+        for name, run in runners.items()
+    }
+    per_round = {"1x128": 20, "natural": 20, "32x128": 2}
+    with progress_bar("latency rounds", rounds) as bar:
+        times = time_interleaved(
+            calls,
+            rounds=rounds,
+            calls_per_round=per_round,
+            warmup=5,
+            after_round=lambda _: bar.update(bar.task_ids[0], advance=1),
+        )
+    return times.samples
 
 
 def _size_mb(folder: Path) -> float:
@@ -29,7 +65,7 @@ def measure_variants(
     from trimformer.data import Encoder, load_dataset, map_labels
     from trimformer.data.tokenizer import load_tokenizer
     from trimformer.sources import load_source
-    from trimformer.validation.runners import TorchRunner
+    from trimformer.sources.runner import TorchRunner
 
     source = load_source(teacher)
     assert source.labels is not None
@@ -49,15 +85,10 @@ def measure_variants(
         else:
             runners[v.name] = SessionRunner(v.path / "model.onnx", threads).run
     print("measuring accuracy ...", flush=True)
-    logits = {name: predict_all(run, encoder, test) for name, run in runners.items()}
+    logits = {name: _predict_all(run, encoder, test.texts) for name, run in runners.items()}
     reference = logits[live[0].name] if live and live[0].torch else None
     print("measuring latency ...", flush=True)
-    samples = interleaved_latency(
-        runners,
-        {"1x128": padded_1, "natural": natural, "32x128": padded_32},
-        rounds,
-        {"1x128": 20, "natural": 20, "32x128": 2},
-    )
+    samples = _latency(runners, {"1x128": padded_1, "natural": natural, "32x128": padded_32}, rounds)
     print("measuring the machine's peak ...", flush=True)
     peaks = {"int8": measure_peak("MatMulInteger", threads), "fp32": measure_peak("MatMul", threads)}
     fp32_name = next((v.name for v in live if v.name.startswith("ORT FP32")), None)

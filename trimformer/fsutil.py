@@ -1,5 +1,8 @@
 """File-system helpers: atomic output folders and content hashes.
 
+The sha256 helpers here are the one place files and bytes are hashed, for artifacts, bundles (the
+runtime verifies with them), archives, pruning records and the QAT weight digest.
+
 An artifact folder is built under a temporary sibling name and renamed into place only when
 complete, so a crash, a full disk or Ctrl-C never leaves a folder that a later step could mistake
 for a finished one.

@@ -20,7 +20,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-__all__ = ["progress_bar", "set_progress_enabled"]
+__all__ = ["progress_bar", "progress_enabled", "set_progress_enabled"]
 
 _enabled = os.environ.get("TRIMFORMER_PROGRESS", "1") != "0"
 
@@ -28,6 +28,11 @@ _enabled = os.environ.get("TRIMFORMER_PROGRESS", "1") != "0"
 def set_progress_enabled(enabled: bool) -> None:
     global _enabled
     _enabled = enabled
+
+
+def progress_enabled() -> bool:
+    """Whether bars are shown (child processes, such as torchrun's, are told the same)."""
+    return _enabled
 
 
 @contextlib.contextmanager

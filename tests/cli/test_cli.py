@@ -6,17 +6,22 @@ import json
 import pickle
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from tests.builders import make_csv, make_hf_model
 from trimformer import __version__
-from trimformer.cli.commands import cli
+from trimformer.cli import cli
 
 
 def invoke(*args: str) -> tuple[int, str]:
     result = CliRunner().invoke(cli, ["--quiet", *args])
     # click >= 8.2 mixes stderr into ``output``.
     return result.exit_code, result.output
+
+
+def validate(model: Path, data: Path | str, *extra: str) -> tuple[int, str]:
+    return invoke("validate", str(model), "--data", str(data), *extra)
 
 
 def assert_user_error(code: int, output: str, pattern: str) -> None:
@@ -73,11 +78,9 @@ def test_export_then_validate_json(tiny_bert: Path, tiny_csv: Path, tmp_path: Pa
 def test_gate_failure_exits_1_and_still_writes_the_report(
     tiny_bert_onnx: Path, tiny_csv: Path, tmp_path: Path
 ) -> None:
-    code, out = invoke(
-        "validate",
-        str(tiny_bert_onnx),
-        "--data",
-        str(tiny_csv),
+    code, out = validate(
+        tiny_bert_onnx,
+        tiny_csv,
         "--grid",
         "1x8",
         "--runs",
@@ -136,33 +139,24 @@ def test_pickle_only_checkpoint_refused(tmp_path: Path) -> None:
 
 def test_dataset_without_the_column(tiny_bert_onnx: Path, tmp_path: Path) -> None:
     data = make_csv(tmp_path / "d.csv", rows=5)
-    code, out = invoke(
-        "validate",
-        str(tiny_bert_onnx),
-        "--data",
-        str(data),
-        "--text-column",
-        "body",
-        "--out",
-        str(tmp_path / "r"),
-    )
+    code, out = validate(tiny_bert_onnx, data, "--text-column", "body", "--out", str(tmp_path / "r"))
     assert_user_error(code, out, r"no column 'body' \(columns: text, label\)")
     assert not (tmp_path / "r").exists()
 
 
-def test_empty_dataset(tiny_bert_onnx: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("rows", "pattern"),
+    [
+        ("", "empty"),
+        ("nice,joyful\n", "absent from the model's label map: joyful; the model knows: negative"),
+    ],
+    ids=["empty dataset", "labels absent from the label map"],
+)
+def test_unusable_dataset(tiny_bert_onnx: Path, tmp_path: Path, rows: str, pattern: str) -> None:
     data = tmp_path / "d.csv"
-    data.write_text("text,label\n")
-    code, out = invoke("validate", str(tiny_bert_onnx), "--data", str(data), "--out", str(tmp_path / "r"))
-    assert_user_error(code, out, "empty")
-    assert not (tmp_path / "r").exists()
-
-
-def test_labels_absent_from_label_map(tiny_bert_onnx: Path, tmp_path: Path) -> None:
-    data = tmp_path / "d.csv"
-    data.write_text("text,label\nnice,joyful\n")
-    code, out = invoke("validate", str(tiny_bert_onnx), "--data", str(data), "--out", str(tmp_path / "r"))
-    assert_user_error(code, out, "absent from the model's label map: joyful; the model knows: negative")
+    data.write_text("text,label\n" + rows)
+    code, out = validate(tiny_bert_onnx, data, "--out", str(tmp_path / "r"))
+    assert_user_error(code, out, pattern)
     assert not (tmp_path / "r").exists()
 
 
@@ -173,22 +167,13 @@ def test_corrupt_onnx(tiny_bert_onnx: Path, tiny_csv: Path, tmp_path: Path) -> N
     shutil.copytree(tiny_bert_onnx, broken)
     data = (broken / "model.onnx").read_bytes()
     (broken / "model.onnx").write_bytes(data[: len(data) // 2])
-    code, out = invoke("validate", str(broken), "--data", str(tiny_csv), "--out", str(tmp_path / "r"))
+    code, out = validate(broken, tiny_csv, "--out", str(tmp_path / "r"))
     assert_user_error(code, out, "corrupt or truncated|not a readable ONNX|cannot load")
     assert not (tmp_path / "r").exists()
 
 
 def test_provider_not_installed(tiny_bert_onnx: Path, tiny_csv: Path, tmp_path: Path) -> None:
-    code, out = invoke(
-        "validate",
-        str(tiny_bert_onnx),
-        "--data",
-        str(tiny_csv),
-        "--provider",
-        "tensorrt",
-        "--out",
-        str(tmp_path / "r"),
-    )
+    code, out = validate(tiny_bert_onnx, tiny_csv, "--provider", "tensorrt", "--out", str(tmp_path / "r"))
     assert_user_error(code, out, r"provider 'tensorrt' is not available .*it has: .*cpu")
     assert not (tmp_path / "r").exists()
 
@@ -211,12 +196,12 @@ def test_train_output_exists_without_overwrite(tiny_bert: Path, tiny_csv: Path, 
 
 def test_not_an_artifact(tmp_path: Path, tiny_csv: Path) -> None:
     (tmp_path / "m").mkdir()
-    code, out = invoke("validate", str(tmp_path / "m"), "--data", str(tiny_csv))
+    code, out = validate(tmp_path / "m", tiny_csv)
     assert_user_error(code, out, "not a trimformer artifact")
 
 
 def test_unknown_builtin_dataset(tiny_bert_onnx: Path) -> None:
-    code, out = invoke("validate", str(tiny_bert_onnx), "--data", "builtin:imdb")
+    code, out = validate(tiny_bert_onnx, "builtin:imdb")
     assert_user_error(code, out, "unknown built-in dataset 'builtin:imdb'; known: builtin:tweets")
 
 

@@ -8,8 +8,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from tokenizers import Tokenizer
 
-from tests.builders import make_hf_model
+from tests.builders import make_hf_model, make_tokenizer
 from trimformer.artifact import ModelArtifact
 from trimformer.errors import ParityError, UserError
 from trimformer.exporters import export_model, random_feeds
@@ -57,7 +58,10 @@ def test_plain_model_exports(tiny_plain_onnx: Path) -> None:
 
 def test_artifact_carries_tokenizer_and_lineage(tiny_bert_onnx: Path) -> None:
     meta = json.loads((tiny_bert_onnx / "trimformer.json").read_text())
-    assert (tiny_bert_onnx / "tokenizer.json").is_file()
+    # The artifact's tokenizer encodes like the source's (ids and token types, pairs too).
+    shipped = Tokenizer.from_file(str(tiny_bert_onnx / "tokenizer.json")).encode("good phone", "bad")
+    source = make_tokenizer().encode("good phone", "bad")
+    assert (shipped.ids, shipped.type_ids) == (source.ids, source.type_ids)
     step = meta["lineage"][0]
     assert step["params"]["opset"] == 17 and step["input_hash"].startswith("sha256:")
     assert step["output_hash"] == ModelArtifact.open(tiny_bert_onnx).model_hash()
@@ -77,7 +81,7 @@ def test_existing_output_needs_overwrite(tiny_bert: Path, tmp_path: Path) -> Non
     with pytest.raises(UserError, match="already exists; pass --overwrite"):
         export_model(tiny_bert, tmp_path / "out")
     export_model(tiny_bert, tmp_path / "out", overwrite=True)
-    assert (tmp_path / "out" / "model.onnx").is_file()
+    assert ModelArtifact.open(tmp_path / "out").meta.lineage[-1].step == "export"
 
 
 def test_bad_opset_is_refused(tiny_bert: Path, tmp_path: Path) -> None:

@@ -9,8 +9,9 @@ import pytest
 
 from trimformer.artifact import ModelArtifact
 from trimformer.errors import ParityError, UserError
+from trimformer.passes._checks import random_feeds
 from trimformer.passes.base import PassContext, apply_pass
-from trimformer.passes.fp16 import Fp16Config, random_graph_feeds
+from trimformer.passes.fp16 import Fp16Config
 
 
 def _run(path: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
@@ -35,7 +36,7 @@ def test_fp16_keeps_sensitive_ops_float32_and_matches(
     assert report.stats["kept_float32_ops"]["Softmax"] >= 2
     # Inputs and outputs keep their types; outputs close to float32 on a shape the pass never checked.
     assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
-    feeds = random_graph_feeds(onnx.load(str(art.model_path)), 3, 40, seed=5)
+    feeds = random_feeds(onnx.load(str(art.model_path)), 3, 40, seed=5)
     np.testing.assert_allclose(_run(new.model_path, feeds), _run(art.model_path, feeds), atol=1e-2)
     assert new.size_bytes() < art.size_bytes()
     assert new.meta.lineage[-1].step == "fp16"

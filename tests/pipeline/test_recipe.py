@@ -88,7 +88,13 @@ def test_unknown_pass_lists_the_known_ones(
         ("[export]\nopset = 17\nfoo = 1\n", "export.foo", "unknown key; allowed: opset, atol"),
         ("colour = 'red'\n", "colour", "unknown key; allowed: name, description, seed, model, data"),
         ("[export]\nopset = 'x'\n", "export.opset", "valid integer"),
-        ("[export]\nopset = 99\n", "export.opset", "less than or equal to 21"),
+        ("[export]\nopset = 99\n", "export.opset", "must be in [14, 21] (got 99)"),
+        ("[export]\nopset = 11\n", "export.opset", "must be in [14, 21] (got 11)"),
+        (
+            "[data]\nsource = 'x.csv'\ncalibration_samples = 0\n",
+            "data.calibration_samples",
+            "must be 1 or more (got 0)",
+        ),
         (
             "[validate]\ngates = { max_drop = 1 }\n",
             "validate.gates.max_drop",
@@ -229,3 +235,67 @@ def test_example_recipes_parse(name: str) -> None:
             pytest.skip(str(exc))
         raise
     assert build_plan(recipe)
+
+
+@pytest.mark.parametrize(
+    ("passes", "where", "what"),
+    [
+        (
+            [{"name": "prune", "heads": 1.5}],
+            "passes[0].heads",
+            "must be a fraction in [0, 1) to remove (got 1.5)",
+        ),
+        ([{"name": "prune"}], "passes[0]", "nothing to prune"),
+        ([{"name": "quantize", "samples": 0}], "passes[0].samples", "must be 1 or more (got 0)"),
+        (
+            [{"name": "quantize", "preset": "tpu"}],
+            "passes[0].preset",
+            "unknown preset 'tpu'; known presets: cpu-vnni",
+        ),
+        ([{"name": "quantize", "percentile": 101.0}], "passes[0].percentile", "must be in (0.0, 100.0]"),
+        ([{"name": "fuse", "num_heads": -1}], "passes[0].num_heads", "must be 0 or more (got -1)"),
+        ([{"name": "fp16", "atol": 0.0}], "passes[0].atol", "must be more than 0 (got 0.0)"),
+    ],
+)
+def test_out_of_range_pass_values_exit_2_before_any_stage(
+    tmp_path: Path, tiny_bert: Path, tiny_csv: Path, passes: list, where: str, what: str
+) -> None:
+    from click.testing import CliRunner
+
+    from trimformer.cli import cli
+
+    path = write_recipe(tmp_path, tiny_recipe_text(tiny_bert, tiny_csv, passes=passes))
+    workdir = tmp_path / "wd"
+    result = CliRunner().invoke(cli, ["run", "--dry-run", str(path), "--workdir", str(workdir)])
+    assert result.exit_code == 2, result.output
+    line = result.output.strip()
+    assert "\n" not in line and str(path) in line and f": {where}: " in line and what in line, line
+    assert not (workdir / "stages").exists()
+
+
+def test_stage_defaults_apply_unless_the_recipe_gives_a_value(
+    tmp_path: Path, tiny_bert: Path, tiny_csv: Path
+) -> None:
+    from trimformer.pipeline.recipe import stage_params
+    from trimformer.pipeline.stages.params import PruneStageParams, QuantizeStageParams
+
+    text = f"[model]\nsource = '{tiny_bert}'\n[data]\nsource = '{tiny_csv}'\n"
+    recipe = load_recipe(write_recipe(tmp_path, text))
+    assert stage_params(recipe.data, "prune") == PruneStageParams()
+    assert stage_params(recipe.data, "quantize") == QuantizeStageParams()
+    given = load_recipe(
+        write_recipe(tmp_path, text + "calibration_samples = 8\ncalibration_pad_to = 16\n", "b.toml")
+    )
+    assert stage_params(given.data, "prune") == PruneStageParams(samples=8)
+    assert stage_params(given.data, "quantize") == QuantizeStageParams(pad_to=16)
+
+
+def test_the_export_opset_range_is_the_exporters() -> None:
+    from trimformer.exporters.configs import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
+    from trimformer.pipeline import recipe
+
+    assert (recipe.EXPORT_MIN_OPSET, recipe.EXPORT_MAX_OPSET, recipe.EXPORT_DEFAULT_OPSET) == (
+        MIN_OPSET,
+        MAX_OPSET,
+        DEFAULT_OPSET,
+    )

@@ -91,7 +91,9 @@ def test_run_then_rerun_skips_everything(recipe_path: Path, tmp_path: Path) -> N
     assert {p: p.read_bytes() for p in before} == before
     run = json.loads((workdir / "run.json").read_text())
     assert [s["action"] for s in run["stages"]] == ["cached"] * 4
-    assert (workdir / "report" / "report.html").is_file()
+    # The rerun's report says so: every stage in its table, each one cached.
+    page = (workdir / "report" / "report.html").read_text(encoding="utf-8")
+    assert all(f"<tr><td>{name}</td>" in page for name in names) and page.count("<td>cached</td>") == 4
     # The first pass got calibration feeds, the eval split and the PyTorch folder it came from;
     # the second pass no source (the PyTorch weights no longer match its input graph).
     folder = {s["name"]: Path(s["folder"]) for s in run["stages"]}

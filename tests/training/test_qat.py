@@ -23,8 +23,9 @@ from tests.builders import make_csv, make_hf_model, make_plain_model
 from trimformer.artifact import ModelArtifact
 from trimformer.cli.commands import cli
 from trimformer.data import Encoder, load_dataset
+from trimformer.formats.qat_ranges import QAT_RANGES_FILE
 from trimformer.passes.quantize.int8 import QuantizeConfig
-from trimformer.passes.quantize.training_ranges import QAT_RANGES_FILE, carries_training_ranges
+from trimformer.passes.quantize.training_ranges import carries_training_ranges
 from trimformer.pipeline.stages.quantize import REPORT_FILE
 from trimformer.progress import set_progress_enabled
 from trimformer.sources import load_source
@@ -388,7 +389,7 @@ def test_recipe_with_qat_quantizes_with_the_training_ranges(flow: dict[str, Path
 )
 def test_malformed_ranges_files_are_one_line_errors(tmp_path: Path, body: str, message: str) -> None:
     from trimformer.errors import UserError
-    from trimformer.passes.quantize.training_ranges import RANGES_FORMAT, read_training_ranges
+    from trimformer.formats.qat_ranges import RANGES_FORMAT, read_training_ranges
 
     path = tmp_path / "qat_ranges.json"
     path.write_text(body.replace("%s", RANGES_FORMAT), encoding="utf-8")

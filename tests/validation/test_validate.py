@@ -1,12 +1,15 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from trimformer.errors import GateFailed, UserError
-from trimformer.validation.runners import resolve_provider
+from trimformer.pipeline.stages.validate import open_source_reference, run_validate
+from trimformer.runtime.session import resolve_provider
 from trimformer.validation.validate import ValidateConfig, parse_grid, validate
 
 REPORT_KEYS = {
@@ -44,7 +47,7 @@ def _fast(**kwargs: object) -> ValidateConfig:
 def test_report_has_the_documented_keys(
     tiny_bert_onnx: Path, tiny_bert: Path, tiny_csv: Path, tmp_path: Path
 ) -> None:
-    report = validate(
+    report = run_validate(
         _fast(
             model=str(tiny_bert_onnx), data=str(tiny_csv), reference=str(tiny_bert), out=str(tmp_path / "r")
         )
@@ -55,7 +58,11 @@ def test_report_has_the_documented_keys(
     assert on_disk["reference"]["provider"] == "pytorch-cpu"
     assert set(on_disk["latency_ms"]) == {"1x16", "4x16"}
     assert set(on_disk["latency_ms"]["1x16"]) == {"mean", "p50", "p90", "p99"}
-    assert on_disk["speedup"]["1x16"] > 0
+    # The speed-up at each shape is the reference's p50 over the model's, as both are reported.
+    assert on_disk["speedup"] == {
+        shape: round(on_disk["reference"]["latency_ms"][shape]["p50"] / stats["p50"], 3)
+        for shape, stats in on_disk["latency_ms"].items()
+    }
     assert on_disk["gates"] == {"passed": True, "failed": []}
     assert 0.0 <= report["accuracy"] <= 1.0
     assert (tmp_path / "r" / "report.md").read_text().startswith("# Validation of")
@@ -157,3 +164,27 @@ def test_several_providers_refuse_a_missing_one_before_measuring(
             )
         )
     assert not (tmp_path / "r").exists()
+
+
+def test_a_pytorch_reference_needs_an_opener(tiny_bert_onnx: Path, tiny_bert: Path, tiny_csv: Path) -> None:
+    # validate() alone never loads torch: a model folder as reference is refused, in one line.
+    config = _fast(model=str(tiny_bert_onnx), data=str(tiny_csv), reference=str(tiny_bert), limit=4)
+    with pytest.raises(UserError, match=r"is not an artifact folder \(no trimformer.json\)"):
+        validate(config)
+
+
+def test_the_pytorch_opener_runs_the_source_on_the_threads_given(tiny_bert: Path) -> None:
+    reference = open_source_reference(str(tiny_bert), 2)
+    assert reference.runner.provider == "pytorch-cpu" and getattr(reference.runner, "threads", None) == 2
+    assert reference.task == "sequence-classification" and reference.size_mb > 0
+    logits = reference.runner.run(reference.encoder(["good phone", "bad"]))
+    assert logits.shape == (2, 3) and logits.dtype.name == "float32"
+
+
+def test_validation_imports_neither_torch_nor_transformers() -> None:
+    code = (
+        "import sys, trimformer.validation.validate, trimformer.validation.reference; "
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    )
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"

@@ -1,27 +1,42 @@
-"""Registers every stage's command on the group.
+"""Every command of the ``trimformer`` group, registered by plain imports in pipeline order.
 
-Each command lives in its own module of this package and is named ``<something>_command``;
-they are found here so that adding a stage never means editing a shared list.
+Adding a command is one import and one entry in :data:`COMMANDS`; a renamed or missing module is
+an ImportError here rather than a command that silently disappears. ``trimformer --help`` lists the
+commands in this order, so it reads like the pipeline.
 """
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-
 import click
 
-from trimformer.cli import __path__ as _package_path
+from trimformer.cli.distill import distill_command
+from trimformer.cli.export import export_command
+from trimformer.cli.fuse import fuse_command
 from trimformer.cli.main import cli
+from trimformer.cli.optimize import optimize_command
+from trimformer.cli.package import package_command
+from trimformer.cli.prune import prune_command
+from trimformer.cli.quantize import quantize_command
+from trimformer.cli.run import run_command
+from trimformer.cli.train import train_command
+from trimformer.cli.validate import validate_command
+from trimformer.cli.verify import verify_command
 
-_SKIP = {"main", "commands", "options"}
+__all__ = ["COMMANDS", "cli"]
 
-for _info in sorted(pkgutil.iter_modules(_package_path), key=lambda i: i.name):
-    if _info.name in _SKIP:
-        continue
-    _module = importlib.import_module(f"{__package__}.{_info.name}")
-    for _name, _value in vars(_module).items():
-        if _name.endswith("_command") and isinstance(_value, click.Command):
-            cli.add_command(_value)
+COMMANDS: tuple[click.Command, ...] = (
+    train_command,
+    distill_command,
+    export_command,
+    fuse_command,
+    prune_command,
+    quantize_command,
+    optimize_command,
+    validate_command,
+    package_command,
+    verify_command,
+    run_command,
+)
 
-__all__ = ["cli"]
+for _command in COMMANDS:
+    cli.add_command(_command)

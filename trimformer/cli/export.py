@@ -5,11 +5,11 @@ from __future__ import annotations
 import click
 
 from trimformer.cli.main import State, emit, pass_state
-from trimformer.cli.options import overwrite_option
+from trimformer.cli.options import model_argument, overwrite_option
 
 
 @click.command("export")
-@click.argument("model")
+@model_argument(help="Trained model folder (Hugging Face or plain) to export.")
 @click.option("--out", required=True, type=click.Path(), help="Artifact folder to write.")
 @click.option(
     "--task",

@@ -5,11 +5,11 @@ from __future__ import annotations
 import click
 
 from trimformer.cli.main import State, emit, pass_state
-from trimformer.cli.options import overwrite_option
+from trimformer.cli.options import model_argument, overwrite_option
 
 
 @click.command("fuse")
-@click.argument("model")
+@model_argument(help="Artifact folder to fuse.")
 @click.option("--out", required=True, type=click.Path(), help="Artifact folder to write.")
 @click.option(
     "--num-heads", type=int, default=0, help="Attention heads [default: from config.json or the graph]."

@@ -39,6 +39,10 @@ def emit(state: State, payload: dict[str, Any], human: str) -> None:
 class TrimformerGroup(click.Group):
     """Turns library exceptions into one-line messages and documented exit codes."""
 
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        # Registration order (trimformer.cli.commands), which is the pipeline's, not alphabetical.
+        return list(self.commands)
+
     def invoke(self, ctx: click.Context) -> Any:
         debug = "--debug" in sys.argv[1:] or bool(ctx.params.get("debug"))
         try:
@@ -76,10 +80,16 @@ def cli(state: State, debug: bool, as_json: bool, quiet: bool) -> None:
     """Turn a trained Transformer into a small, fast, validated ONNX model.
 
     \b
-    Stages (each reads and writes artifact folders):
-      train     fine-tune a teacher on a labelled dataset
-      export    PyTorch -> ONNX, parity-checked
-      validate  accuracy, fidelity, latency and gates with onnxruntime
+    Stages, in pipeline order; each reads a model or artifact folder and writes a new one:
+      train, distill                  PyTorch: fine-tune a teacher, distil a smaller student
+      export                          PyTorch -> ONNX artifact, parity-checked
+      fuse, prune, quantize, optimize ONNX passes, each checked against its input
+      validate                        accuracy, fidelity, latency and gates with onnxruntime
+      package                         artifact -> self-verifying bundle and .tar.gz
+    Around them: verify rechecks a bundle; run does every stage of a recipe, cached.
+
+    Every stage takes its input as the first argument or with --model (distill also
+    --teacher); verify takes BUNDLE or --bundle.
 
     Exit codes: 0 ok, 1 gate failed, 2 bad input, 3 internal error, 130 interrupted.
     """
@@ -106,6 +116,7 @@ def _quiet_libraries(debug: bool) -> None:
 
 
 def main() -> None:
-    from trimformer.cli import commands  # noqa: F401  (registers the commands)
-
+    """The ``trimformer`` program (and ``python -m trimformer``)."""
+    # The commands are on ``cli`` already: nothing imports this module without first running the
+    # package's __init__, which imports trimformer.cli.commands and so registers every command.
     cli(prog_name="trimformer")

@@ -5,17 +5,20 @@ from __future__ import annotations
 import click
 
 from trimformer.cli.main import State, emit, pass_state
-from trimformer.cli.options import overwrite_option
+from trimformer.cli.options import model_argument, overwrite_option
+from trimformer.pipeline.stages.params import PassStageParams
 
 
 @click.command("optimize")
-@click.argument("model")
+@model_argument(help="Artifact folder to optimize.")
 @click.option("--passes", required=True, help="Comma-separated pass names, in order (e.g. fuse,quantize).")
 @click.option("--out", required=True, type=click.Path(), help="Artifact folder to write.")
 @click.option(
     "--calibration", default=None, help="Dataset for passes that calibrate (.csv/.jsonl/builtin:...)."
 )
-@click.option("--samples", type=int, default=256, show_default=True, help="Calibration samples.")
+@click.option(
+    "--samples", type=int, default=PassStageParams().samples, show_default=True, help="Calibration samples."
+)
 @overwrite_option
 @pass_state
 def optimize_command(

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from trimformer.cli.main import State, emit, pass_state
-from trimformer.cli.options import overwrite_option
+from trimformer.cli.options import model_argument, overwrite_option
 from trimformer.errors import UserError
 
 
@@ -23,7 +23,7 @@ def _read_recipe(path: str | None) -> str | None:
 
 
 @click.command("package")
-@click.argument("model")
+@model_argument(help="Artifact folder to package.")
 @click.option(
     "--out", required=True, type=click.Path(), help="Bundle folder to write; the archive is OUT.tar.gz."
 )

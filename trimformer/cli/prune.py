@@ -5,11 +5,12 @@ from __future__ import annotations
 import click
 
 from trimformer.cli.main import State, emit, pass_state
-from trimformer.cli.options import data_columns, overwrite_option
+from trimformer.cli.options import data_columns, model_argument, overwrite_option
+from trimformer.pipeline.stages.params import PruneStageParams
 
 
 @click.command("prune")
-@click.argument("model")
+@model_argument(help="Artifact folder to prune.")
 @click.option("--out", required=True, type=click.Path(), help="Artifact folder to write.")
 @click.option("--calibration", default=None, help="Calibration data (.csv, .tsv, .jsonl or builtin:tweets).")
 @click.option(
@@ -45,7 +46,7 @@ from trimformer.cli.options import data_columns, overwrite_option
 @click.option(
     "--samples",
     type=int,
-    default=1024,
+    default=PruneStageParams().samples,
     show_default=True,
     help="Calibration examples (Fisher scores, ridge refit, block reconstruction).",
 )

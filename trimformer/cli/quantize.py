@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from trimformer.cli.main import State, emit, pass_state
-from trimformer.cli.options import data_columns, overwrite_option
+from trimformer.cli.options import data_columns, model_argument, overwrite_option
+from trimformer.passes.quantize.int8 import QuantizeConfig
+from trimformer.pipeline.stages.params import QuantizeStageParams
+
+_PASS, _STAGE = QuantizeConfig(), QuantizeStageParams()
 
 
 @click.command("quantize")
-@click.argument("model")
+@model_argument(help="Artifact folder to quantize.")
 @click.option("--out", required=True, type=click.Path(), help="Artifact folder to write.")
 @click.option("--calibration", default=None, help="Calibration data (.csv, .tsv, .jsonl or builtin:tweets).")
 @click.option(
@@ -19,9 +25,18 @@ from trimformer.cli.options import data_columns, overwrite_option
     "--method", default="minmax", show_default=True, help="Calibration: minmax, entropy, percentile."
 )
 @click.option("--format", "fmt", default=None, help="qoperator or qdq [default: the preset's].")
-@click.option("--samples", type=int, default=512, show_default=True, help="Calibration rows to use.")
-@click.option("--batch-size", type=int, default=16, show_default=True, help="Calibration batch size.")
-@click.option("--pad-to", type=int, default=None, help="Pad calibration batches to this many tokens.")
+@click.option(
+    "--samples", type=int, default=_PASS.samples, show_default=True, help="Calibration rows to use."
+)
+@click.option(
+    "--batch-size", type=int, default=_STAGE.batch_size, show_default=True, help="Calibration batch size."
+)
+@click.option(
+    "--pad-to",
+    type=int,
+    default=_STAGE.pad_to,
+    help="Pad calibration batches to this many tokens [default: each batch's longest row].",
+)
 @click.option("--per-channel/--per-tensor", default=None, help="Weight scales [default: the preset's].")
 @click.option(
     "--calibration-cache", default=None, type=click.Path(), help="Reuse ranges saved by an earlier run."
@@ -36,7 +51,9 @@ from trimformer.cli.options import data_columns, overwrite_option
 @click.option(
     "--max-accuracy-drop", type=float, default=None, help="Accuracy points the int8 model may lose."
 )
-@click.option("--eval-limit", type=int, default=1000, show_default=True, help="Evaluation rows to use.")
+@click.option(
+    "--eval-limit", type=int, default=_STAGE.eval_limit, show_default=True, help="Evaluation rows to use."
+)
 @click.option("--dynamic", is_flag=True, help="onnxruntime dynamic quantization instead (for comparison).")
 @click.option("--no-fuse", is_flag=True, help="Do not run the transformer fusions first.")
 @data_columns
@@ -79,7 +96,6 @@ def quantize_command(
           --eval builtin:tweets --max-accuracy-drop 0.5
       trimformer quantize work/qat-student-onnx --ranges-from-training --out work/qat-int8
     """
-    from trimformer.passes.quantize.int8 import QuantizeConfig
     from trimformer.pipeline.stages.quantize import QuantizeStageConfig, run_quantize
 
     config = QuantizeConfig(
@@ -111,6 +127,11 @@ def quantize_command(
             label_column=label_column,
         )
     )
+    emit(state, result, _summary_text(result, out, dynamic, ranges_from_training))
+
+
+def _summary_text(result: dict[str, Any], out: str, dynamic: bool, ranges_from_training: bool) -> str:
+    """The human-readable result: counts, sizes, what stayed float, the accuracy budget."""
     kept = result["float_nodes"]
     human = (
         f"quantized {result['quantized']} of {result['quantizable']} nodes to int8 "
@@ -126,4 +147,4 @@ def quantize_command(
         human += (
             f"\naccuracy drop {aware['final_drop_points']:.2f} points (budget {aware['budget_points']:g})"
         )
-    emit(state, result, human)
+    return human

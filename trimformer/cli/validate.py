@@ -5,12 +5,12 @@ from __future__ import annotations
 import click
 
 from trimformer.cli.main import State, pass_state
-from trimformer.cli.options import data_columns
+from trimformer.cli.options import data_columns, model_argument
 from trimformer.errors import GateFailed
 
 
 @click.command("validate")
-@click.argument("model")
+@model_argument(help="Artifact folder to validate.")
 @click.option("--data", required=True, help="Dataset to evaluate on (.csv, .tsv, .jsonl or builtin:tweets).")
 @click.option("--reference", default=None, help="Artifact or PyTorch model folder to compare against.")
 @click.option(
@@ -56,8 +56,9 @@ def validate_command(
       trimformer validate work/teacher-onnx --data builtin:tweets --reference work/teacher \\
           --max-accuracy-drop 1.0
     """
+    from trimformer.pipeline.stages.validate import run_validate
     from trimformer.validation.runners import ProviderOptions
-    from trimformer.validation.validate import ValidateConfig, parse_grid, validate
+    from trimformer.validation.validate import ValidateConfig, parse_grid
 
     config = ValidateConfig(
         model=model,
@@ -67,7 +68,7 @@ def validate_command(
         **kwargs,  # type: ignore[arg-type]
     )
     try:
-        report = validate(config)
+        report = run_validate(config)
     except GateFailed:
         report_path = config.out or f"{model}/report"
         _print(state, report_path)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import click
 
 from trimformer.cli.main import State, emit, pass_state
+from trimformer.cli.options import input_argument
 
 
 @click.command("verify")
-@click.argument("bundle")
+@input_argument("bundle", "--bundle", help="Bundle folder or .tar.gz to verify.")
 @click.option(
     "--provider", default="cpu", show_default=True, help="Execution provider for the smoke inference."
 )

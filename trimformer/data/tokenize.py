@@ -8,13 +8,15 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from trimformer.data.datasets import TextDataset
+from trimformer.runtime.encoding import TextEncoder
 
 __all__ = ["Encoder", "iter_batches"]
 
 
-class Encoder:
-    """Encodes texts for a given set of graph inputs, padding each batch to its longest row
-    (or to ``pad_to`` for fixed-shape benchmarking)."""
+class Encoder(TextEncoder):
+    """The runtime's encoder built from a loaded tokenizer (the runtime's takes its JSON, as a
+    bundle stores it): each batch padded to its longest row, or to ``pad_to`` for fixed-shape
+    benchmarking."""
 
     def __init__(
         self,
@@ -23,32 +25,7 @@ class Encoder:
         max_length: int,
         pad_token_id: int = 0,
     ) -> None:
-        self.input_names = tuple(input_names)
-        self.max_length = max_length
-        self.pad_token_id = pad_token_id
-        self._tok = Tokenizer.from_str(tokenizer.to_str())
-        self._tok.enable_truncation(max_length=max_length)
-        self._tok.no_padding()
-
-    def __call__(
-        self, texts: Sequence[str], pairs: Sequence[str] | None = None, pad_to: int | None = None
-    ) -> dict[str, np.ndarray]:
-        if pairs is not None:
-            encodings = self._tok.encode_batch(list(zip(texts, pairs, strict=True)))
-        else:
-            encodings = self._tok.encode_batch(list(texts))
-        width = pad_to or max((len(e.ids) for e in encodings), default=1)
-        width = max(width, 1)
-        ids = np.full((len(encodings), width), self.pad_token_id, dtype=np.int64)
-        mask = np.zeros((len(encodings), width), dtype=np.int64)
-        types = np.zeros((len(encodings), width), dtype=np.int64)
-        for row, enc in enumerate(encodings):
-            n = min(len(enc.ids), width)
-            ids[row, :n] = enc.ids[:n]
-            mask[row, :n] = 1
-            types[row, :n] = enc.type_ids[:n]
-        arrays = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
-        return {name: arrays[name] for name in self.input_names}
+        super().__init__(tokenizer.to_str(), input_names, max_length, pad_token_id)
 
 
 def iter_batches(

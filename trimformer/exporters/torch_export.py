@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import onnx
-import onnxruntime as ort
 import torch
 
 from trimformer import __version__
@@ -29,9 +28,10 @@ from trimformer.data.tokenizer import TOKENIZER_FILES
 from trimformer.errors import UserError
 from trimformer.exporters.configs import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, ExportConfig, export_config_for
 from trimformer.exporters.parity import ParityResult, check_parity, random_feeds
+from trimformer.formats.qat_ranges import QAT_RANGES_FILE
 from trimformer.fsutil import atomic_output_dir
 from trimformer.onnx_io import TWO_GB, load_onnx, save_onnx
-from trimformer.passes.quantize.training_ranges import QAT_RANGES_FILE
+from trimformer.runtime.session import cpu_session
 from trimformer.sources import LoadedSource, load_source
 
 __all__ = ["ExportResult", "export_model", "export_source"]
@@ -144,9 +144,7 @@ def export_source(
         except Exception as exc:
             raise UserError(f"the exported graph fails the ONNX checker: {str(exc).splitlines()[0]}") from exc
         save_onnx(model, tmp / MODEL_FILE)
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        session = ort.InferenceSession(str(tmp / MODEL_FILE), options, providers=["CPUExecutionProvider"])
+        session = cpu_session(tmp / MODEL_FILE)
         parity = check_parity(source, session, config.parity_shapes, config.atol, _vocab_size(source))
         del session
         _write_side_files(source, tmp)

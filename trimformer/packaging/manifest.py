@@ -6,7 +6,6 @@ timestamps, absolute paths or host names, so packaging the same inputs twice giv
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -16,27 +15,14 @@ import onnx
 
 from trimformer.artifact import ModelArtifact
 from trimformer.errors import UserError
-from trimformer.runtime.session import PROVIDER_NAMES
+from trimformer.formats.onnx_ops import QUANTIZED_OPS
+from trimformer.fsutil import sha256_bytes
+from trimformer.runtime.session import PROVIDERS
 
-__all__ = ["QUANTIZED_OPS", "lineage_facts", "model_facts", "validation_facts"]
+__all__ = ["lineage_facts", "model_facts", "validation_facts"]
 
 logger = logging.getLogger(__name__)
 
-QUANTIZED_OPS = frozenset(
-    {
-        "QuantizeLinear",
-        "DequantizeLinear",
-        "DynamicQuantizeLinear",
-        "MatMulInteger",
-        "ConvInteger",
-        "QLinearMatMul",
-        "QLinearConv",
-        "QAttention",
-        "DynamicQuantizeMatMul",
-        "MatMulNBits",
-        "QOrderedMatMul",
-    }
-)
 _METRICS = (
     "accuracy",
     "agreement",
@@ -140,19 +126,19 @@ def validation_facts(report_path: Path, artifact: ModelArtifact) -> dict[str, An
     providers = [str(name) for name in by_provider] or [provider]
     reference = report.get("reference")
     return {
-        "report_sha256": hashlib.sha256(raw).hexdigest(),
+        "report_sha256": sha256_bytes(raw),
         "validated_on": {
             "onnxruntime": env.get("onnxruntime"),
             "onnx": env.get("onnx"),
             "trimformer": env.get("trimformer"),
             "cpu": env.get("cpu"),
-            "providers": [PROVIDER_NAMES.get(name, name) for name in providers],
+            "providers": [PROVIDERS.get(name, name) for name in providers],
             "threads": report.get("threads"),
         },
         "metrics": {key: report.get(key) for key in _METRICS if key in report},
         # Several providers validated: each one's figures (the top-level metrics are the first's).
         "by_provider": {
-            PROVIDER_NAMES.get(str(name), str(name)): {k: one.get(k) for k in _METRICS if k in one}
+            PROVIDERS.get(str(name), str(name)): {k: one.get(k) for k in _METRICS if k in one}
             for name, one in by_provider.items()
             if isinstance(one, dict)
         }

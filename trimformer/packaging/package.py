@@ -201,6 +201,150 @@ def _check_io(artifact: ModelArtifact, facts: dict[str, Any]) -> None:
             )
 
 
+def _smoke(model: bytes | Path, encoder: TextEncoder, facts: dict[str, Any]) -> tuple[dict[str, Any], float]:
+    """The smoke record (texts, output, values, tolerance) a service re-checks at load, and the
+    unrounded tolerance."""
+    output = facts["outputs"][0]["name"]
+    values = _run_smoke(model, encoder, output, "model")
+    scale = max(1.0, float(np.max(np.abs(values), initial=0.0)))
+    atol = _SMOKE_ATOL[bool(facts["quantized"])] * scale
+    smoke = {
+        "texts": list(SMOKE_TEXTS),
+        "output": output,
+        "values": np.round(values.astype(np.float64), 6).tolist(),
+        "atol": float(f"{atol:.6g}"),
+    }
+    return smoke, atol
+
+
+def _ort_copy(tmp: Path, encoder: TextEncoder, smoke: dict[str, Any], atol: float) -> dict[str, Any]:
+    """Convert model.onnx to the ORT format next to it, check it gives the smoke outputs, describe it."""
+    _, _, reproducible = convert_to_ort(tmp / MODEL_FILE, tmp)
+    ort_values = _run_smoke((tmp / ORT_FILE).read_bytes(), encoder, smoke["output"], "ORT-format model")
+    diff = smoke_difference(ort_values, smoke)
+    if not diff <= atol:
+        raise UserError(
+            f"the ORT-format copy gives different outputs from model.onnx (max difference {diff:.3g} > "
+            f"{atol:.3g}); package without --ort and report it"
+        )
+    return {
+        "file": ORT_FILE,
+        "required_operators": ORT_CONFIG_FILE,
+        "converter": "onnxruntime.tools.convert_onnx_models_to_ort",
+        "optimization": "Fixed, level all, no NCHWc",
+        "onnxruntime": ort.__version__,
+        "reproducible": reproducible,
+        "smoke_max_abs_diff": float(f"{diff:.6g}"),
+    }
+
+
+def _file_table(folder: Path) -> dict[str, dict[str, Any]]:
+    return {
+        path.relative_to(folder).as_posix(): {"sha256": sha256_file(path), "size": path.stat().st_size}
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
+
+
+@dataclass(frozen=True)
+class _Facts:
+    """What the manifest records besides the files and the smoke check, gathered before writing."""
+
+    model: dict[str, Any]
+    lineage: dict[str, Any]
+    validation: dict[str, Any] | None
+    recipe_text: str | None
+
+
+def _manifest(
+    artifact: ModelArtifact,
+    facts: _Facts,
+    tokenizer_files: list[str],
+    files: dict[str, dict[str, Any]],
+    smoke: dict[str, Any],
+    ort_facts: dict[str, Any] | None,
+) -> dict[str, Any]:
+    tok = artifact.meta.tokenizer
+    recipe = facts.recipe_text
+    return {
+        "format": BUNDLE_FORMAT,
+        "format_version": BUNDLE_FORMAT_VERSION,
+        "trimformer": __version__,
+        "task": artifact.task,
+        "architecture": artifact.meta.architecture,
+        "labels": artifact.labels,
+        "model": facts.model,
+        "tokenizer": {
+            "file": tok.file,
+            "files": tokenizer_files,
+            "max_length": tok.max_length,
+            "pad_token_id": tok.pad_token_id,
+            "uses_token_type_ids": tok.uses_token_type_ids,
+        },
+        "files": files,
+        "runtime": {
+            # Where packaging itself loaded the model and recorded the smoke outputs.
+            "onnxruntime": ort.__version__,
+            "providers": ["CPUExecutionProvider"],
+        },
+        "validation": facts.validation,
+        "smoke": smoke,
+        "ort_format": ort_facts,
+        "recipe": None
+        if recipe is None
+        else {"sha256": sha256_bytes(recipe.encode("utf-8")), "text": recipe},
+        "lineage": facts.lineage,
+    }
+
+
+def _write_bundle(
+    artifact: ModelArtifact, tmp: Path, facts: _Facts, ort_format: bool
+) -> tuple[dict[str, Any], bytes]:
+    """Fill ``tmp`` with the bundle (files, smoke check, manifest and its digest) and check it as a
+    service would; returns the manifest and its bytes."""
+    external, tokenizer_files = _copy_files(artifact, tmp)
+    facts.model["external_data"] = external
+    tok = artifact.meta.tokenizer
+    encoder = TextEncoder(
+        (tmp / tok.file).read_text(encoding="utf-8"),
+        [io["name"] for io in facts.model["inputs"]],
+        tok.max_length,
+        tok.pad_token_id,
+    )
+    model_input: bytes | Path = tmp / MODEL_FILE if external else (tmp / MODEL_FILE).read_bytes()
+    smoke, atol = _smoke(model_input, encoder, facts.model)
+    ort_facts = _ort_copy(tmp, encoder, smoke, atol) if ort_format else None
+    manifest = _manifest(artifact, facts, tokenizer_files, _file_table(tmp), smoke, ort_facts)
+    manifest_bytes = (json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode()
+    (tmp / MANIFEST).write_bytes(manifest_bytes)
+    (tmp / MANIFEST_DIGEST).write_text(digest_line(manifest_bytes), encoding="ascii")
+    # The tool checks itself: what a service will run must accept what we wrote.
+    verify_bundle(tmp)
+    return manifest, manifest_bytes
+
+
+def _write_archive(
+    tmp: Path, names: list[str], archive_tmp: Path, sidecar_tmp: Path, archive_name: str
+) -> str:
+    """The canonical tar.gz of ``names`` and its ``.sha256`` sidecar, at their temporary paths;
+    returns the archive's sha256."""
+    write_tar_gz([(name, tmp / name) for name in names], archive_tmp)
+    archive_sha = sha256_file(archive_tmp)
+    sidecar_tmp.write_text(f"{archive_sha}  {archive_name}\n", encoding="ascii")
+    for done in (archive_tmp, sidecar_tmp):
+        os.chmod(done, 0o644)  # mkstemp makes them private; archives are meant to be shared
+    return archive_sha
+
+
+def _gather_facts(artifact: ModelArtifact, report: str | Path | None, recipe_text: str | None) -> _Facts:
+    """Everything checked before a byte is written: io the runtime can feed, the report is this model's."""
+    model = model_facts(artifact.load_model(load_weights=False), [])
+    _check_io(artifact, model)
+    lineage = lineage_facts(artifact)
+    validation = validation_facts(Path(report), artifact) if report is not None else None
+    return _Facts(model, lineage, validation, recipe_text)
+
+
 def package_artifact(
     artifact_dir: str | Path,
     out: str | Path,
@@ -214,107 +358,20 @@ def package_artifact(
     out = Path(out)
     archive = archive_path_for(out)
     _check_destinations(artifact, out, archive, overwrite)
-    facts = model_facts(artifact.load_model(load_weights=False), [])
-    _check_io(artifact, facts)
-    lineage = lineage_facts(artifact)
-    validation = validation_facts(Path(report), artifact) if report is not None else None
+    facts = _gather_facts(artifact, report, recipe_text)
     if ort_format and len(artifact.model_files()) > 1:
         raise UserError(
             "--ort needs a model without external data (under 2 GB); package this one without --ort"
         )
-    tok = artifact.meta.tokenizer
-
     parent = out.parent if str(out.parent) else Path(".")
     parent.mkdir(parents=True, exist_ok=True)
     archive_tmp = Path(tempfile.mkstemp(prefix=f".{archive.name}.tmp-", dir=parent)[1])
     sidecar_tmp = Path(tempfile.mkstemp(prefix=f".{archive.name}.sha256.tmp-", dir=parent)[1])
     try:
         with atomic_output_dir(out, overwrite=overwrite) as tmp:
-            external, tokenizer_files = _copy_files(artifact, tmp)
-            facts["external_data"] = external
-            encoder = TextEncoder(
-                (tmp / tok.file).read_text(encoding="utf-8"),
-                [io["name"] for io in facts["inputs"]],
-                tok.max_length,
-                tok.pad_token_id,
-            )
-            output = facts["outputs"][0]["name"]
-            model_input: bytes | Path = tmp / MODEL_FILE if external else (tmp / MODEL_FILE).read_bytes()
-            values = _run_smoke(model_input, encoder, output, "model")
-            scale = max(1.0, float(np.max(np.abs(values), initial=0.0)))
-            atol = _SMOKE_ATOL[bool(facts["quantized"])] * scale
-            smoke = {
-                "texts": list(SMOKE_TEXTS),
-                "output": output,
-                "values": np.round(values.astype(np.float64), 6).tolist(),
-                "atol": float(f"{atol:.6g}"),
-            }
-            ort_facts = None
-            if ort_format:
-                _, _, reproducible = convert_to_ort(tmp / MODEL_FILE, tmp)
-                ort_values = _run_smoke((tmp / ORT_FILE).read_bytes(), encoder, output, "ORT-format model")
-                diff = smoke_difference(ort_values, smoke)
-                if not diff <= atol:
-                    raise UserError(
-                        f"the ORT-format copy gives different outputs from model.onnx (max difference {diff:.3g} > "
-                        f"{atol:.3g}); package without --ort and report it"
-                    )
-                ort_facts = {
-                    "file": ORT_FILE,
-                    "required_operators": ORT_CONFIG_FILE,
-                    "converter": "onnxruntime.tools.convert_onnx_models_to_ort",
-                    "optimization": "Fixed, level all, no NCHWc",
-                    "onnxruntime": ort.__version__,
-                    "reproducible": reproducible,
-                    "smoke_max_abs_diff": float(f"{diff:.6g}"),
-                }
-            files = {
-                path.relative_to(tmp).as_posix(): {"sha256": sha256_file(path), "size": path.stat().st_size}
-                for path in sorted(tmp.rglob("*"))
-                if path.is_file()
-            }
-            manifest = {
-                "format": BUNDLE_FORMAT,
-                "format_version": BUNDLE_FORMAT_VERSION,
-                "trimformer": __version__,
-                "task": artifact.task,
-                "architecture": artifact.meta.architecture,
-                "labels": artifact.labels,
-                "model": facts,
-                "tokenizer": {
-                    "file": tok.file,
-                    "files": tokenizer_files,
-                    "max_length": tok.max_length,
-                    "pad_token_id": tok.pad_token_id,
-                    "uses_token_type_ids": tok.uses_token_type_ids,
-                },
-                "files": files,
-                "runtime": {
-                    # Where packaging itself loaded the model and recorded the smoke outputs.
-                    "onnxruntime": ort.__version__,
-                    "providers": ["CPUExecutionProvider"],
-                },
-                "validation": validation,
-                "smoke": smoke,
-                "ort_format": ort_facts,
-                "recipe": None
-                if recipe_text is None
-                else {"sha256": sha256_bytes(recipe_text.encode("utf-8")), "text": recipe_text},
-                "lineage": lineage,
-            }
-            manifest_bytes = (
-                json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
-            ).encode()
-            (tmp / MANIFEST).write_bytes(manifest_bytes)
-            (tmp / MANIFEST_DIGEST).write_text(digest_line(manifest_bytes), encoding="ascii")
-            # The tool checks itself: what a service will run must accept what we wrote.
-            verify_bundle(tmp)
-            names = [*files, MANIFEST, MANIFEST_DIGEST]
-            write_tar_gz([(name, tmp / name) for name in names], archive_tmp)
-            archive_sha = sha256_file(archive_tmp)
-            sidecar_tmp.write_text(f"{archive_sha}  {archive.name}\n", encoding="ascii")
-            for done in (archive_tmp, sidecar_tmp):
-                os.chmod(done, 0o644)  # mkstemp makes them private; archives are meant to be shared
+            manifest, manifest_bytes = _write_bundle(artifact, tmp, facts, ort_format)
+            names = [*manifest["files"], MANIFEST, MANIFEST_DIGEST]
+            archive_sha = _write_archive(tmp, names, archive_tmp, sidecar_tmp, archive.name)
         os.replace(archive_tmp, archive)
         os.replace(sidecar_tmp, archive_sidecar(archive))
     finally:

@@ -30,7 +30,8 @@ from onnx_ir.passes import (
     PostconditionError,
     PreconditionError,
 )
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic.fields import FieldInfo
 
 from trimformer.artifact import ModelArtifact
 from trimformer.errors import TrimformerError, UserError
@@ -39,10 +40,13 @@ from trimformer.onnx_io import probe_onnxruntime
 __all__ = [
     "PASS_REGISTRY",
     "CalibrationFeeds",
+    "ConfigError",
     "PassConfig",
     "PassContext",
     "PassReport",
     "apply_pass",
+    "describe_error",
+    "field_allowed",
     "get_pass",
     "register_pass",
 ]
@@ -51,9 +55,74 @@ logger = logging.getLogger(__name__)
 
 
 class PassConfig(BaseModel):
-    """Base for pass configs: typed, validated from the recipe, unknown keys are errors."""
+    """Base for pass configs: typed, validated from the recipe, unknown keys are errors.
+
+    Building one from keyword arguments (the CLI, the Python API) refuses a bad value with a
+    one-line :class:`ConfigError` (a UserError) that also carries pydantic's errors, so that the
+    recipe loader can name the file and the key.
+    """
 
     model_config = ConfigDict(extra="forbid")
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            problems = [
+                (".".join(map(str, e["loc"])) + ": " if e["loc"] else "") + describe_error(e, type(self))
+                for e in exc.errors()
+            ]
+            raise ConfigError("; ".join(problems), exc) from None
+
+
+class ConfigError(UserError):
+    """A refused config value; ``validation`` keeps pydantic's errors for callers that name the
+    key their own way (the recipe loader: file and table). pydantic calls a custom ``__init__``
+    from ``model_validate`` too, so this is what both raise."""
+
+    def __init__(self, message: str, validation: ValidationError) -> None:
+        super().__init__(message)
+        self.validation = validation
+
+
+def field_allowed(field: FieldInfo) -> str | None:
+    """What a constrained field accepts, in words: its description, else its bounds."""
+    if field.description:
+        return field.description
+    low = _bound(field, (("ge", "["), ("gt", "(")))
+    high = _bound(field, (("le", "]"), ("lt", ")")))
+    if low and high:
+        return f"in {low[0]}{low[1]}, {high[1]}{high[0]}"
+    if low:
+        return f"{low[1]} or more" if low[0] == "[" else f"more than {low[1]}"
+    if high:
+        return f"at most {high[1]}" if high[0] == "]" else f"less than {high[1]}"
+    return None
+
+
+def _bound(field: FieldInfo, kinds: tuple[tuple[str, str], ...]) -> tuple[str, Any] | None:
+    """(bracket, value) of the field's lower or upper bound (``annotated_types`` metadata)."""
+    for meta in field.metadata:
+        for attr, bracket in kinds:
+            if getattr(meta, attr, None) is not None:
+                return bracket, getattr(meta, attr)
+    return None
+
+
+def describe_error(error: Any, model: type[BaseModel] | None) -> str:
+    """One pydantic error in words: what is allowed and what was given."""
+    got = error.get("input")
+    shown = "a table" if isinstance(got, dict) else repr(got)[:60]
+    field = model.model_fields.get(str(error["loc"][-1])) if model is not None and error["loc"] else None
+    allowed = field_allowed(field) if field is not None else None
+    if error["type"] in _RANGE_ERRORS and allowed:
+        return f"must be {allowed} (got {shown})"
+    if error["type"] == "value_error":  # a validator's own message says what is allowed
+        return str(error["ctx"]["error"])
+    return f"{error['msg'][0].lower()}{error['msg'][1:]} (got {shown})"
+
+
+_RANGE_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "literal_error"}
 
 
 @dataclasses.dataclass

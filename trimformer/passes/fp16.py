@@ -11,18 +11,19 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from typing import Annotated
 
 import numpy as np
 import onnx
 import onnx_ir as ir
-import onnxruntime as ort
 from onnx_ir.passes import FunctionalPass
 from pydantic import Field
 
 from trimformer.errors import ParityError, UserError
+from trimformer.passes._checks import compare_outputs, random_feeds
 from trimformer.passes.base import PassConfig, PassContext, PassReport, register_pass
 
-__all__ = ["SENSITIVE_OPS", "Fp16Config", "Fp16Pass", "random_graph_feeds"]
+__all__ = ["SENSITIVE_OPS", "Fp16Config", "Fp16Pass"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,37 +47,10 @@ class Fp16Config(PassConfig):
     keep_residual_adds: bool = True
     # Largest allowed |fp16 - fp32| over the outputs on the self-check inputs.
     atol: float = Field(default=2e-2, gt=0)
-    check_shapes: list[tuple[int, int]] = Field(default_factory=lambda: [(2, 16), (1, 64)])
-
-
-def random_graph_feeds(model: onnx.ModelProto, batch: int, seq: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Token-id style feeds for a Transformer graph: ids within the embedding table, full masks."""
-    rng = np.random.default_rng(seed)
-    initializer_rows = {init.name: int(init.dims[0]) for init in model.graph.initializer if init.dims}
-    vocab_for: dict[str, int] = {}
-    for node in model.graph.node:
-        if node.op_type == "Gather" and node.input[0] in initializer_rows:
-            vocab_for[node.input[1]] = min(
-                vocab_for.get(node.input[1], 1 << 30), initializer_rows[node.input[0]]
-            )
-    feeds = {}
-    for value in model.graph.input:
-        name = value.name
-        if "mask" in name:
-            feeds[name] = np.ones((batch, seq), dtype=np.int64)
-        elif "type" in name:
-            feeds[name] = np.zeros((batch, seq), dtype=np.int64)
-        else:
-            high = vocab_for.get(name, 100)
-            feeds[name] = rng.integers(min(5, high - 1), high, size=(batch, seq), dtype=np.int64)
-    return feeds
-
-
-def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return session.run(None, feeds)
+    # (batch, sequence) shapes of the self-check inputs.
+    check_shapes: list[tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]]] = Field(
+        default_factory=lambda: [(2, 16), (1, 64)], min_length=1
+    )
 
 
 class Fp16Pass(FunctionalPass):
@@ -118,15 +92,14 @@ class Fp16Pass(FunctionalPass):
         )
         worst = 0.0
         for index, (batch, seq) in enumerate(self.config.check_shapes):
-            feeds = random_graph_feeds(proto, batch, seq, seed=self.ctx.seed + index)
-            for want, got in zip(_run(proto, feeds), _run(converted, feeds), strict=True):
-                diff = float(np.max(np.abs(want.astype(np.float64) - got.astype(np.float64))))
-                worst = max(worst, diff)
-                if not np.isfinite(diff) or diff > self.config.atol:
-                    raise ParityError(
-                        f"fp16: outputs differ from float32 by {diff:.3g} at {batch}x{seq} "
-                        f"(tolerance {self.config.atol:g}); keep more ops in float32 or raise atol"
-                    )
+            feeds = random_feeds(proto, batch, seq, seed=self.ctx.seed + index)
+            diff = compare_outputs(proto, converted, [feeds], all_outputs=True).max_abs
+            worst = max(worst, diff)
+            if not np.isfinite(diff) or diff > self.config.atol:
+                raise ParityError(
+                    f"fp16: outputs differ from float32 by {diff:.3g} at {batch}x{seq} "
+                    f"(tolerance {self.config.atol:g}); keep more ops in float32 or raise atol"
+                )
         kept = Counter(
             node.op_type
             for node in converted.graph.node

@@ -2,17 +2,15 @@
 
 A :class:`Stage` names its parameters and its inputs (earlier stages, or outside files hashed by
 content); the runner keys its cache on them. An adapter writes only into the folder it is given
-and returns deterministic facts for the stage's record (no timings: the record must be the same
-bytes on every machine that computes the same thing).
+and returns a :class:`StageResult` of deterministic facts for the stage's record (no timings: the
+record must be the same bytes on every machine that computes the same thing).
 
-Stages written by other parts of trimformer (distill, package, the pass modules) are imported
-when they run, so a recipe that does not use them runs without them.
+The torch side (train, distill) is imported when its stage runs, so that a recipe of ONNX passes
+starts without loading PyTorch.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import importlib
 import json
 import logging
 from collections.abc import Callable
@@ -20,10 +18,31 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trimformer.artifact import ModelArtifact
 from trimformer.errors import GateFailed, UserError
-from trimformer.pipeline.recipe import Recipe
+from trimformer.packaging.package import package_artifact
+from trimformer.passes.base import PassConfig, apply_pass
+from trimformer.passes.fuse.fusion import FuseConfig
+from trimformer.passes.prune.structured import PruneConfig
+from trimformer.passes.quantize.int8 import QuantizeConfig
+from trimformer.passes.quantize.training_ranges import (
+    carries_training_ranges,
+    check_training_options,
+    check_training_settings,
+)
+from trimformer.pipeline.context import Columns, DataRequest, build_pass_context
+from trimformer.pipeline.recipe import PassSpec, Recipe, known_passes, pass_config, stage_params
+from trimformer.pipeline.stages.params import (
+    EvaluatingStageParams,
+    PassStageParams,
+    PruneStageParams,
+    QuantizeStageParams,
+)
+from trimformer.pipeline.stages.prune import PruneStageConfig, run_prune
+from trimformer.pipeline.stages.quantize import QuantizeStageConfig, run_fuse, run_quantize
+from trimformer.pipeline.stages.result import StageResult
 
-__all__ = ["Stage", "StageContext", "build_pass_context", "build_plan", "variant_stages"]
+__all__ = ["Stage", "StageContext", "StageResult", "build_plan", "variant_stages"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +64,7 @@ class Stage:
     name: str
     kind: str
     params: dict[str, Any]
-    run: Callable[[StageContext], dict[str, Any]]
+    run: Callable[[StageContext], StageResult]
     # role -> name of an earlier stage whose output this stage reads
     inputs: dict[str, str] = field(default_factory=dict)
     # role -> outside path or builtin spec, hashed by content
@@ -71,63 +90,26 @@ def _data_params(recipe: Recipe) -> dict[str, Any]:
     return recipe.data.model_dump(mode="json", exclude={"source"})
 
 
-def _accepts(cls: type, name: str) -> bool:
-    return any(f.name == name for f in dataclasses.fields(cls))
-
-
-def build_pass_context(artifact: Any, recipe: Recipe, scratch: Path, source: Path | None = None) -> Any:
-    """A PassContext from the recipe's data section.
-
-    ``calibration`` makes a fresh streaming reader over the train split each call; ``evaluate``
-    scores a candidate graph's accuracy on the eval split through onnxruntime (the eval batches
-    are tokenized once); ``data["source"]`` is the PyTorch folder the model was exported from,
-    for importance scores that need gradients (computed outside passes/, which never imports torch).
-    """
-    from trimformer.data import Encoder, load_dataset, map_labels
-    from trimformer.data.calibration import DatasetFeeds
-    from trimformer.data.tokenizer import load_tokenizer
-    from trimformer.passes.base import PassContext
-
+def _data_request(recipe: Recipe, params: EvaluatingStageParams, samples: int) -> DataRequest:
+    """A recipe pass's data: calibration and (offered) evaluation on the recipe's [data]."""
     data = recipe.data
-    ctx = PassContext(seed=recipe.seed, scratch=scratch, source=None if source is None else str(source))
-    if data is None:
-        return ctx
-    spec = recipe.resolve(data.source)
-    columns = _columns(recipe)
-    tok = artifact.meta.tokenizer
-    input_names = [io.name for io in artifact.meta.inputs]
-    encoder = Encoder(load_tokenizer(artifact.path), input_names, tok.max_length, tok.pad_token_id)
-    pad_to = None if data.calibration_pad_to is None else min(data.calibration_pad_to, tok.max_length)
-    calib_cache: list[Any] = []
-
-    def calibration() -> Any:
-        if not calib_cache:
-            calib_cache.append(
-                load_dataset(spec, split="train", seed=recipe.seed, limit=data.calibration_samples, **columns)
-            )
-        return DatasetFeeds(
-            calib_cache[0],
-            encoder,
-            input_names,
-            data.calibration_samples,
-            data.calibration_batch_size,
-            pad_to,
-        )
-
-    ctx.calibration = calibration
-    if artifact.meta.task != "sequence-classification" or artifact.labels is None:
-        return ctx
-    eval_set = load_dataset(spec, split=data.eval_split, seed=recipe.seed, limit=data.eval_limit, **columns)
-    if eval_set.labels is None:
-        return ctx
-    from trimformer.pipeline.stages.quantize import onnx_accuracy_fn
-
-    ctx.evaluate = onnx_accuracy_fn(encoder, eval_set, map_labels(eval_set.labels, artifact.labels))
-    return ctx
+    spec = None if data is None else recipe.resolve(data.source)
+    return DataRequest(
+        calibration=spec,
+        evaluate=spec,
+        samples=samples,
+        batch_size=params.batch_size,
+        pad_to=params.pad_to,
+        eval_split=params.eval_split,
+        eval_limit=params.eval_limit,
+        columns=Columns(**_columns(recipe)),
+        seed=recipe.seed,
+        evaluate_optional=True,
+    )
 
 
 # -- adapters -----------------------------------------------------------------------------------
-def _run_train(ctx: StageContext) -> dict[str, Any]:
+def _run_train(ctx: StageContext) -> StageResult:
     from trimformer.training.finetune import TrainConfig, train
 
     recipe = ctx.recipe
@@ -142,53 +124,37 @@ def _run_train(ctx: StageContext) -> dict[str, Any]:
             **params,
         )
     )
-    return {
-        "best_dev_accuracy": result.best_dev_accuracy,
-        "best_step": result.best_step,
-        "steps": result.steps,
-    }
+    return StageResult(
+        {"best_dev_accuracy": result.best_dev_accuracy, "best_step": result.best_step, "steps": result.steps}
+    )
 
 
-def _distill_api() -> tuple[type, Callable[[Any], Any]]:
-    try:
-        module = importlib.import_module("trimformer.training.distill.api")
-    except ModuleNotFoundError as exc:
-        raise UserError(
-            "the distill stage needs trimformer.training.distill.api, which this install lacks"
-        ) from exc
-    config_cls, fn = getattr(module, "DistillConfig", None), getattr(module, "distill", None)
-    if config_cls is None or fn is None:
-        raise UserError("trimformer.training.distill.api has no DistillConfig/distill; update trimformer")
-    return config_cls, fn
+def _run_distill(ctx: StageContext) -> StageResult:
+    from trimformer.training.distill.api import DistillConfig, distill
 
-
-def _run_distill(ctx: StageContext) -> dict[str, Any]:
     recipe = ctx.recipe
     assert recipe.distill is not None and recipe.data is not None
-    config_cls, distill = _distill_api()
-    kwargs: dict[str, Any] = {
-        "teacher": str(ctx.inputs["teacher"]),
-        "data": recipe.resolve(recipe.data.source),
-        "out": str(ctx.out),
-    }
-    if _accepts(config_cls, "seed"):
-        kwargs["seed"] = recipe.seed
-    if _accepts(config_cls, "checkpoint_dir") and ctx.resume_dir is not None:
-        # A killed run resumes the distillation from its last checkpoint, not from step 0.
-        kwargs["checkpoint_dir"] = str(ctx.resume_dir)
-    for key, value in _columns(recipe).items():
-        if value is not None and _accepts(config_cls, key):
-            kwargs[key] = value
-    result = distill(config_cls(**kwargs, **recipe.distill))
-    facts = result.to_dict() if hasattr(result, "to_dict") else {}
-    return {
-        k: v
-        for k, v in facts.items()
-        if isinstance(v, int | float | str) and k not in ("seconds", "out", "resumed_from")
-    }
+    columns: dict[str, Any] = {k: v for k, v in _columns(recipe).items() if v is not None}
+    # A killed run resumes the distillation from its last checkpoint, not from step 0.
+    resume: dict[str, Any] = {} if ctx.resume_dir is None else {"checkpoint_dir": str(ctx.resume_dir)}
+    result = distill(
+        DistillConfig(
+            teacher=str(ctx.inputs["teacher"]),
+            data=recipe.resolve(recipe.data.source),
+            out=str(ctx.out),
+            seed=recipe.seed,
+            **resume,
+            **columns,
+            **recipe.distill,
+        )
+    )
+    measured = ("seconds", "out", "resumed_from")
+    return StageResult(
+        {k: v for k, v in result.to_dict().items() if isinstance(v, int | float | str) and k not in measured}
+    )
 
 
-def _run_export(ctx: StageContext) -> dict[str, Any]:
+def _run_export(ctx: StageContext) -> StageResult:
     from trimformer.exporters import export_model
 
     recipe = ctx.recipe
@@ -199,50 +165,39 @@ def _run_export(ctx: StageContext) -> dict[str, Any]:
         opset=recipe.export.opset,
         atol=recipe.export.atol,
     )
-    return {"opset": result.artifact.meta.opset, "size_bytes": result.artifact.size_bytes()}
+    return StageResult({"opset": result.artifact.meta.opset, "size_bytes": result.artifact.size_bytes()})
 
 
-def _pass_runner(index: int) -> Callable[[StageContext], dict[str, Any]]:
-    def run(ctx: StageContext) -> dict[str, Any]:
-        from trimformer.artifact import ModelArtifact
-        from trimformer.passes.base import apply_pass
-        from trimformer.pipeline.recipe import known_passes
-
+def _pass_runner(index: int) -> Callable[[StageContext], StageResult]:
+    def run(ctx: StageContext) -> StageResult:
         spec = ctx.recipe.passes[index]
         config_cls, _ = known_passes()[spec.name]
-        config = config_cls.model_validate(spec.params)
-        # The passes' own stage glue, when in this tree, writes their records, reports and plots.
-        glue = _GLUE.get(spec.name)
-        if glue is not None and config_cls.__module__.startswith(f"trimformer.passes.{spec.name}."):
-            fn = _glue(*glue[:2])
-            if fn is not None:
-                return glue[2](fn, config, spec.params, ctx)
-        artifact = ModelArtifact.open(ctx.inputs["model"])
-        pass_ctx = build_pass_context(artifact, ctx.recipe, ctx.scratch, source=ctx.inputs.get("source"))
-        _, report = apply_pass(artifact, spec.name, config, pass_ctx, ctx.out)
-        return {"modified": bool(report.modified)}
+        config = pass_config(config_cls, spec, ctx.recipe.data)
+        # The real prune/quantize/fuse passes go through their stage functions (records, reports,
+        # plots); a pass registered under the same name with another config (a test's stand-in)
+        # runs as any other pass.
+        adapter = _STAGE_ADAPTERS.get(config_cls, _run_any_pass)
+        return adapter(config, spec, ctx)
 
     return run
 
 
-def _glue(module: str, name: str) -> Any:
-    """A stage's own glue function when that module is in this tree (it adds records and plots)."""
-    try:
-        return getattr(importlib.import_module(module), name, None)
-    except ModuleNotFoundError as exc:
-        if exc.name != module:
-            raise
-        return None
+def _run_any_pass(config: PassConfig, spec: PassSpec, ctx: StageContext) -> StageResult:
+    stage = stage_params(ctx.recipe.data, "")
+    assert isinstance(stage, PassStageParams)
+    artifact = ModelArtifact.open(ctx.inputs["model"])
+    request = _data_request(ctx.recipe, stage, stage.samples)
+    pass_ctx = build_pass_context(artifact, request, ctx.scratch, source=ctx.inputs.get("source"))
+    _, report = apply_pass(artifact, spec.name, config, pass_ctx, ctx.out)
+    return StageResult({"modified": bool(report.modified)})
 
 
-def _run_prune_stage(
-    run_prune: Callable[[Any], dict[str, Any]], config: Any, params: dict[str, Any], ctx: StageContext
-) -> dict[str, Any]:
-    """Through prune_stage: Fisher scores on the torch source, pruning_record.json, the map."""
-    from trimformer.pipeline.stages.prune import PruneStageConfig
-
+def _run_prune_stage(config: Any, spec: PassSpec, ctx: StageContext) -> StageResult:
+    """Through run_prune: Fisher scores on the torch source, pruning_record.json, the map."""
     recipe = ctx.recipe
     data = recipe.data
+    stage = stage_params(data, "prune")
+    assert isinstance(stage, PruneStageParams)
     source = ctx.inputs.get("source")
     summary = run_prune(
         PruneStageConfig(
@@ -251,55 +206,44 @@ def _run_prune_stage(
             prune=config,
             calibration=None if data is None else recipe.resolve(data.source),
             source=None if source is None else str(source),
-            samples=256 if data is None else data.calibration_samples,
-            batch_size=16 if data is None else data.calibration_batch_size,
+            samples=stage.samples,
+            batch_size=stage.batch_size,
             **_columns(recipe),
         )
     )
-    return {k: summary[k] for k in ("importance", "flops_removed", "params_removed") if k in summary}
+    return StageResult.pick(summary, ("importance", "flops_removed", "params_removed"))
 
 
-def _run_quantize_stage(
-    run_quantize: Callable[[Any], dict[str, Any]], config: Any, params: dict[str, Any], ctx: StageContext
-) -> dict[str, Any]:
-    """Through quantize_stage: calibration from [data], the ranges file and quantization report."""
-    from trimformer.pipeline.stages.quantize import QuantizeStageConfig
-
+def _run_quantize_stage(config: Any, spec: PassSpec, ctx: StageContext) -> StageResult:
+    """Through run_quantize: calibration from [data], the ranges file and quantization report."""
     recipe = ctx.recipe
     data = recipe.data
-    spec = None if data is None else recipe.resolve(data.source)
-    if "ranges_from_training" not in params and _training_ranges_fit(ctx.inputs["model"], config):
+    stage = stage_params(data, "quantize")
+    assert isinstance(stage, QuantizeStageParams)
+    data_spec = None if data is None else recipe.resolve(data.source)
+    if "ranges_from_training" not in spec.params and _training_ranges_fit(ctx.inputs["model"], config):
         # A student distilled with qat = true carries its trained ranges: quantize with those.
         config = config.model_copy(update={"ranges_from_training": True})
-    if data is not None and "samples" not in params:
-        # [data] calibration_samples is the recipe-wide calibration size.
-        config = config.model_copy(update={"samples": data.calibration_samples})
     summary = run_quantize(
         QuantizeStageConfig(
             model=str(ctx.inputs["model"]),
             out=str(ctx.out),
             quantize=config,
-            calibration=spec,
-            eval=spec if config.max_accuracy_drop is not None else None,
-            batch_size=16 if data is None else data.calibration_batch_size,
-            pad_to=None if data is None else data.calibration_pad_to,
-            eval_limit=None if data is None else data.eval_limit,
+            calibration=data_spec,
+            eval=data_spec if config.max_accuracy_drop is not None else None,
+            batch_size=stage.batch_size,
+            pad_to=stage.pad_to,
+            eval_limit=stage.eval_limit,
+            eval_split=stage.eval_split,
             seed=recipe.seed,
             **_columns(recipe),
         )
     )
-    return {k: summary[k] for k in ("quantized", "quantizable", "size_mb") if k in summary}
+    return StageResult.pick(summary, ("quantized", "quantizable", "size_mb"))
 
 
 def _training_ranges_fit(model: Path | str, config: Any) -> bool:
     """Whether the quantize stage's input carries QAT ranges that its settings can use."""
-    from trimformer.artifact import ModelArtifact
-    from trimformer.passes.quantize.training_ranges import (
-        carries_training_ranges,
-        check_training_options,
-        check_training_settings,
-    )
-
     artifact = ModelArtifact.open(model)
     if not carries_training_ranges(artifact.path, [step.step for step in artifact.meta.lineage]):
         return False
@@ -312,22 +256,23 @@ def _training_ranges_fit(model: Path | str, config: Any) -> bool:
     return True
 
 
-def _run_fuse_stage(
-    run_fuse: Callable[..., dict[str, Any]], config: Any, params: dict[str, Any], ctx: StageContext
-) -> dict[str, Any]:
+def _run_fuse_stage(config: Any, spec: PassSpec, ctx: StageContext) -> StageResult:
     summary = run_fuse(str(ctx.inputs["model"]), str(ctx.out), config)
-    return {k: v for k, v in summary.items() if isinstance(v, int | str) and k not in ("out", "seconds")}
+    return StageResult(
+        {k: v for k, v in summary.items() if isinstance(v, int | str) and k not in ("out", "seconds")}
+    )
 
 
-_GLUE: dict[str, tuple[str, str, Callable[..., dict[str, Any]]]] = {
-    "prune": ("trimformer.pipeline.stages.prune", "run_prune", _run_prune_stage),
-    "quantize": ("trimformer.pipeline.stages.quantize", "run_quantize", _run_quantize_stage),
-    "fuse": ("trimformer.pipeline.stages.quantize", "run_fuse", _run_fuse_stage),
+_STAGE_ADAPTERS: dict[type[PassConfig], Callable[[Any, PassSpec, StageContext], StageResult]] = {
+    PruneConfig: _run_prune_stage,
+    QuantizeConfig: _run_quantize_stage,
+    FuseConfig: _run_fuse_stage,
 }
 
 
-def _run_validate(ctx: StageContext) -> dict[str, Any]:
-    from trimformer.validation.validate import ValidateConfig, parse_grid, validate
+def _run_validate(ctx: StageContext) -> StageResult:
+    from trimformer.pipeline.stages.validate import run_validate
+    from trimformer.validation.validate import ValidateConfig, parse_grid
 
     recipe = ctx.recipe
     section = recipe.validate_
@@ -362,7 +307,7 @@ def _run_validate(ctx: StageContext) -> dict[str, Any]:
             **common,
         )
         try:
-            report = validate(config)
+            report = run_validate(config)
             gates[provider] = report["gates"]
         except GateFailed:
             # validate wrote its report before raising; the runner decides the exit code later.
@@ -377,21 +322,15 @@ def _run_validate(ctx: StageContext) -> dict[str, Any]:
                 (reference or final).resolve(),
             ):
                 continue
-            validate(
+            run_validate(
                 ValidateConfig(
                     model=str(path), provider=provider, out=str(folder / role.split(":", 1)[1]), **common
                 )
             )
-    return {"gates": gates, "passed": all(g["passed"] for g in gates.values())}
+    return StageResult({"gates": gates, "passed": all(g["passed"] for g in gates.values())})
 
 
-def _run_package(ctx: StageContext) -> dict[str, Any]:
-    try:
-        from trimformer.packaging.package import package_artifact  # type: ignore[import-not-found,unused-ignore]
-    except ImportError as exc:
-        raise UserError(
-            "the package stage needs trimformer.packaging.package, which this install lacks"
-        ) from exc
+def _run_package(ctx: StageContext) -> StageResult:
     recipe = ctx.recipe
     assert recipe.package is not None and recipe.validate_ is not None
     report = ctx.inputs["validate"] / recipe.validate_.providers[0] / "final" / "report.json"
@@ -403,7 +342,7 @@ def _run_package(ctx: StageContext) -> dict[str, Any]:
         ort_format=recipe.package.ort_format,
         overwrite=False,
     )
-    return {"archive": Path(result.archive).name if getattr(result, "archive", None) else None}
+    return StageResult({"archive": Path(result.archive).name if result.archive else None})
 
 
 # -- the plan -----------------------------------------------------------------------------------
@@ -416,148 +355,114 @@ def _unique(name: str, taken: set[str]) -> str:
     return f"{name}-{n}"
 
 
-def build_plan(recipe: Recipe) -> list[Stage]:
-    """The ordered stages of a recipe (train, distill, export, passes, validate, package)."""
-    stages: list[Stage] = []
-    taken: set[str] = set()
+# A stage's input: ("stage", name of an earlier stage) or ("external", a path or builtin spec).
+_Ref = tuple[str, str]
 
-    def add(stage: Stage) -> Stage:
-        stage.name = _unique(stage.name, taken)
-        taken.add(stage.name)
-        stages.append(stage)
-        return stage
 
-    source = recipe.resolve(recipe.model.source)
-    data_ext = {"data": recipe.resolve(recipe.data.source)} if recipe.data is not None else {}
-    # What the torch model folder of the exported model is: a stage's output or an outside folder.
-    torch_model: tuple[str, str] | None = None if recipe.model_is_artifact else ("external", source)
+class _Planner:
+    """Adds stages in order, names them uniquely, and wires each input to a stage or a path."""
 
-    if recipe.model.train is not None:
-        train = add(
-            Stage(
-                "train",
-                "train",
-                {"seed": recipe.seed, **_columns(recipe), **recipe.model.train.params},
-                _run_train,
-                external={"model": source, "train_data": recipe.train_data},
-            )
-        )
-        torch_model = ("stage", train.name)
+    def __init__(self, recipe: Recipe) -> None:
+        self.recipe = recipe
+        self.stages: list[Stage] = []
+        self.source = recipe.resolve(recipe.model.source)
+        self.data_ext = {"data": recipe.resolve(recipe.data.source)} if recipe.data is not None else {}
 
-    def torch_inputs(role: str) -> tuple[dict[str, str], dict[str, str]]:
-        assert torch_model is not None
-        kind, value = torch_model
-        return ({role: value}, {}) if kind == "stage" else ({}, {role: value})
+    def add(self, stage: Stage) -> _Ref:
+        stage.name = _unique(stage.name, {s.name for s in self.stages})
+        self.stages.append(stage)
+        return ("stage", stage.name)
 
-    reference_stage: str | None = None
-    if recipe.distill is not None:
-        inputs, external = torch_inputs("teacher")
-        teacher_model = torch_model
-        distill = add(
-            Stage(
-                "distill",
-                "distill",
-                {"seed": recipe.seed, **_columns(recipe), **recipe.distill},
-                _run_distill,
-                inputs=inputs,
-                external={**external, **data_ext},
-            )
-        )
-        # The honest baseline for the gates is the teacher as FP32 ONNX, measured in the same run.
-        inputs, external = torch_inputs("model")
-        ref = add(
-            Stage(
-                "export-teacher",
-                "export",
-                {"task": recipe.model.task, **recipe.export.model_dump(mode="json")},
-                _run_export,
-                inputs=inputs,
-                external=external,
-                artifact=True,
-            )
-        )
-        reference_stage = ref.name
-        torch_model = ("stage", distill.name)
-        del teacher_model
+    @staticmethod
+    def wire(refs: dict[str, _Ref]) -> tuple[dict[str, str], dict[str, str]]:
+        """(inputs, external) of a stage whose roles read ``refs``."""
+        inputs = {role: value for role, (kind, value) in refs.items() if kind == "stage"}
+        external = {role: value for role, (kind, value) in refs.items() if kind != "stage"}
+        return inputs, external
 
-    current: tuple[str, str]
+    def export(self, name: str, model: _Ref) -> _Ref:
+        inputs, external = self.wire({"model": model})
+        params = {"task": self.recipe.model.task, **self.recipe.export.model_dump(mode="json")}
+        return self.add(Stage(name, "export", params, _run_export, inputs, external, artifact=True))
+
+
+def _train_and_distill(plan: _Planner) -> tuple[_Ref | None, _Ref | None]:
+    """The torch stages: (the torch model to export, the reference stage for the gates)."""
+    recipe = plan.recipe
     if recipe.model_is_artifact:
-        current = ("external", source)
-    else:
-        inputs, external = torch_inputs("model")
-        export = add(
-            Stage(
-                "export",
-                "export",
-                {"task": recipe.model.task, **recipe.export.model_dump(mode="json")},
-                _run_export,
-                inputs=inputs,
-                external=external,
-                artifact=True,
-            )
-        )
-        current = ("stage", export.name)
-        reference_stage = reference_stage or export.name
-    reference: tuple[str, str] = ("stage", reference_stage) if reference_stage else current
-    variants: list[tuple[str, str]] = [current]
+        return None, None
+    torch_model: _Ref = ("external", plan.source)
+    if recipe.model.train is not None:
+        params = {"seed": recipe.seed, **_columns(recipe), **recipe.model.train.params}
+        external = {"model": plan.source, "train_data": recipe.train_data}
+        torch_model = plan.add(Stage("train", "train", params, _run_train, external=external))
+    if recipe.distill is None:
+        return torch_model, None
+    inputs, external = plan.wire({"teacher": torch_model})
+    params = {"seed": recipe.seed, **_columns(recipe), **recipe.distill}
+    distill = plan.add(
+        Stage("distill", "distill", params, _run_distill, inputs, {**external, **plan.data_ext})
+    )
+    # The honest baseline for the gates is the teacher as FP32 ONNX, measured in the same run.
+    reference = plan.export("export-teacher", torch_model)
+    return distill, reference
 
+
+def _pass_stages(plan: _Planner, current: _Ref, torch_model: _Ref | None) -> list[_Ref]:
+    """One stage per [[passes]] entry, each reading the one before; returns every variant."""
+    recipe = plan.recipe
+    variants = [current]
     for index, spec in enumerate(recipe.passes):
-        inputs, external = (
-            ({"model": current[1]}, {}) if current[0] == "stage" else ({}, {"model": current[1]})
-        )
+        refs = {"model": current}
         if torch_model is not None and index == 0:
             # The PyTorch model matches the graph only before the first pass changes it.
-            more_in, more_ext = torch_inputs("source")
-            inputs, external = {**inputs, **more_in}, {**external, **more_ext}
-        params = {"pass": spec.name, "config": spec.params, "seed": recipe.seed}
+            refs["source"] = torch_model
+        inputs, external = plan.wire(refs)
+        params: dict[str, Any] = {"pass": spec.name, "config": spec.params, "seed": recipe.seed}
         if recipe.data is not None:
             params["data"] = _data_params(recipe)
-        stage = add(
-            Stage(
-                spec.name,
-                "pass",
-                params,
-                _pass_runner(index),
-                inputs,
-                {**external, **data_ext},
-                artifact=True,
-            )
+        stage = Stage(
+            spec.name,
+            "pass",
+            params,
+            _pass_runner(index),
+            inputs,
+            {**external, **plan.data_ext},
+            artifact=True,
         )
-        current = ("stage", stage.name)
+        current = plan.add(stage)
         variants.append(current)
+    return variants
 
-    if recipe.validate_ is not None:
-        inputs, external = {}, dict(data_ext)
-        for role, (kind, value) in (("model", current), ("reference", reference)):
-            (inputs if kind == "stage" else external)[role] = value
-        for kind, value in variants:
-            role = "variant:" + (value if kind == "stage" else "model")
-            (inputs if kind == "stage" else external)[role] = value
-        validate = add(
-            Stage(
-                "validate",
-                "validate",
-                {"seed": recipe.seed, **_columns(recipe), **recipe.validate_.model_dump(mode="json")},
-                _run_validate,
-                inputs,
-                external,
-            )
-        )
-        if recipe.package is not None:
-            inputs = {"validate": validate.name}
-            external = {}
-            (inputs if current[0] == "stage" else external)["model"] = current[1]
-            add(
-                Stage(
-                    "package",
-                    "package",
-                    {**recipe.package.model_dump(mode="json"), "recipe_sha256": _sha(recipe.text)},
-                    _run_package,
-                    inputs,
-                    external,
-                )
-            )
-    return stages
+
+def _validate_and_package(plan: _Planner, final: _Ref, reference: _Ref, variants: list[_Ref]) -> None:
+    recipe = plan.recipe
+    if recipe.validate_ is None:
+        return
+    refs = {"model": final, "reference": reference}
+    refs.update(
+        {"variant:" + (value if kind == "stage" else "model"): (kind, value) for kind, value in variants}
+    )
+    inputs, external = plan.wire(refs)
+    params = {"seed": recipe.seed, **_columns(recipe), **recipe.validate_.model_dump(mode="json")}
+    validate = plan.add(
+        Stage("validate", "validate", params, _run_validate, inputs, {**plan.data_ext, **external})
+    )
+    if recipe.package is None:
+        return
+    inputs, external = plan.wire({"validate": validate, "model": final})
+    params = {**recipe.package.model_dump(mode="json"), "recipe_sha256": _sha(recipe.text)}
+    plan.add(Stage("package", "package", params, _run_package, inputs, external))
+
+
+def build_plan(recipe: Recipe) -> list[Stage]:
+    """The ordered stages of a recipe (train, distill, export, passes, validate, package)."""
+    plan = _Planner(recipe)
+    torch_model, reference = _train_and_distill(plan)
+    current: _Ref = ("external", plan.source) if torch_model is None else plan.export("export", torch_model)
+    variants = _pass_stages(plan, current, torch_model)
+    _validate_and_package(plan, variants[-1], reference or current, variants)
+    return plan.stages
 
 
 def variant_stages(plan: list[Stage]) -> list[Stage]:

@@ -13,15 +13,15 @@
     [package]    bundle options (needs [validate]: a bundle carries the metrics it was validated with)
 
 Everything is checked before anything runs: unknown keys, wrong types, missing files, unknown
-passes (against the registry), each pass's parameters (with the pass's own config class), and a
-stage order that cannot work. Each problem is reported as ``FILE: KEY: problem; allowed: ...``.
+passes (against the registry), each pass's parameters (with the pass's own config class and its
+ranges), the export opset, each stage's parameters (:mod:`trimformer.pipeline.stages.params`),
+and a stage order that cannot work. Each problem is reported as ``FILE: KEY: problem; allowed: ...``.
 Relative paths are read relative to the recipe file's folder.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import itertools
 import logging
 import typing
@@ -39,10 +39,15 @@ from pydantic import (
     model_validator,
 )
 
+import trimformer.passes  # noqa: F401  (importing the package registers every pass)
 from trimformer.errors import UserError
+from trimformer.passes.base import PASS_REGISTRY, ConfigError, PassConfig, describe_error
+from trimformer.pipeline.stages.params import StageParams, stage_params_class
 
 __all__ = [
-    "KNOWN_PASS_MODULES",
+    "EXPORT_DEFAULT_OPSET",
+    "EXPORT_MAX_OPSET",
+    "EXPORT_MIN_OPSET",
     "PASS_ORDER",
     "DataSection",
     "ExportSection",
@@ -55,16 +60,15 @@ __all__ = [
     "known_passes",
     "load_recipe",
     "parse_recipe",
+    "pass_config",
+    "stage_params",
 ]
 
 logger = logging.getLogger(__name__)
 
-# Modules whose import registers passes; absent ones (not written or not installed) are skipped.
-KNOWN_PASS_MODULES = (
-    "trimformer.passes.fuse.fusion",
-    "trimformer.passes.prune.structured",
-    "trimformer.passes.quantize.int8",
-)
+# The exporter's opset range (trimformer.exporters.configs; importing it here would load torch
+# for every recipe, so tests/pipeline/test_recipe.py checks that the two agree).
+EXPORT_MIN_OPSET, EXPORT_MAX_OPSET, EXPORT_DEFAULT_OPSET = 14, 21, 17
 
 # Passes whose relative order is fixed: pruning edits float MatMul weights, so it must see the
 # graph before fusion rewrites the attention block and before quantization replaces the weights.
@@ -103,17 +107,17 @@ class DataSection(_Strict):
     text_column: str | None = None
     text_pair_column: str | None = None
     label_column: str | None = None
-    calibration_samples: int = Field(default=256, ge=1)
-    calibration_batch_size: int = Field(default=16, ge=1)
-    # Fixed width for calibration batches (static calibrators stack activations); capped at the
-    # model's maximum length. null: pad each batch to its longest row.
-    calibration_pad_to: int | None = Field(default=128, ge=1)
-    eval_split: Literal["all", "train", "dev", "test"] = "dev"
-    eval_limit: int | None = Field(default=500, ge=1)
+    # Unset: each stage's own default (trimformer.pipeline.stages.params, docs/RECIPES.md).
+    calibration_samples: int | None = Field(default=None, ge=1)
+    calibration_batch_size: int | None = Field(default=None, ge=1)
+    # Fixed width for calibration batches, capped at the model's maximum length.
+    calibration_pad_to: int | None = Field(default=None, ge=1)
+    eval_split: Literal["auto", "all", "train", "dev", "test"] | None = None
+    eval_limit: int | None = Field(default=None, ge=1)
 
 
 class ExportSection(_Strict):
-    opset: int = Field(default=17, ge=11, le=21)
+    opset: int = Field(default=EXPORT_DEFAULT_OPSET, ge=EXPORT_MIN_OPSET, le=EXPORT_MAX_OPSET)
     atol: float = Field(default=1e-4, gt=0)
 
 
@@ -217,29 +221,51 @@ class Recipe(_Strict):
         return self.resolve(spec)
 
 
-# -- registry access ----------------------------------------------------------------------------
+# -- registry and stage parameters --------------------------------------------------------------
 def known_passes() -> dict[str, Any]:
-    """The pass registry after importing every module that registers passes."""
-    for module in KNOWN_PASS_MODULES:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
-            logger.debug("pass module %s is not available", module)
-    from trimformer.passes.base import PASS_REGISTRY
-
+    """The pass registry (every pass of trimformer.passes, and any registered since)."""
     return PASS_REGISTRY
 
 
-def _stage_config(module: str, name: str) -> type | None:
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as exc:
-        if exc.name != module:
-            raise
-        return None
-    return getattr(mod, name, None)
+# [data] keys -> the stage parameter each sets (where the stage has it).
+_DATA_KEYS = {
+    "calibration_samples": "samples",
+    "calibration_batch_size": "batch_size",
+    "calibration_pad_to": "pad_to",
+    "eval_split": "eval_split",
+    "eval_limit": "eval_limit",
+}
+
+
+def _given_stage_values(data: DataSection | None, pass_name: str) -> dict[str, Any]:
+    fields = stage_params_class(pass_name).model_fields
+    if data is None:
+        return {}
+    given = {param: getattr(data, key) for key, param in _DATA_KEYS.items() if getattr(data, key) is not None}
+    return {param: value for param, value in given.items() if param in fields}
+
+
+def stage_params(data: DataSection | None, pass_name: str) -> StageParams:
+    """A pass stage's parameters: its defaults, with the [data] values the recipe gives."""
+    return stage_params_class(pass_name).model_validate(_given_stage_values(data, pass_name))
+
+
+def _pass_values(config_cls: type[PassConfig], spec: PassSpec, data: DataSection | None) -> dict[str, Any]:
+    values = dict(spec.params)
+    if (
+        data is not None
+        and data.calibration_samples is not None
+        and "samples" in config_cls.model_fields
+        and "samples" not in values
+    ):
+        # [data] calibration_samples is the recipe-wide calibration size; a pass's own wins.
+        values["samples"] = data.calibration_samples
+    return values
+
+
+def pass_config(config_cls: type[PassConfig], spec: PassSpec, data: DataSection | None) -> PassConfig:
+    """A [[passes]] entry's config, with the recipe-wide [data] values it takes."""
+    return config_cls.model_validate(_pass_values(config_cls, spec, data))
 
 
 def dataclass_model(cls: type, exclude: set[str]) -> type[BaseModel]:
@@ -283,14 +309,20 @@ def _unwrap(annotation: Any) -> Any:
     return None
 
 
-def _allowed_at(root: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
-    """Field names of the model that holds ``loc[-1]``."""
+def _model_at(root: type[BaseModel], loc: tuple[Any, ...]) -> Any:
+    """The model class that holds ``loc[-1]`` (None when the path leaves the models)."""
     cls: Any = root
     for part in loc[:-1]:
         if isinstance(part, int) or cls is None:
             continue
         field = _field_by_key(cls, part)
         cls = _unwrap(field.annotation) if field is not None else None
+    return cls
+
+
+def _allowed_at(root: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Field names of the model that holds ``loc[-1]``."""
+    cls = _model_at(root, loc)
     if cls is None:
         return []
     # PassSpec and TrainSpec gather the free keys under "params"; that name is not a key to write.
@@ -313,9 +345,7 @@ def _describe(error: Any, root: type[BaseModel], prefix: tuple[Any, ...]) -> tup
         return where, "unknown key; allowed: " + ", ".join(_allowed_at(root, loc))
     if kind == "missing":
         return where, "missing required key"
-    got = error.get("input")
-    shown = "a table" if isinstance(got, dict) else repr(got)
-    return where, f"{error['msg'][0].lower()}{error['msg'][1:]} (got {shown[:60]})"
+    return where, describe_error(error, _model_at(root, loc))
 
 
 def _raise(path: Path, problems: list[tuple[str, str]]) -> typing.NoReturn:
@@ -428,9 +458,7 @@ def _check_files(recipe: Recipe) -> list[tuple[str, str]]:
     return problems
 
 
-def _check_table(table: dict[str, Any], cls: type | None, where: str, missing: str) -> list[tuple[str, str]]:
-    if cls is None:
-        return [(where, missing)]
+def _check_table(table: dict[str, Any], cls: type, where: str) -> list[tuple[str, str]]:
     model = dataclass_model(cls, _RUNNER_KEYS)
     problems = []
     for key in sorted(set(table) & _RUNNER_KEYS):
@@ -448,15 +476,11 @@ def _check_stage_tables(recipe: Recipe) -> list[tuple[str, str]]:
     if recipe.model.train is not None:
         from trimformer.training.finetune import TrainConfig
 
-        problems += _check_table(recipe.model.train.params, TrainConfig, "model.train", "")
+        problems += _check_table(recipe.model.train.params, TrainConfig, "model.train")
     if recipe.distill is not None:
-        cls = _stage_config("trimformer.training.distill.api", "DistillConfig")
-        problems += _check_table(
-            recipe.distill,
-            cls,
-            "distill",
-            "the distill stage needs trimformer.training.distill.api (DistillConfig), which this install lacks",
-        )
+        from trimformer.training.distill.api import DistillConfig
+
+        problems += _check_table(recipe.distill, DistillConfig, "distill")
     return problems
 
 
@@ -472,9 +496,15 @@ def _check_passes(recipe: Recipe) -> list[tuple[str, str]]:
             continue
         config_cls = registry[spec.name][0]
         try:
-            config_cls.model_validate(spec.params)
-        except ValidationError as exc:
+            pass_config(config_cls, spec, recipe.data)
+        except ValidationError as exc:  # a registered config that is a plain pydantic model
             problems += _pydantic_problems(exc, config_cls, ("passes", index))
+        except ConfigError as exc:
+            problems += _pydantic_problems(exc.validation, config_cls, ("passes", index))
+        try:
+            stage_params(recipe.data, spec.name)
+        except ConfigError as exc:  # [data] keys are checked by DataSection; this is the stage's word
+            problems += _pydantic_problems(exc.validation, stage_params_class(spec.name), ("data",))
     return problems
 
 
@@ -482,7 +512,7 @@ def _check_validate(recipe: Recipe) -> list[tuple[str, str]]:
     section = recipe.validate_
     if section is None:
         return []
-    from trimformer.validation.runners import PROVIDERS, resolve_provider
+    from trimformer.runtime.session import PROVIDERS, resolve_provider
     from trimformer.validation.validate import parse_grid
 
     problems = []

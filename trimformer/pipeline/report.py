@@ -239,6 +239,79 @@ def _png(fig: Any) -> bytes:
     return buffer.getvalue()
 
 
+def _pareto_plot(plt: Any, provider: str, shape: str, scored: list[dict[str, Any]]) -> bytes:
+    """Accuracy against p50 latency of every scored variant, the Pareto front in green."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    xs = [r["latency_ms"][shape]["p50"] for r in scored]
+    ys = [r["accuracy"] * 100 for r in scored]
+    colors = ["tab:green" if r["pareto"] else "tab:gray" for r in scored]
+    ax.scatter(xs, ys, c=colors, s=60, zorder=3)
+    for r, x, y in zip(scored, xs, ys, strict=True):
+        ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    front = sorted((x, y) for r, x, y in zip(scored, xs, ys, strict=True) if r["pareto"])
+    if len(front) > 1:
+        ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="tab:green", alpha=0.6)
+    ax.set_xlabel(f"p50 latency at {shape} (ms, {provider})")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("Accuracy against latency (green: Pareto front)")
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def _latency_plot(plt: Any, provider: str, rows: list[dict[str, Any]]) -> bytes:
+    """p50 to p99 latency of every variant, one panel per measured shape."""
+    shapes = list(rows[-1]["latency_ms"])
+    fig, axes = plt.subplots(1, len(shapes), figsize=(3.6 * len(shapes) + 1, 3.8), squeeze=False)
+    for ax, key in zip(axes[0], shapes, strict=True):
+        names = [r["name"] for r in rows if key in r["latency_ms"]]
+        stats = [r["latency_ms"][key] for r in rows if key in r["latency_ms"]]
+        pos = range(len(stats))
+        ax.vlines(pos, [s["p50"] for s in stats], [s["p99"] for s in stats], color="tab:blue", lw=2)
+        ax.scatter(pos, [s["p50"] for s in stats], color="tab:blue", label="p50", zorder=3)
+        for quantile, color in (("p90", "tab:orange"), ("p99", "tab:red")):
+            values = [s[quantile] for s in stats]
+            ax.scatter(pos, values, marker="_", s=200, color=color, label=quantile, zorder=3)
+        ax.set_xticks(list(pos), names, rotation=30, ha="right", fontsize=8)
+        ax.set_title(f"{key} ({provider})")
+        ax.set_ylabel("ms")
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3, axis="y")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("Latency distribution per variant (p50 to p99)")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _pruning_plot(plt: Any, entry: dict[str, Any]) -> bytes | None:
+    """The kept fraction of heads and FFN channels per layer; None when nothing was counted."""
+    layers = entry["layers"]
+    kinds = [what for what in ("heads", "ffn") if any(layer[f"{what}_total"] for layer in layers)]
+    if not kinds:
+        return None
+    rows = [
+        [
+            (layer[f"{what}_kept"] or 0) / layer[f"{what}_total"] if layer[f"{what}_total"] else float("nan")
+            for layer in layers
+        ]
+        for what in kinds
+    ]
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(layers) + 2), 1.2 + 0.8 * len(rows)))
+    image = ax.imshow(rows, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    for y, what in enumerate(kinds):
+        for x, layer in enumerate(layers):
+            if layer[f"{what}_total"]:
+                text = f"{layer[f'{what}_kept']}/{layer[f'{what}_total']}"
+                color = "white" if rows[y][x] < 0.6 else "black"
+                ax.text(x, y, text, ha="center", va="center", color=color, fontsize=8)
+    labels = ["attention heads" if what == "heads" else "FFN channels" for what in kinds]
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xticks(range(len(layers)), [str(layer["layer"]) for layer in layers])
+    ax.set_xlabel("layer")
+    ax.set_title(f"Kept after {entry['stage']} (fraction)")
+    fig.colorbar(image, ax=ax, fraction=0.03)
+    return _png(fig)
+
+
 def _plots(report: dict[str, Any]) -> dict[str, bytes]:
     import matplotlib
 
@@ -251,89 +324,13 @@ def _plots(report: dict[str, Any]) -> dict[str, bytes]:
         rows = [r for r in info["variants"] if shape in r["latency_ms"]]
         scored = [r for r in rows if r["accuracy"] is not None]
         if scored:
-            fig, ax = plt.subplots(figsize=(6.4, 4.2))
-            xs = [r["latency_ms"][shape]["p50"] for r in scored]
-            ys = [r["accuracy"] * 100 for r in scored]
-            colors = ["tab:green" if r["pareto"] else "tab:gray" for r in scored]
-            ax.scatter(xs, ys, c=colors, s=60, zorder=3)
-            for r, x, y in zip(scored, xs, ys, strict=True):
-                ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
-            front = sorted((x, y) for r, x, y in zip(scored, xs, ys, strict=True) if r["pareto"])
-            if len(front) > 1:
-                ax.step(
-                    [p[0] for p in front], [p[1] for p in front], where="post", color="tab:green", alpha=0.6
-                )
-            ax.set_xlabel(f"p50 latency at {shape} (ms, {provider})")
-            ax.set_ylabel("accuracy (%)")
-            ax.set_title("Accuracy against latency (green: Pareto front)")
-            ax.grid(alpha=0.3)
-            plots[f"pareto-{provider}.png"] = _png(fig)
+            plots[f"pareto-{provider}.png"] = _pareto_plot(plt, provider, shape, scored)
         if rows:
-            shapes = list(rows[-1]["latency_ms"])
-            fig, axes = plt.subplots(1, len(shapes), figsize=(3.6 * len(shapes) + 1, 3.8), squeeze=False)
-            for ax, key in zip(axes[0], shapes, strict=True):
-                names = [r["name"] for r in rows if key in r["latency_ms"]]
-                stats = [r["latency_ms"][key] for r in rows if key in r["latency_ms"]]
-                pos = range(len(stats))
-                ax.vlines(pos, [s["p50"] for s in stats], [s["p99"] for s in stats], color="tab:blue", lw=2)
-                ax.scatter(pos, [s["p50"] for s in stats], color="tab:blue", label="p50", zorder=3)
-                ax.scatter(
-                    pos,
-                    [s["p90"] for s in stats],
-                    marker="_",
-                    s=200,
-                    color="tab:orange",
-                    label="p90",
-                    zorder=3,
-                )
-                ax.scatter(
-                    pos, [s["p99"] for s in stats], marker="_", s=200, color="tab:red", label="p99", zorder=3
-                )
-                ax.set_xticks(list(pos), names, rotation=30, ha="right", fontsize=8)
-                ax.set_title(f"{key} ({provider})")
-                ax.set_ylabel("ms")
-                ax.set_ylim(bottom=0)
-                ax.grid(alpha=0.3, axis="y")
-            axes[0][0].legend(fontsize=8)
-            fig.suptitle("Latency distribution per variant (p50 to p99)")
-            fig.tight_layout()
-            plots[f"latency-{provider}.png"] = _png(fig)
+            plots[f"latency-{provider}.png"] = _latency_plot(plt, provider, rows)
     for entry in report["pruning"]:
-        layers = entry["layers"]
-        rows_, labels = [], []
-        for what in ("heads", "ffn"):
-            if any(layer[f"{what}_total"] for layer in layers):
-                rows_.append(
-                    [
-                        (layer[f"{what}_kept"] or 0) / layer[f"{what}_total"]
-                        if layer[f"{what}_total"]
-                        else float("nan")
-                        for layer in layers
-                    ]
-                )
-                labels.append("attention heads" if what == "heads" else "FFN channels")
-        if not rows_:
-            continue
-        fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(layers) + 2), 1.2 + 0.8 * len(rows_)))
-        image = ax.imshow(rows_, cmap="viridis", vmin=0, vmax=1, aspect="auto")
-        for y, what in enumerate(w for w in ("heads", "ffn") if any(layer[f"{w}_total"] for layer in layers)):
-            for x, layer in enumerate(layers):
-                if layer[f"{what}_total"]:
-                    ax.text(
-                        x,
-                        y,
-                        f"{layer[f'{what}_kept']}/{layer[f'{what}_total']}",
-                        ha="center",
-                        va="center",
-                        color="white" if rows_[y][x] < 0.6 else "black",
-                        fontsize=8,
-                    )
-        ax.set_yticks(range(len(labels)), labels)
-        ax.set_xticks(range(len(layers)), [str(layer["layer"]) for layer in layers])
-        ax.set_xlabel("layer")
-        ax.set_title(f"Kept after {entry['stage']} (fraction)")
-        fig.colorbar(image, ax=ax, fraction=0.03)
-        plots[f"pruning-{entry['stage']}.png"] = _png(fig)
+        png = _pruning_plot(plt, entry)
+        if png is not None:
+            plots[f"pruning-{entry['stage']}.png"] = png
     return plots
 
 

@@ -377,7 +377,7 @@ def _execute(planned: PlannedStage, recipe: Recipe, outputs: dict[str, Path]) ->
         context = StageContext(
             out=tmp / OUT, inputs=inputs, recipe=recipe, scratch=scratch, resume_dir=resume_dir
         )
-        facts = stage.run(context)
+        facts = stage.run(context).facts
         shutil.rmtree(scratch, ignore_errors=True)
         if not (tmp / OUT).exists():
             raise RuntimeError(f"stage {stage.name} wrote no output")

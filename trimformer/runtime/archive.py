@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from trimformer.fsutil import sha256_file
 from trimformer.runtime.bundle import MANIFEST, BundleError, check_relative_name
 
 __all__ = [
@@ -131,11 +132,7 @@ def check_archive_sidecar(archive: Path) -> bool:
     match = _SIDECAR_RE.match(sidecar.read_text(encoding="utf-8", errors="replace")[:1024])
     if match is None or match.group(2).lstrip("*") != archive.name:
         raise BundleError(f"{sidecar} is malformed (expected '<sha256>  {archive.name}'); re-download it")
-    digest = hashlib.sha256()
-    with open(archive, "rb") as handle:
-        for chunk in iter(lambda: handle.read(_CHUNK), b""):
-            digest.update(chunk)
-    if digest.hexdigest() != match.group(1):
+    if sha256_file(archive) != match.group(1):
         raise BundleError(
             f"archive {archive} was changed: it does not match {sidecar.name}; re-download or re-package it"
         )

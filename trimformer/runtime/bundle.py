@@ -21,7 +21,6 @@ This module imports only the standard library: the runtime must stay free of tor
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -31,6 +30,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from trimformer.errors import UserError
+from trimformer.fsutil import sha256_bytes, sha256_file
 
 __all__ = [
     "BUNDLE_FORMAT",
@@ -43,7 +43,6 @@ __all__ = [
     "check_relative_name",
     "digest_line",
     "read_verified",
-    "sha256_path",
 ]
 
 BUNDLE_FORMAT = "trimformer-bundle"
@@ -52,7 +51,6 @@ MANIFEST = "manifest.json"
 MANIFEST_DIGEST = "manifest.sha256"
 # A manifest lists a few files; anything this big is not one of ours.
 _MAX_MANIFEST_BYTES = 32 << 20
-_CHUNK = 1 << 20
 _DIGEST_RE = re.compile(r"\A([0-9a-f]{64})  manifest\.json\n\Z")
 
 
@@ -80,17 +78,9 @@ class VerifiedBundle:
         return dict(self.manifest["files"])
 
 
-def sha256_path(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def digest_line(manifest_bytes: bytes) -> str:
     """The content of manifest.sha256 for these manifest bytes."""
-    return f"{hashlib.sha256(manifest_bytes).hexdigest()}  {MANIFEST}\n"
+    return f"{sha256_bytes(manifest_bytes)}  {MANIFEST}\n"
 
 
 def check_relative_name(name: str, what: str) -> str:
@@ -155,7 +145,7 @@ def _load_manifest(folder: Path) -> tuple[dict[str, Any], str]:
             f"bundle {folder} was changed: {MANIFEST_DIGEST} is malformed "
             f"(expected '<sha256>  {MANIFEST}'); re-download or re-package it"
         )
-    actual = hashlib.sha256(manifest_bytes).hexdigest()
+    actual = sha256_bytes(manifest_bytes)
     if actual != match.group(1):
         raise BundleError(
             f"bundle {folder} was changed: {MANIFEST} does not match {MANIFEST_DIGEST} "
@@ -239,7 +229,7 @@ def _check_file(folder: Path, name: str, entry: dict[str, Any]) -> None:
             f"bundle {folder} was changed: {name} has {size} bytes, the manifest says {entry['size']}; "
             "re-download or re-package it"
         )
-    actual = sha256_path(path)
+    actual = sha256_file(path)
     if actual != entry["sha256"]:
         raise BundleError(
             f"bundle {folder} was changed: {name} does not match its sha256 in {MANIFEST} "
@@ -257,7 +247,7 @@ def read_verified(bundle: VerifiedBundle, name: str) -> bytes:
     if entry is None:
         raise BundleError(f"bundle {bundle.folder} has no {name} in its manifest; re-package the model")
     data = (bundle.folder / name).read_bytes()
-    if len(data) != entry["size"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
+    if len(data) != entry["size"] or sha256_bytes(data) != entry["sha256"]:
         raise BundleError(
             f"bundle {bundle.folder} was changed while loading: {name} no longer matches {MANIFEST}"
         )

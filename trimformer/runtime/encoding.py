@@ -1,9 +1,9 @@
-"""Texts -> the int64 arrays a bundle's graph takes.
+"""Texts -> the int64 arrays a model's graph takes: the one text encoder.
 
-The same rules as the validation encoder (``trimformer.data.Encoder``): truncate to the model's
-maximum length, pad each batch to its longest row with the pad id, mask 1 on real tokens, token
-type ids from the tokenizer. It is repeated here so that the runtime needs nothing but
-`tokenizers` and numpy; tests check the two agree.
+Truncate to the model's maximum length, pad each batch to its longest row (or to a fixed width)
+with the pad id, mask 1 on real tokens, token type ids from the tokenizer. It lives in the
+runtime, the lowest layer (nothing but `tokenizers` and numpy), so that a bundle encodes exactly
+like validation, calibration and training, which use it through ``trimformer.data.Encoder``.
 """
 
 from __future__ import annotations
@@ -34,12 +34,16 @@ class TextEncoder:
         tokenizer.no_padding()
         self._tokenizer = tokenizer
 
-    def __call__(self, texts: Sequence[str], pairs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    def __call__(
+        self, texts: Sequence[str], pairs: Sequence[str] | None = None, pad_to: int | None = None
+    ) -> dict[str, np.ndarray]:
+        """Feeds for ``texts`` (and their ``pairs``); ``pad_to`` fixes the width (benchmarks'
+        fixed shapes), cutting rows longer than it."""
         if pairs is not None:
             encodings = self._tokenizer.encode_batch(list(zip(texts, pairs, strict=True)))
         else:
             encodings = self._tokenizer.encode_batch(list(texts))
-        width = max(1, max((len(e.ids) for e in encodings), default=1))
+        width = max(1, pad_to or max((len(e.ids) for e in encodings), default=1))
         ids = np.full((len(encodings), width), self.pad_token_id, dtype=np.int64)
         mask = np.zeros((len(encodings), width), dtype=np.int64)
         types = np.zeros((len(encodings), width), dtype=np.int64)

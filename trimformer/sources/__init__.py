@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from trimformer.errors import UserError
+from trimformer.formats.pruning_record import RECORD_FILE
 from trimformer.sources.base import TASKS, LoadedSource, SourceIO
 from trimformer.sources.hf import SUPPORTED_ARCHITECTURES, is_hf_folder, load_hf
 from trimformer.sources.plain import PlainConfig, PlainTransformerClassifier, is_plain_folder, load_plain
@@ -48,7 +49,7 @@ def load_source(spec: str | Path, task: str | None = None, num_labels: int | Non
         raise UserError(
             f"model path {folder} is a file; pass the folder that holds config.json and the weights"
         )
-    if (folder / "pruning_record.json").is_file() and (folder / "model.safetensors").is_file():
+    if (folder / RECORD_FILE).is_file() and (folder / "model.safetensors").is_file():
         # A pruned, retrained student: per-layer sizes come from the record, not the config.
         from trimformer.sources.pruning import load_pruned_source
 

@@ -8,18 +8,17 @@ positions and mean pooling over real tokens.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.nn import functional as F
 
 from trimformer.data.tokenizer import load_tokenizer
 from trimformer.errors import UserError
 from trimformer.fsutil import hash_files
+from trimformer.sources.attention import packed_qkv_attention
 from trimformer.sources.base import LoadedSource, SourceIO
 
 __all__ = ["PLAIN_CONFIG_FILE", "PlainConfig", "PlainTransformerClassifier", "is_plain_folder", "load_plain"]
@@ -72,9 +71,7 @@ class PlainTransformerClassifier(nn.Module):
         hidden, additive = self.embed_inputs(input_ids, attention_mask)
         for layer in self.encoder.layers:
             hidden = self.layer_forward(layer, hidden, additive)
-        weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
-        return self.classifier(pooled)
+        return self.classify(hidden, attention_mask)
 
     def embed_inputs(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor
@@ -89,38 +86,24 @@ class PlainTransformerClassifier(nn.Module):
     def layer_forward(
         self, layer: nn.TransformerEncoderLayer, hidden: torch.Tensor, additive: torch.Tensor
     ) -> torch.Tensor:
+        return self.layer_with_attention(layer, hidden, additive)[0]
+
+    def layer_with_attention(
+        self, layer: nn.TransformerEncoderLayer, hidden: torch.Tensor, additive: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One layer's output and its attention probabilities (None when every head was pruned)."""
         # The layer's own slow path, spelled out: TransformerEncoderLayer.forward switches to a
         # fused kernel in eval mode that neither the ONNX exporter nor autograd can follow.
-        hidden = layer.norm1(hidden + layer.dropout1(self._attention(layer.self_attn, hidden, additive)))
-        return layer.norm2(hidden + layer._ff_block(hidden))  # type: ignore[no-any-return]
-
-    def _attention(
-        self, attn: nn.MultiheadAttention, hidden: torch.Tensor, additive: torch.Tensor
-    ) -> torch.Tensor:
-        # nn.MultiheadAttention's functional form bakes the traced batch size into its reshapes;
-        # the same computation written with -1 for the head axis exports with dynamic shapes and
-        # in the Q/K/V pattern that fusion and head pruning recognise.
         head_dim = self.config.hidden_size // self.config.num_heads
-        weight, bias = attn.in_proj_weight, attn.in_proj_bias
-        assert bias is not None
-        # Read the width from the weights: head pruning shrinks each layer's Q/K/V separately.
-        size = weight.shape[0] // 3
-        if size == 0:
-            # Every head removed: the branch contributes only the output projection's bias.
-            return attn.out_proj.bias.expand(hidden.shape[0], hidden.shape[1], -1)
+        attended = packed_qkv_attention(layer.self_attn, hidden, additive, head_dim, self.training)
+        hidden = layer.norm1(hidden + layer.dropout1(attended.output))
+        return layer.norm2(hidden + layer._ff_block(hidden)), attended.probs
 
-        def split_heads(x: torch.Tensor) -> torch.Tensor:
-            return x.reshape(x.shape[0], x.shape[1], -1, head_dim).transpose(1, 2)
-
-        query = split_heads(F.linear(hidden, weight[:size], bias[:size]))
-        key = split_heads(F.linear(hidden, weight[size : 2 * size], bias[size : 2 * size]))
-        value = split_heads(F.linear(hidden, weight[2 * size :], bias[2 * size :]))
-        scores = torch.matmul(query, key.transpose(-1, -2)) / math.sqrt(head_dim)
-        probs = F.dropout(
-            torch.softmax(scores + additive[:, None, None, :], dim=-1), attn.dropout, self.training
-        )
-        context = torch.matmul(probs, value).transpose(1, 2)
-        return attn.out_proj(context.reshape(hidden.shape[0], hidden.shape[1], -1))
+    def classify(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Logits from the last layer's output: mean over the real tokens, then the classifier."""
+        weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+        return self.classifier(pooled)
 
     def save(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)

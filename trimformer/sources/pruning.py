@@ -11,8 +11,6 @@ the reference that pruning must reproduce exactly.
 from __future__ import annotations
 
 import json
-import math
-import types
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,36 +20,19 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from trimformer.errors import UserError
+from trimformer.formats.pruning_record import RECORD_FILE, load_pruning_record, validate_record
 
 if TYPE_CHECKING:
     from trimformer.sources.base import LoadedSource
 
 __all__ = [
-    "RECORD_FILE",
-    "RECORD_FORMAT",
     "LayerModules",
     "apply_pruning_record",
     "layer_modules",
-    "load_pruning_record",
     "mask_model",
-    "validate_record",
 ]
-
-RECORD_FILE = "pruning_record.json"
-RECORD_FORMAT = "trimformer-pruning-record/1"
-_KEYS = (
-    "architecture",
-    "num_layers",
-    "num_heads",
-    "head_dim",
-    "hidden_size",
-    "ffn_size",
-    "importance",
-    "layers",
-)
 
 
 @dataclass
@@ -134,48 +115,6 @@ def layer_modules(model: nn.Module) -> list[LayerModules]:
     )
 
 
-# -- the record ----------------------------------------------------------------------------------
-def validate_record(record: Any, where: str = "the pruning record") -> dict[str, Any]:
-    if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT:
-        raise UserError(f"{where} is not a {RECORD_FORMAT} file")
-    missing = [k for k in _KEYS if k not in record]
-    if missing:
-        raise UserError(f"{where} lacks {', '.join(missing)}")
-    layers = record["layers"]
-    if not isinstance(layers, list) or len(layers) != record["num_layers"]:
-        raise UserError(
-            f"{where} lists {len(layers) if isinstance(layers, list) else 0} layers, "
-            f"not num_layers={record['num_layers']}"
-        )
-    for i, entry in enumerate(layers):
-        try:
-            kept_h, removed_h = list(entry["kept_heads"]), list(entry["removed_heads"])
-            kept_n, removed_n = list(entry["kept_neurons"]), list(entry["removed_neurons"])
-        except (KeyError, TypeError) as exc:
-            raise UserError(f"{where}: layer {i} lacks kept/removed heads or neurons") from exc
-        heads = int(entry.get("num_heads", record["num_heads"]))
-        ffn = int(entry.get("ffn_size", record["ffn_size"]))
-        if sorted(kept_h + removed_h) != list(range(heads)):
-            raise UserError(f"{where}: layer {i} heads do not partition 0..{heads - 1}")
-        if sorted(kept_n + removed_n) != list(range(ffn)):
-            raise UserError(f"{where}: layer {i} neurons do not partition 0..{ffn - 1}")
-    return record
-
-
-def load_pruning_record(path: str | Path) -> dict[str, Any]:
-    """Read and validate a pruning record (a file, or an artifact folder holding one)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / RECORD_FILE
-    if not path.is_file():
-        raise UserError(f"no pruning record at {path}; prune with `trimformer prune` first")
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise UserError(f"{path} is not valid JSON: {exc}") from exc
-    return validate_record(record, str(path))
-
-
 def _check_matches(mods: list[LayerModules], record: dict[str, Any]) -> None:
     if len(mods) != record["num_layers"]:
         raise UserError(f"the record has {record['num_layers']} layers, the model {len(mods)}")
@@ -226,28 +165,6 @@ class _NoHeadsDistil(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
         return self.out_lin(hidden_states.new_zeros(*hidden_states.shape[:-1], 0)), None
-
-
-def _plain_attention(
-    self: Any, attn: nn.MultiheadAttention, hidden: torch.Tensor, additive: torch.Tensor
-) -> torch.Tensor:
-    """PlainTransformerClassifier._attention with per-layer head counts read from the weights."""
-    head_dim = self.config.hidden_size // self.config.num_heads
-    weight, bias = attn.in_proj_weight, attn.in_proj_bias
-    size = weight.shape[0] // 3
-    if size == 0:
-        return attn.out_proj(hidden.new_zeros(*hidden.shape[:-1], 0))
-
-    def split_heads(x: torch.Tensor) -> torch.Tensor:
-        return x.reshape(x.shape[0], x.shape[1], -1, head_dim).transpose(1, 2)
-
-    query = split_heads(F.linear(hidden, weight[:size], bias[:size]))
-    key = split_heads(F.linear(hidden, weight[size : 2 * size], bias[size : 2 * size]))
-    value = split_heads(F.linear(hidden, weight[2 * size :], bias[2 * size :]))
-    scores = torch.matmul(query, key.transpose(-1, -2)) / math.sqrt(head_dim)
-    probs = F.dropout(torch.softmax(scores + additive[:, None, None, :], dim=-1), attn.dropout, self.training)
-    context = torch.matmul(probs, value).transpose(1, 2)
-    return attn.out_proj(context.reshape(hidden.shape[0], hidden.shape[1], -1))
 
 
 def _prune_layer(m: LayerModules, kept_heads: list[int], kept_neurons: list[int]) -> None:
@@ -301,11 +218,10 @@ def apply_pruning_record(model: nn.Module, record: dict[str, Any]) -> None:
     """Physically remove the record's heads and neurons from ``model``, in place.
 
     A layer with every head removed keeps only its residual path (plus the output bias), as in the
-    pruned graph. For the plain model the attention is re-bound per instance to read each layer's
-    head count from its weights (its class reads one global count).
+    pruned graph. The plain model needs nothing more: its attention
+    (:func:`trimformer.sources.attention.packed_qkv_attention`) reads each layer's head count from
+    its weights.
     """
-    from trimformer.sources.plain import PlainTransformerClassifier
-
     record = validate_record(record)
     mods = layer_modules(model)
     _check_matches(mods, record)
@@ -313,8 +229,6 @@ def apply_pruning_record(model: nn.Module, record: dict[str, Any]) -> None:
         _prune_layer(
             m, sorted(int(h) for h in entry["kept_heads"]), sorted(int(n) for n in entry["kept_neurons"])
         )
-    if isinstance(model, PlainTransformerClassifier):
-        model._attention = types.MethodType(_plain_attention, model)  # type: ignore[method-assign]
 
 
 # -- masking (the exactness reference, and Fisher scores) ----------------------------------------
@@ -362,7 +276,7 @@ def load_pruned_source(folder: str | Path) -> LoadedSource:
     record, then given the saved weights.
     """
     folder = Path(folder)
-    record_path = folder / "pruning_record.json"
+    record_path = folder / RECORD_FILE
     record = load_pruning_record(record_path)
     from safetensors.torch import load_file
 

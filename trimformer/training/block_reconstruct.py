@@ -24,29 +24,55 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
-import onnx
-import onnx_ir as ir
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from trimformer.errors import ParityError, UserError
-from trimformer.passes.graph import EncoderLayout, Linear, const_array, find_blocks
-from trimformer.passes.prune.importance import session_with_outputs
-from trimformer.passes.prune.reconstruct import ReconstructionStep
 from trimformer.progress import progress_bar
 from trimformer.sources import LoadedSource
 from trimformer.sources.pruning import LayerModules, apply_pruning_record, layer_modules
 
-__all__ = ["BlockConfig", "block_reconstruct", "graph_linears", "torch_linears"]
+__all__ = [
+    "PROJECTIONS",
+    "BlockConfig",
+    "LayerFit",
+    "LayerWeights",
+    "ProjectionStore",
+    "block_reconstruct",
+    "torch_linears",
+]
 
 logger = logging.getLogger(__name__)
 
 PARITY_ATOL = 1e-3
-_PROJECTIONS = ("q", "k", "v", "out", "up", "down")
+PROJECTIONS = ("q", "k", "v", "out", "up", "down")
+# One layer's projections: name -> (weight [in, out] as an ONNX MatMul holds it, bias or None).
+LayerWeights = dict[str, tuple[np.ndarray, np.ndarray | None]]
+
+
+class ProjectionStore(Protocol):
+    """The pruned graph's side (trimformer.passes.prune.projections.GraphProjections): this module
+    only sees arrays, so training never imports the ONNX passes."""
+
+    def read(self) -> list[LayerWeights]: ...
+
+    def write(self, layers: list[LayerWeights]) -> None: ...
+
+    def logits(self, feeds: list[dict[str, np.ndarray]]) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class LayerFit:
+    """How close one tuned layer came to its unpruned self (relative L2 error on real tokens)."""
+
+    layer: int
+    relative_error_before: float
+    relative_error_after: float
+    tokens: int
 
 
 @dataclass(frozen=True)
@@ -84,120 +110,45 @@ def torch_linears(m: LayerModules) -> dict[str, tuple[torch.Tensor, torch.Tensor
     }
 
 
-@dataclass
-class _Slot:
-    """A constant operand of one node: where a tuned array is written (as a private initializer)."""
-
-    node: ir.Node
-    index: int
-
-    @property
-    def value(self) -> ir.Value:
-        value = self.node.inputs[self.index]
-        assert value is not None
-        return value
-
-
-@dataclass
-class _GraphLinear:
-    weight: _Slot  # [in, out]
-    bias: _Slot | None
-
-
-def _up_bias(layout_layer: Any) -> _Slot | None:
-    up = layout_layer.ffn.up
-    for node, index in layout_layer.ffn.channel_consts:
-        if node.op_type == "Add" and any(inp is up.outputs[0] for inp in node.inputs):
-            return _Slot(node, index)
-    return None
-
-
-def graph_linears(layout: EncoderLayout) -> list[dict[str, _GraphLinear]]:
-    """Per layer, where the weights and biases of the six projections live (unfused graphs)."""
-    if layout.fused:
-        raise UserError("block reconstruction needs an unfused graph; prune before `trimformer fuse`")
-    found = []
-    for layer in layout.layers:
-        attn = layer.attention
-        entry: dict[str, _GraphLinear] = {}
-        for key, lin in (
-            ("q", attn.q),
-            ("k", attn.k),
-            ("v", attn.v),
-            ("out", attn.out),
-            ("down", layer.ffn.down),
-        ):
-            if lin is None:
-                raise UserError(f"layer {layer.index}: no separate {key} projection to reconstruct")
-            entry[key] = _linear_slots(lin)
-        entry["up"] = _GraphLinear(_Slot(layer.ffn.up, 1), _up_bias(layer))
-        found.append(entry)
-    return found
-
-
-def _linear_slots(lin: Linear) -> _GraphLinear:
-    bias = None if lin.bias_add is None else _Slot(lin.bias_add, lin.bias_index)
-    return _GraphLinear(_Slot(lin.matmul, 1), bias)
-
-
-def _read(slot: _Slot | None) -> np.ndarray | None:
-    return None if slot is None else const_array(slot.value)
-
-
-def _write(graph: ir.Graph, slot: _Slot, array: np.ndarray, serial: int) -> None:
-    """Point the node at a new initializer: exporters share equal constants between layers (and
-    reach them through Identity nodes), so the old value may not be this node's alone."""
-    name = f"{slot.node.name or slot.node.op_type}_block_reconstructed_{serial}"
-    value = ir.Value(name=name, const_value=ir.tensor(array.astype(np.float32), name=name))
-    value.shape = ir.Shape(array.shape)
-    value.type = ir.TensorType(ir.DataType.FLOAT)
-    graph.register_initializer(value)
-    slot.node.replace_input_with(slot.index, value)
-
-
-def _check_graph_matches(graph_side: list[dict[str, _GraphLinear]], mods: list[LayerModules]) -> None:
+def _check_graph_matches(graph_side: list[LayerWeights], mods: list[LayerModules]) -> None:
     """The pruned graph's weights are the pruned PyTorch model's, projection by projection."""
     for i, (g, m) in enumerate(zip(graph_side, mods, strict=True)):
         t = torch_linears(m)
-        for key in _PROJECTIONS:
-            weight = _read(g[key].weight)
-            mine = t[key][0].detach().numpy().T
-            if weight is None or weight.shape != mine.shape:
+        for key in PROJECTIONS:
+            if g[key][0].shape != tuple(t[key][0].shape[::-1]):
                 raise UserError(
                     f"layer {i} {key}: graph and PyTorch model differ in shape; cannot reconstruct"
                 )
 
 
-def _load_from_graph(graph_side: list[dict[str, _GraphLinear]], mods: list[LayerModules]) -> None:
+def _load_from_graph(graph_side: list[LayerWeights], mods: list[LayerModules]) -> None:
     """Start from the graph's weights (the ridge refit of the prune pass, if it ran)."""
     with torch.no_grad():
         for g, m in zip(graph_side, mods, strict=True):
             t = torch_linears(m)
-            for key in _PROJECTIONS:
-                weight = _read(g[key].weight)
-                assert weight is not None
+            for key in PROJECTIONS:
+                weight, bias = g[key]
                 t[key][0].copy_(torch.from_numpy(np.array(weight.T)))
-                bias, param = _read(g[key].bias), t[key][1]
+                param = t[key][1]
                 if bias is not None and param is not None:
                     param.copy_(torch.from_numpy(bias.reshape(-1).copy()))
 
 
-def _store_into_graph(
-    model: ir.Model, graph_side: list[dict[str, _GraphLinear]], mods: list[LayerModules]
-) -> None:
-    from onnx_ir.passes.common import RemoveUnusedNodesPass
-
-    serial = 0
-    for g, m in zip(graph_side, mods, strict=True):
+def _tuned_weights(mods: list[LayerModules]) -> list[LayerWeights]:
+    """The tuned projections, in the graph's orientation ([in, out])."""
+    layers = []
+    for m in mods:
         t = torch_linears(m)
-        for key in _PROJECTIONS:
-            _write(model.graph, g[key].weight, t[key][0].detach().numpy().T, serial)
-            bias, slot = t[key][1], g[key].bias
-            old = _read(slot)
-            if slot is not None and bias is not None and old is not None:
-                _write(model.graph, slot, bias.detach().numpy().reshape(old.shape), serial + 1)
-            serial += 2
-    RemoveUnusedNodesPass()(model)  # the replaced constants (and Identity nodes) go
+        layers.append(
+            {
+                key: (
+                    t[key][0].detach().numpy().T.copy(),
+                    None if t[key][1] is None else t[key][1].detach().numpy().copy(),  # type: ignore[union-attr]
+                )
+                for key in PROJECTIONS
+            }
+        )
+    return layers
 
 
 # -- running one layer at a time -----------------------------------------------------------------
@@ -307,25 +258,21 @@ def _logits(model: nn.Module, feeds: list[dict[str, torch.Tensor]], names: tuple
         return np.concatenate([model(*[f[n] for n in names]).numpy() for f in feeds])
 
 
-def _graph_outputs(proto: onnx.ModelProto, feeds: list[dict[str, torch.Tensor]]) -> np.ndarray:
-    session = session_with_outputs(proto, [])
-    names = {i.name for i in session.get_inputs()}
-    return np.concatenate(
-        [session.run(None, {k: v.numpy() for k, v in f.items() if k in names})[0] for f in feeds]
-    )
+def _numpy(feeds: list[dict[str, torch.Tensor]]) -> list[dict[str, np.ndarray]]:
+    return [{k: v.numpy() for k, v in f.items()} for f in feeds]
 
 
 def block_reconstruct(
-    pruned: ir.Model,
+    graph: ProjectionStore,
     source: LoadedSource,
     record: dict[str, Any],
     feeds: list[dict[str, torch.Tensor]],
     config: BlockConfig,
-) -> tuple[ir.Model, list[ReconstructionStep]]:
+) -> list[LayerFit]:
     """Tune the pruned graph's projections layer by layer against the unpruned PyTorch model.
 
-    ``feeds``: calibration batches (graph input name -> int64 tensor). Returns the graph with the
-    tuned weights written in (the input model is changed in place) and one step per layer.
+    ``feeds``: calibration batches (graph input name -> int64 tensor). The tuned weights are
+    written into ``graph``, which must then reproduce the tuned PyTorch model; one fit per layer.
     """
     if not feeds:
         raise UserError("block reconstruction needs calibration data")
@@ -336,14 +283,12 @@ def block_reconstruct(
     )
     apply_pruning_record(student_model, record)
     student = _Stepper(source, student_model)
-    graph_side = graph_linears(find_blocks(pruned.graph))
+    graph_side = graph.read()
     _check_graph_matches(graph_side, student.mods)
     _load_from_graph(graph_side, student.mods)
     probe = feeds[:2]
     names = source.io.input_names
-    start_diff = float(
-        np.abs(_graph_outputs(ir.to_proto(pruned), probe) - _logits(student_module, probe, names)).max()
-    )
+    start_diff = float(np.abs(graph.logits(_numpy(probe)) - _logits(student_module, probe, names)).max())
     if start_diff > PARITY_ATOL:
         raise UserError(
             f"the pruned graph and the pruned PyTorch model differ by {start_diff:.2e} before tuning; "
@@ -355,7 +300,7 @@ def block_reconstruct(
     ]
     for p in student_model.parameters():  # the copy only; the source's targets run under no_grad
         p.requires_grad_(False)
-    steps: list[ReconstructionStep] = []
+    steps: list[LayerFit] = []
     tokens = int(sum(int(m.sum()) for m in masks))
     with torch.no_grad():
         ref_states = [reference.embed(f) for f in feeds]
@@ -365,18 +310,16 @@ def block_reconstruct(
             with torch.no_grad():
                 targets = [reference.layer(index, h, c) for h, c in ref_states]
             before, after = _tune_layer(student, index, states, targets, masks, config)
-            steps.append(ReconstructionStep(index, "layer", before, after, tokens, method="gradient"))
+            steps.append(LayerFit(index, before, after, tokens))
             logger.debug("layer %d: relative error %.4f -> %.4f", index, before, after)
             with torch.no_grad():
                 states = [(student.layer(index, h, c), c) for h, c in states]
             ref_states = [(t, c) for t, (_, c) in zip(targets, ref_states, strict=True)]
             bar.advance(bar.task_ids[0])
-    _store_into_graph(pruned, graph_side, student.mods)
-    end_diff = float(
-        np.abs(_graph_outputs(ir.to_proto(pruned), probe) - _logits(student_module, probe, names)).max()
-    )
+    graph.write(_tuned_weights(student.mods))
+    end_diff = float(np.abs(graph.logits(_numpy(probe)) - _logits(student_module, probe, names)).max())
     if end_diff > PARITY_ATOL:
         raise ParityError(
             f"the reconstructed graph differs from the tuned PyTorch model by {end_diff:.2e}; please report this model"
         )
-    return pruned, steps
+    return steps

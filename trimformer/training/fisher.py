@@ -24,7 +24,7 @@ from trimformer.data import Encoder, TextDataset, map_labels
 from trimformer.errors import UserError
 from trimformer.progress import progress_bar
 from trimformer.sources import LoadedSource
-from trimformer.sources.pruning import layer_modules
+from trimformer.sources.pruning import LayerModules, layer_modules
 
 __all__ = ["fisher_scores"]
 
@@ -82,28 +82,9 @@ def fisher_scores(
                 feeds = encoder(dataset.texts[start:stop], pairs)
                 tensors = [torch.from_numpy(feeds[n]) for n in source.io.input_names]
                 captured.clear()
-                with torch.enable_grad():
-                    # Gradients flow from the embeddings on; weights stay frozen.
-                    embedding = _embedding_output_hook(source.model)
-                    try:
-                        logits = model(*tensors)
-                    finally:
-                        embedding.remove()
-                    target = (
-                        torch.tensor(labels[start:stop])
-                        if labels is not None
-                        else logits.detach().argmax(dim=-1)
-                    )
-                    loss = F.cross_entropy(logits, target, reduction="sum")
-                    xs = [captured[i] for i in range(len(linears))]
-                    grads = torch.autograd.grad(loss, xs)
-                for i, m in enumerate(mods):
-                    for which, store, group in ((2 * i, heads[i], m.head_dim), (2 * i + 1, neurons[i], 1)):
-                        per_example = (
-                            (xs[which].detach() * grads[which]).sum(dim=1).double()
-                        )  # [batch, features]
-                        per_unit = per_example.reshape(per_example.shape[0], -1, group).sum(dim=-1)
-                        store += (per_unit**2).sum(dim=0)
+                target = None if labels is None else torch.tensor(labels[start:stop])
+                xs, grads = _input_gradients(source, tensors, target, captured, len(linears))
+                _accumulate(mods, xs, grads, heads, neurons)
                 bar.advance(bar.task_ids[0])
     finally:
         for handle in handles:
@@ -111,6 +92,44 @@ def fisher_scores(
         for p, flag in zip(model.parameters(), previous, strict=True):
             p.requires_grad_(flag)
     return {"heads": [h.numpy().tolist() for h in heads], "neurons": [n.numpy().tolist() for n in neurons]}
+
+
+def _input_gradients(
+    source: LoadedSource,
+    tensors: list[torch.Tensor],
+    target: torch.Tensor | None,
+    captured: dict[int, torch.Tensor],
+    count: int,
+) -> tuple[list[torch.Tensor], tuple[torch.Tensor, ...]]:
+    """One batch's captured projection inputs and the loss's gradients with respect to them; the
+    target is the labels, or the model's own predictions without them."""
+    with torch.enable_grad():
+        # Gradients flow from the embeddings on; weights stay frozen.
+        embedding = _embedding_output_hook(source.model)
+        try:
+            logits = source.module(*tensors)
+        finally:
+            embedding.remove()
+        if target is None:
+            target = logits.detach().argmax(dim=-1)
+        loss = F.cross_entropy(logits, target, reduction="sum")
+        xs = [captured[i] for i in range(count)]
+        return xs, torch.autograd.grad(loss, xs)
+
+
+def _accumulate(
+    mods: list[LayerModules],
+    xs: list[torch.Tensor],
+    grads: tuple[torch.Tensor, ...],
+    heads: list[torch.Tensor],
+    neurons: list[torch.Tensor],
+) -> None:
+    """Add the batch's squared per-example (input x gradient) sums of each head and neuron."""
+    for i, m in enumerate(mods):
+        for which, store, group in ((2 * i, heads[i], m.head_dim), (2 * i + 1, neurons[i], 1)):
+            per_example = (xs[which].detach() * grads[which]).sum(dim=1).double()  # [batch, features]
+            per_unit = per_example.reshape(per_example.shape[0], -1, group).sum(dim=-1)
+            store += (per_unit**2).sum(dim=0)
 
 
 def _embedding_output_hook(model: nn.Module) -> torch.utils.hooks.RemovableHandle:

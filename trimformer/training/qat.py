@@ -22,7 +22,7 @@ built, turn fake-quantization on for the last ``qat_steps`` steps only (0: all s
 are observed from the first step so they are warm when it starts), keep best weights only from
 fake-quantized evaluations, unwrap before saving and write ``qat_ranges.json`` next to the weights.
 ``trimformer export`` copies that file into the artifact and ``trimformer quantize
---ranges-from-training`` builds its Q/DQ scales from it (:mod:`trimformer.passes.quantize.training_ranges`).
+--ranges-from-training`` builds its Q/DQ scales from it (:mod:`trimformer.formats.qat_ranges` is the file).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from trimformer.errors import UserError
-from trimformer.passes.quantize.training_ranges import QAT_RANGES_FILE, RANGES_FORMAT, weight_digest
+from trimformer.formats.qat_ranges import QAT_RANGES_FILE, RANGES_FORMAT, read_training_ranges, weight_digest
 from trimformer.training.distill.students import layer_list
 from trimformer.training.distill.trainer import TrainerHooks
 
@@ -518,8 +518,6 @@ def load_fake_quant_student(folder: str | Path) -> Any:
     path = folder / QAT_RANGES_FILE
     if not path.is_file():
         raise UserError(f"{folder} has no {QAT_RANGES_FILE}; it was not distilled with --qat")
-    from trimformer.passes.quantize.training_ranges import read_training_ranges
-
     ranges = read_training_ranges(path)
     source = load_source(folder)
     apply_qat(source.model, ranges=ranges)

@@ -1,4 +1,9 @@
-"""Uniform "run this model on these feeds" over onnxruntime sessions and PyTorch sources."""
+"""Uniform "run this model on these feeds" over onnxruntime sessions.
+
+A PyTorch reference has the same :class:`ModelRunner` shape (``trimformer.sources.runner.TorchRunner``)
+but lives on the torch side; validation is handed one and never imports torch. Providers are
+named and resolved by :mod:`trimformer.runtime.session`, the one provider table.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import onnxruntime as ort
@@ -14,49 +19,16 @@ import onnxruntime as ort
 from trimformer.artifact import ModelArtifact
 from trimformer.errors import UserError
 from trimformer.onnx_io import load_onnx, probe_onnxruntime
-
-if TYPE_CHECKING:
-    from trimformer.sources import LoadedSource
+from trimformer.runtime.session import resolve_provider, session_options
 
 __all__ = [
-    "PROVIDERS",
     "ModelRunner",
     "OrtRunner",
     "ProviderOptions",
-    "TorchRunner",
-    "available_providers",
+    "default_threads",
+    "model_size_mb",
     "provider_chain",
-    "resolve_provider",
 ]
-
-PROVIDERS = {
-    "cpu": "CPUExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-    "tensorrt": "TensorrtExecutionProvider",
-    "openvino": "OpenVINOExecutionProvider",
-    "coreml": "CoreMLExecutionProvider",
-    "dml": "DmlExecutionProvider",
-}
-_SHORT = {v: k for k, v in PROVIDERS.items()}
-
-
-def available_providers(installed: list[str] | None = None) -> list[str]:
-    names = ort.get_available_providers() if installed is None else installed
-    return [_SHORT.get(n, n) for n in names]
-
-
-def resolve_provider(name: str, installed: list[str] | None = None) -> str:
-    """Short name -> onnxruntime provider, refusing ones the installed onnxruntime lacks."""
-    key = name.strip().lower()
-    if key not in PROVIDERS:
-        raise UserError(f"unknown provider {name!r}; known: {', '.join(PROVIDERS)}")
-    have = ort.get_available_providers() if installed is None else installed
-    if PROVIDERS[key] not in have:
-        raise UserError(
-            f"provider {key!r} is not available in the installed onnxruntime (it has: "
-            f"{', '.join(available_providers(have))}); install the onnxruntime build for it"
-        )
-    return PROVIDERS[key]
 
 
 @dataclass(frozen=True)
@@ -133,14 +105,10 @@ class OrtRunner:
         # then lets a child process take any native crash of onnxruntime on a malformed graph.
         load_onnx(artifact.model_path, load_weights=False)
         probe_onnxruntime(artifact.model_path)
-        session_options = ort.SessionOptions()
-        session_options.intra_op_num_threads = self.threads
-        session_options.inter_op_num_threads = 1
-        session_options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        session_options.log_severity_level = 3
+        # Sequential with one inter-op thread: the measured latency is the model's, not scheduling noise.
+        options = session_options(threads=self.threads, sequential=True)
         try:
-            self.session = ort.InferenceSession(str(artifact.model_path), session_options, providers=chain)
+            self.session = ort.InferenceSession(str(artifact.model_path), options, providers=chain)
         except Exception as exc:
             raise UserError(
                 f"onnxruntime cannot load {artifact.model_path}: {str(exc).splitlines()[0][:300]}"
@@ -171,32 +139,6 @@ class OrtRunner:
             return lambda: self.session.run([self.output_name], picked)
         binding = self._bind(feeds)
         return lambda: self.session.run_with_iobinding(binding)
-
-
-class TorchRunner:
-    """A PyTorch source as a reference, run under inference mode with a fixed thread count."""
-
-    def __init__(self, source: LoadedSource, threads: int | None = None) -> None:
-        self.source = source.eval()
-        self.provider = "pytorch-cpu"
-        self.threads = threads or default_threads()
-        self.input_names = source.io.input_names
-
-    def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        import torch  # only a PyTorch reference needs it; checking a recipe must not load it
-
-        previous = torch.get_num_threads()
-        torch.set_num_threads(self.threads)
-        try:
-            with torch.inference_mode():
-                out = self.source.module(*(torch.from_numpy(feeds[n]) for n in self.input_names))
-        finally:
-            torch.set_num_threads(previous)
-        tensor = out if isinstance(out, torch.Tensor) else out[0]
-        return tensor.float().numpy()
-
-    def timed(self, feeds: dict[str, np.ndarray]) -> Callable[[], object]:
-        return lambda: self.run(feeds)
 
 
 def model_size_mb(path: Path) -> float:

@@ -3,6 +3,10 @@
 The model is an artifact run by onnxruntime; the reference is another artifact or the PyTorch
 source it came from. Every figure of both is measured in the same process with the same thread
 count, and speed-ups are ratios of p50 latencies measured there, so machine noise cancels.
+
+No torch here: a PyTorch reference is opened by the caller's ``open_reference`` (see
+:mod:`trimformer.validation.reference`); the CLI and recipes go through
+:func:`trimformer.pipeline.stages.validate.run_validate`, which passes the PyTorch opener.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import json
 import logging
 import platform
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -18,23 +23,16 @@ import numpy as np
 
 from trimformer import __version__
 from trimformer.artifact import ModelArtifact
-from trimformer.data import Encoder, TextDataset, load_dataset, map_labels
-from trimformer.data.tokenizer import load_tokenizer
+from trimformer.data import TextDataset, load_dataset, map_labels
 from trimformer.errors import GateFailed, UserError
 from trimformer.fsutil import atomic_output_dir
 from trimformer.progress import progress_bar
-from trimformer.sources import load_source
+from trimformer.runtime.encoding import TextEncoder
+from trimformer.runtime.session import resolve_provider
 from trimformer.validation.latency import PeakMemory, summarize, time_calls
+from trimformer.validation.reference import ReferenceOpener, artifact_encoder, load_reference
 from trimformer.validation.report_md import render_validation_markdown
-from trimformer.validation.runners import (
-    ModelRunner,
-    OrtRunner,
-    ProviderOptions,
-    TorchRunner,
-    default_threads,
-    model_size_mb,
-    resolve_provider,
-)
+from trimformer.validation.runners import ModelRunner, OrtRunner, ProviderOptions, default_threads
 
 __all__ = ["DEFAULT_GRID", "ValidateConfig", "parse_grid", "validate"]
 
@@ -114,7 +112,7 @@ def _softmax(x: np.ndarray) -> np.ndarray:
 
 
 def _predict(
-    runner: ModelRunner, encoder: Encoder, dataset: TextDataset, batch_size: int, label: str
+    runner: ModelRunner, encoder: TextEncoder, dataset: TextDataset, batch_size: int, label: str
 ) -> np.ndarray:
     outputs = []
     total = (len(dataset) + batch_size - 1) // batch_size
@@ -130,7 +128,7 @@ def _predict(
 
 
 def _latency(
-    runner: ModelRunner, encoder: Encoder, dataset: TextDataset, config: ValidateConfig, label: str
+    runner: ModelRunner, encoder: TextEncoder, dataset: TextDataset, config: ValidateConfig, label: str
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     latency: dict[str, Any] = {}
     throughput: dict[str, float] = {}
@@ -162,7 +160,7 @@ def _latency(
 
 def _measure(
     runner: ModelRunner,
-    encoder: Encoder,
+    encoder: TextEncoder,
     dataset: TextDataset,
     targets: np.ndarray | None,
     config: ValidateConfig,
@@ -193,10 +191,18 @@ def _measure(
     return report, outputs
 
 
+def _version(package: str) -> str:
+    """An installed package's version from its metadata (importing torch just to ask it would
+    load PyTorch into a torch-free validation)."""
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
 def _env() -> dict[str, str]:
     import onnx
     import onnxruntime
-    import torch
 
     cpu = platform.processor() or platform.machine()
     try:
@@ -209,35 +215,10 @@ def _env() -> dict[str, str]:
     return {
         "onnxruntime": onnxruntime.__version__,
         "onnx": onnx.__version__,
-        "torch": torch.__version__,
+        "torch": _version("torch"),
         "trimformer": __version__,
         "cpu": cpu,
     }
-
-
-def _artifact_encoder(artifact: ModelArtifact) -> Encoder:
-    spec = artifact.meta.tokenizer
-    names = tuple(io.name for io in artifact.meta.inputs)
-    return Encoder(load_tokenizer(artifact.path), names, spec.max_length, spec.pad_token_id)
-
-
-def _open_reference(
-    spec: str, threads: int, provider: str, options: ProviderOptions
-) -> tuple[ModelRunner, Encoder, str, float, str]:
-    """The reference runs with its own tokenizer and inputs (a PyTorch source or an artifact)."""
-    path = Path(spec)
-    if (path / "trimformer.json").is_file():
-        art = ModelArtifact.open(path)
-        return (
-            OrtRunner(art, provider, threads, options),
-            _artifact_encoder(art),
-            str(path),
-            model_size_mb(path),
-            art.task,
-        )
-    source = load_source(spec)
-    encoder = Encoder(source.tokenizer, source.io.input_names, source.max_length, source.pad_token_id)
-    return TorchRunner(source, threads), encoder, str(spec), model_size_mb(source.folder), source.task
 
 
 def _compare(
@@ -292,11 +273,8 @@ def _gates(report: dict[str, Any], config: ValidateConfig) -> dict[str, Any]:
     return {"passed": not failed, "failed": failed}
 
 
-def validate(config: ValidateConfig) -> dict[str, Any]:
-    """Measure the model (and reference), write report.json and report.md; raise GateFailed on a miss."""
-    config.validate()
-    artifact = ModelArtifact.open(config.model)
-    threads = config.threads or default_threads()
+def _load_data(config: ValidateConfig, artifact: ModelArtifact) -> tuple[TextDataset, np.ndarray | None]:
+    """The evaluation texts, and their labels as the model's class indices (None when unlabelled)."""
     dataset = load_dataset(
         config.data,
         text_column=config.text_column,
@@ -309,16 +287,20 @@ def validate(config: ValidateConfig) -> dict[str, Any]:
     targets = None
     if dataset.labels is not None and artifact.labels is not None:
         targets = map_labels(dataset.labels, artifact.labels)
-    tok_spec = artifact.meta.tokenizer
-    encoder = _artifact_encoder(artifact)
-    for _, seq in config.grid:
-        if seq > tok_spec.max_length:
-            raise UserError(f"grid sequence length {seq} exceeds the model's maximum {tok_spec.max_length}")
-    out_dir = Path(config.out) if config.out else artifact.path / "report"
+    return dataset, targets
 
-    providers = list(config.providers) or [config.provider]
-    for name in providers:
-        resolve_provider(name)  # refuse a missing provider before measuring anything
+
+def _measure_model(
+    artifact: ModelArtifact,
+    providers: list[str],
+    threads: int,
+    dataset: TextDataset,
+    targets: np.ndarray | None,
+    config: ValidateConfig,
+) -> list[tuple[dict[str, Any], np.ndarray]]:
+    """The model's report and outputs on each provider, one session at a time."""
+    encoder = artifact_encoder(artifact)
+    size_mb = round(artifact.size_bytes() / 1e6, 3)
     measured: list[tuple[dict[str, Any], np.ndarray]] = []
     for name in providers:
         with PeakMemory() as memory:
@@ -331,28 +313,40 @@ def validate(config: ValidateConfig) -> dict[str, Any]:
                 config,
                 str(config.model),
                 artifact.task,
-                round(artifact.size_bytes() / 1e6, 3),
+                size_mb,
                 f"model ({name})",
             )
         one["peak_memory_mb"] = memory.peak_mb
-        del runner
+        del runner  # free the session before the next provider's is built
         measured.append((one, outputs))
+    return measured
 
-    ref_report: dict[str, Any] | None = None
-    ref_outputs: np.ndarray | None = None
-    if config.reference is not None:
-        with PeakMemory() as ref_memory:
-            ref_runner, ref_encoder, ref_name, ref_size, ref_task = _open_reference(
-                config.reference, threads, providers[0], config.provider_options
-            )
-            if ref_task != artifact.task:
-                raise UserError(f"the reference is a {ref_task} model but the model is {artifact.task}")
-            ref_report, ref_outputs = _measure(
-                ref_runner, ref_encoder, dataset, targets, config, ref_name, ref_task, ref_size, "reference"
-            )
-        ref_report["peak_memory_mb"] = ref_memory.peak_mb
-    for one, outputs in measured:
-        _compare(one, outputs, ref_report, ref_outputs, artifact.task)
+
+def _measure_reference(
+    spec: str,
+    artifact: ModelArtifact,
+    provider: str,
+    threads: int,
+    dataset: TextDataset,
+    targets: np.ndarray | None,
+    config: ValidateConfig,
+    opener: ReferenceOpener | None,
+) -> tuple[dict[str, Any], np.ndarray]:
+    with PeakMemory() as memory:
+        ref = load_reference(spec, threads, provider, config.provider_options, opener)
+        if ref.task != artifact.task:
+            raise UserError(f"the reference is a {ref.task} model but the model is {artifact.task}")
+        report, outputs = _measure(
+            ref.runner, ref.encoder, dataset, targets, config, ref.name, ref.task, ref.size_mb, "reference"
+        )
+    report["peak_memory_mb"] = memory.peak_mb
+    return report, outputs
+
+
+def _combined_report(
+    measured: list[tuple[dict[str, Any], np.ndarray]], artifact: ModelArtifact, config: ValidateConfig
+) -> dict[str, Any]:
+    """The first provider's report, with every provider's under ``by_provider`` and all gates."""
     report = measured[0][0]
     report["model_hash"] = artifact.model_hash()
     if len(measured) > 1:
@@ -363,6 +357,37 @@ def validate(config: ValidateConfig) -> dict[str, Any]:
         failed += [prefix + f for f in _gates(one, config)["failed"]]
     report["gates"] = {"passed": not failed, "failed": failed}
     report["env"] = _env()
+    return report
+
+
+def validate(config: ValidateConfig, open_reference: ReferenceOpener | None = None) -> dict[str, Any]:
+    """Measure the model (and reference), write report.json and report.md; raise GateFailed on a miss.
+
+    A reference that is not an artifact folder is opened by ``open_reference`` (the CLI and recipes
+    pass the PyTorch one through :func:`trimformer.pipeline.stages.validate.run_validate`).
+    """
+    config.validate()
+    artifact = ModelArtifact.open(config.model)
+    threads = config.threads or default_threads()
+    dataset, targets = _load_data(config, artifact)
+    max_length = artifact.meta.tokenizer.max_length
+    for _, seq in config.grid:
+        if seq > max_length:
+            raise UserError(f"grid sequence length {seq} exceeds the model's maximum {max_length}")
+    out_dir = Path(config.out) if config.out else artifact.path / "report"
+    providers = list(config.providers) or [config.provider]
+    for name in providers:
+        resolve_provider(name)  # refuse a missing provider before measuring anything
+    measured = _measure_model(artifact, providers, threads, dataset, targets, config)
+    ref_report: dict[str, Any] | None = None
+    ref_outputs: np.ndarray | None = None
+    if config.reference is not None:
+        ref_report, ref_outputs = _measure_reference(
+            config.reference, artifact, providers[0], threads, dataset, targets, config, open_reference
+        )
+    for one, outputs in measured:
+        _compare(one, outputs, ref_report, ref_outputs, artifact.task)
+    report = _combined_report(measured, artifact, config)
     with atomic_output_dir(out_dir, overwrite=config.overwrite) as tmp:
         (tmp / REPORT_JSON).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         (tmp / REPORT_MD).write_text(render_validation_markdown(report), encoding="utf-8")

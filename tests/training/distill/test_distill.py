@@ -444,4 +444,6 @@ def test_time_limit_stops_early_and_keeps_the_evaluated_weights(
 ) -> None:
     result = distill(_config(bert4, data, tmp_path / "s", steps=50, eval_every=50, time_limit=1e-6))
     assert result.steps == 1 and result.best_step == 1 and [h["step"] for h in result.history] == [1]
-    assert (tmp_path / "s" / "model.safetensors").is_file()
+    # The folder holds the 2-layer student of step 1, recorded as such.
+    assert load_source(tmp_path / "s").model.config.num_hidden_layers == 2
+    assert json.loads((tmp_path / "s" / DISTILL_RECORD).read_text())["result"]["best_step"] == 1

@@ -21,13 +21,14 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 import onnx_ir as ir
 from onnx import numpy_helper
 from onnx_ir.passes import FunctionalPass
+from pydantic import Field, field_validator
 
 from trimformer.errors import ParityError, UserError
+from trimformer.passes._checks import compare_outputs, random_feeds
 from trimformer.passes.base import PassConfig, PassContext, PassReport, register_pass
 from trimformer.passes.fuse.cpu_kernels import prefer_cpu_kernels
 
@@ -61,12 +62,22 @@ class FuseConfig(PassConfig):
     """``num_heads``/``hidden_size`` 0 means: detect them from the graph."""
 
     model_type: str = "bert"
-    num_heads: int = 0
-    hidden_size: int = 0
+    num_heads: int = Field(default=0, ge=0)
+    hidden_size: int = Field(default=0, ge=0)
     # Tolerance of the check of the fused graph against the input graph (max abs diff of output 0).
-    atol: float = 1e-3
+    atol: float = Field(default=1e-3, gt=0.0)
     # onnxruntime's faster CPU kernels for the same arithmetic (cpu_kernels.py); off for GPU targets.
     cpu_kernels: bool = True
+
+    @field_validator("model_type")
+    @classmethod
+    def _known_model_type(cls, value: str) -> str:
+        # What onnxruntime's optimizer accepts; it would refuse anything else only when run.
+        from onnxruntime.transformers.optimizer import MODEL_TYPES
+
+        if value not in MODEL_TYPES:
+            raise ValueError(f"unknown model_type {value!r}; known model types: {', '.join(MODEL_TYPES)}")
+        return value
 
 
 @contextlib.contextmanager
@@ -200,42 +211,13 @@ def fuse_proto(
     return fused, stats
 
 
-def _random_feeds(model: onnx.ModelProto, batch: int, seq: int, seed: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    # Token ids below the smallest weight dimension: valid for any vocabulary or position table.
-    high = min(
-        (int(i.dims[0]) for i in model.graph.initializer if len(i.dims) == 2 and i.dims[0] >= 8), default=100
-    )
-    feeds: dict[str, np.ndarray] = {}
-    for value in model.graph.input:
-        name = value.name
-        if "mask" in name:
-            mask = np.ones((batch, seq), dtype=np.int64)
-            mask[0, seq // 2 :] = 0
-            feeds[name] = mask
-        elif "type" in name:
-            feeds[name] = np.zeros((batch, seq), dtype=np.int64)
-        else:
-            feeds[name] = rng.integers(min(5, high - 1), high, size=(batch, seq), dtype=np.int64)
-    return feeds
-
-
 def check_same_outputs(
     reference: onnx.ModelProto, candidate: onnx.ModelProto, atol: float, seed: int = 0
 ) -> float:
-    """Max abs diff of output 0 on seeded random token ids (batch 2, 16 tokens, half masked)."""
-    import onnxruntime as ort
-
-    feeds = _random_feeds(reference, 2, 16, seed)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    outs = []
-    for model in (reference, candidate):
-        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        names = {i.name for i in session.get_inputs()}
-        outs.append(np.asarray(session.run(None, {k: v for k, v in feeds.items() if k in names})[0]))
-    diff = float(np.max(np.abs(outs[0] - outs[1])))
-    if diff > atol:
+    """Max abs diff of output 0 on seeded random token ids (batch 2, 16 tokens, half a row masked)."""
+    feeds = random_feeds(reference, 2, 16, seed, padded=True)
+    diff = compare_outputs(reference, candidate, [feeds]).max_abs
+    if not diff <= atol:
         raise ParityError(f"the fused graph differs from the input graph by {diff:.3g} (tolerance {atol:g})")
     return diff
 

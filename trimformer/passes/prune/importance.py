@@ -16,16 +16,16 @@ Scores are higher-is-more-important and comparable across layers within a kind.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 import onnx_ir as ir
-import onnxruntime as ort
 
 from trimformer.passes.base import CalibrationFeeds, iter_feeds
 from trimformer.passes.graph import EncoderLayout, const_array
+from trimformer.passes.intermediates import iter_outputs, session_with_outputs
 from trimformer.progress import progress_bar
 
 __all__ = [
@@ -34,7 +34,6 @@ __all__ = [
     "ablation_scores",
     "activation_scores",
     "magnitude_scores",
-    "session_with_outputs",
     "token_mask",
 ]
 
@@ -81,65 +80,6 @@ def token_mask(feeds: dict[str, np.ndarray], batch: int, seq: int) -> np.ndarray
     return mask.astype(bool)
 
 
-def _needed_part(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    """Only the nodes and initializers that the named values depend on, with those as outputs."""
-    graph = model.graph
-    if any(
-        a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-        for n in graph.node
-        for a in n.attribute
-    ):
-        return model  # subgraphs may read outer values; keep everything
-    needed = set(names)
-    keep = []
-    for node in reversed(graph.node):
-        if any(o in needed for o in node.output):
-            keep.append(node)
-            needed.update(i for i in node.input if i)
-    part = onnx.ModelProto()
-    part.ir_version = model.ir_version
-    part.opset_import.extend(model.opset_import)
-    part.graph.name = graph.name
-    part.graph.input.extend(graph.input)
-    part.graph.node.extend(reversed(keep))
-    part.graph.initializer.extend(i for i in graph.initializer if i.name in needed)
-    part.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names)
-    return part
-
-
-def session_with_outputs(
-    model: onnx.ModelProto, names: list[str], threads: int | None = None, only: bool = False
-) -> ort.InferenceSession:
-    """An onnxruntime session that also returns the named intermediate values.
-
-    ``only``: return just those values, computing only the part of the graph they need.
-    """
-    if only:
-        proto = _needed_part(model, names)
-    else:
-        proto = onnx.ModelProto()
-        proto.CopyFrom(model)
-        existing = {o.name for o in proto.graph.output}
-        for name in names:
-            if name not in existing:
-                proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-                existing.add(name)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
-    return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
-
-
-def _run(
-    session: ort.InferenceSession, names: list[str], calibration: Callable[[], CalibrationFeeds]
-) -> Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
-    inputs = [i.name for i in session.get_inputs()]
-    for feeds in iter_feeds(calibration()):
-        values = session.run(names, {n: feeds[n] for n in inputs if n in feeds})
-        yield feeds, dict(zip(names, values, strict=True))
-
-
 def _tokens(value: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return value[mask].astype(np.float64)
 
@@ -156,7 +96,7 @@ def activation_scores(
     outs = [layer.attention.out.weight.astype(np.float64) for layer in layout.layers]
     downs = [(layer.ffn.down.weight.astype(np.float64) ** 2).sum(axis=1) for layer in layout.layers]
     with progress_bar("activation importance", None) as bar:
-        for feeds, values in _run(session, names, calibration):
+        for feeds, values in iter_outputs(session, names, calibration):
             for i, layer in enumerate(layout.layers):
                 ctx = values[str(layer.attention.context.name)]
                 mask = token_mask(feeds, ctx.shape[0], ctx.shape[1])

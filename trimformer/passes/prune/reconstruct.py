@@ -28,7 +28,8 @@ from onnx import numpy_helper
 from trimformer.errors import UserError
 from trimformer.passes.base import CalibrationFeeds
 from trimformer.passes.graph import EncoderLayout
-from trimformer.passes.prune.importance import _run, session_with_outputs, token_mask
+from trimformer.passes.intermediates import iter_outputs, session_with_outputs
+from trimformer.passes.prune.importance import token_mask
 from trimformer.passes.prune.surgery import LayerPlan
 from trimformer.progress import progress_bar
 
@@ -129,28 +130,144 @@ def reconstruction_units(layout: EncoderLayout, plan: list[LayerPlan]) -> list[R
     units = []
     for layer, step in zip(layout.layers, plan, strict=True):
         attn, ffn = layer.attention, layer.ffn
-        if step.kept_heads:
-            units.append(
-                ReconstructionUnit(
-                    layer.index,
-                    "attention",
-                    str(attn.context.name),
-                    str(attn.out.matmul.outputs[0].name),
-                    str(attn.residual.skip.name),
-                    attn.head_dim,
+        blocks = (
+            ("attention", step.kept_heads, attn.context, attn.out, attn.residual, attn.head_dim),
+            ("ffn", step.kept_neurons, ffn.activation, ffn.down, ffn.residual, 1),
+        )
+        for block, kept, inp, projection, residual, group in blocks:
+            if kept:
+                proj = str(projection.matmul.outputs[0].name)
+                units.append(
+                    ReconstructionUnit(
+                        layer.index, block, str(inp.name), proj, str(residual.skip.name), group
+                    )
                 )
-            )
-        if step.kept_neurons:
-            units.append(
-                ReconstructionUnit(
-                    layer.index,
-                    "ffn",
-                    str(ffn.activation.name),
-                    str(ffn.down.matmul.outputs[0].name),
-                    str(ffn.residual.skip.name),
-                )
-            )
     return units
+
+
+def _tokens_of(unit: ReconstructionUnit, feeds: dict[str, np.ndarray], value: np.ndarray) -> np.ndarray:
+    """Which (batch, seq) positions of ``value`` the unit is fitted on."""
+    mask = token_mask(feeds, value.shape[0], value.shape[1])
+    if unit.first_token_only:
+        mask[:, 1:] = False
+    return mask
+
+
+def _targets(
+    original: onnx.ModelProto, units: list[ReconstructionUnit], calibration: Callable[[], CalibrationFeeds]
+) -> tuple[list[list[np.ndarray]], np.ndarray]:
+    """Per unit and batch, the unpruned model's residual sum (stream + branch) on the fitted
+    tokens; and per unit the squared norm of the unpruned branch (the error's scale)."""
+    names = sorted({n for u in units for n in (u.proj, u.skip)})
+    session = session_with_outputs(original, names, only=True)
+    targets: list[list[np.ndarray]] = [[] for _ in units]
+    branch_norm = np.zeros(len(units))
+    for feeds, values in iter_outputs(session, names, calibration):
+        for i, unit in enumerate(units):
+            proj = values[unit.proj]
+            mask = _tokens_of(unit, feeds, proj)
+            targets[i].append((values[unit.skip][mask] + proj[mask]).astype(np.float32))
+            branch_norm[i] += float((proj[mask].astype(np.float64) ** 2).sum())
+    return targets, branch_norm
+
+
+@dataclass
+class _NormalEquations:
+    """Sums over the calibration tokens for ``min ||X W - T||``: ``X^T X``, ``X^T T``, ``||T||^2``."""
+
+    gram: np.ndarray
+    cross: np.ndarray
+    t_sq: float = 0.0
+    count: int = 0
+
+    def residual(self, w: np.ndarray) -> float:
+        """``||X W - T||^2`` from the sums alone."""
+        return max(float(np.sum(w * (self.gram @ w)) - 2 * np.sum(w * self.cross) + self.t_sq), 0.0)
+
+
+def _normal_equations(
+    model: onnx.ModelProto,
+    unit: ReconstructionUnit,
+    targets: list[np.ndarray],
+    calibration: Callable[[], CalibrationFeeds],
+    shape: tuple[int, ...],
+    with_bias: bool,
+) -> _NormalEquations:
+    """Accumulate the fit's sums by running the partly refitted ``model`` (upstream errors included);
+    ``with_bias`` adds a column of ones to ``X`` so the bias is refitted too."""
+    session = session_with_outputs(model, [unit.inp, unit.skip], only=True)
+    width = shape[0] + with_bias
+    sums = _NormalEquations(np.zeros((width, width)), np.zeros((width, shape[1])))
+    for batch, (feeds, values) in enumerate(iter_outputs(session, [unit.inp, unit.skip], calibration)):
+        mask = _tokens_of(unit, feeds, values[unit.inp])
+        x32 = values[unit.inp][mask]
+        if batch >= len(targets) or targets[batch].shape[0] != x32.shape[0]:
+            raise UserError(
+                "calibration data differs between runs; reconstruction needs a deterministic source"
+            )
+        t32 = targets[batch] - values[unit.skip][mask]
+        if with_bias:
+            x32 = np.concatenate([x32, np.ones((x32.shape[0], 1), dtype=x32.dtype)], axis=1)
+        # Products in float32 (BLAS speed), sums across batches in float64.
+        sums.gram += x32.T @ x32
+        sums.cross += x32.T @ t32
+        sums.t_sq += float((t32.astype(np.float64) ** 2).sum())
+        sums.count += x32.shape[0]
+    return sums
+
+
+def _fit_rows(sums: _NormalEquations, w0: np.ndarray, features: int, alpha: float) -> np.ndarray:
+    """Ridge least squares towards the current rows; the bias row (if any) is not penalised."""
+    lam = alpha * max(float(np.trace(sums.gram[:features, :features])) / max(features, 1), 1e-12)
+    penalty = np.full(w0.shape[0], lam)
+    penalty[features:] = 0.0  # the bias shift is not pulled towards zero
+    return np.linalg.solve(sums.gram + np.diag(penalty), sums.cross + penalty[:, None] * w0)
+
+
+def _set_bias(
+    model: onnx.ModelProto, bias: tuple[onnx.NodeProto, int, np.ndarray], shift: np.ndarray, step: int
+) -> None:
+    add, slot, value = bias
+    name = f"{add.output[0]}_reconstructed_{step}"
+    shifted = (value.astype(np.float64) + shift).astype(np.float32)
+    model.graph.initializer.append(numpy_helper.from_array(shifted, name))
+    add.input[slot] = name
+
+
+def _refit_unit(
+    model: onnx.ModelProto,
+    index: int,
+    unit: ReconstructionUnit,
+    targets: list[np.ndarray],
+    branch_norm: float,
+    calibration: Callable[[], CalibrationFeeds],
+    alpha: float,
+    mode: str,
+    intercept: bool,
+) -> ReconstructionStep:
+    """Refit one unit's projection in ``model`` in place, unless that would not lower its error."""
+    node, weight = _weight_of(model, unit.proj)
+    features = weight.shape[0]
+    bias = _bias_of(model, unit.proj) if intercept and mode == "rows" else None
+    sums = _normal_equations(model, unit, targets, calibration, weight.shape, bias is not None)
+    w0 = weight.astype(np.float64)
+    if bias is not None:
+        w0 = np.concatenate([w0, np.zeros((1, w0.shape[1]))])
+    if mode == "scales":
+        fitted = _fit_scales(sums.gram, sums.cross, w0, unit.group, alpha)
+    else:
+        fitted = _fit_rows(sums, w0, features, alpha)
+    scale = max(branch_norm, 1e-30)
+    before = float(np.sqrt(sums.residual(w0) / scale))
+    after = float(np.sqrt(sums.residual(fitted) / scale))
+    if after <= before:
+        _set_weight(model, node, fitted[:features], index)
+        if bias is not None:
+            _set_bias(model, bias, fitted[features], index)
+    else:  # never make a block worse than plain removal
+        after = before
+    logger.debug("layer %d %s: relative error %.4f -> %.4f", unit.layer, unit.block, before, after)
+    return ReconstructionStep(unit.layer, unit.block, before, after, sums.count)
 
 
 def reconstruct(
@@ -165,83 +282,18 @@ def reconstruct(
     """Refit the kept projection rows of ``pruned`` (a copy is returned) layer by layer.
 
     ``units`` come from :func:`reconstruction_units` on the layout found before the surgery.
+    Each unit is fitted on the model with the earlier units already refitted, so later layers
+    also correct earlier errors.
     """
     model = onnx.ModelProto()
     model.CopyFrom(pruned)
-    names = sorted({n for u in units for n in (u.proj, u.skip)})
-    session = session_with_outputs(original, names, only=True)
-    targets: dict[int, list[np.ndarray]] = {i: [] for i in range(len(units))}
-    branch_norm = np.zeros(len(units))
-    for feeds, values in _run(session, names, calibration):
-        for i, unit in enumerate(units):
-            proj = values[unit.proj]
-            mask = token_mask(feeds, proj.shape[0], proj.shape[1])
-            if unit.first_token_only:
-                mask[:, 1:] = False
-            targets[i].append((values[unit.skip][mask] + proj[mask]).astype(np.float32))
-            branch_norm[i] += float((proj[mask].astype(np.float64) ** 2).sum())
-    del session
+    targets, branch_norm = _targets(original, units, calibration)
     steps: list[ReconstructionStep] = []
     with progress_bar("reconstruction", len(units)) as bar:
         for i, unit in enumerate(units):
-            node, weight = _weight_of(model, unit.proj)
-            session = session_with_outputs(model, [unit.inp, unit.skip], only=True)
-            features = weight.shape[0]
-            bias = _bias_of(model, unit.proj) if intercept and mode == "rows" else None
-            width = features + (bias is not None)
-            gram = np.zeros((width, width))
-            cross = np.zeros((width, weight.shape[1]))
-            t_sq = 0.0
-            count = 0
-            for batch, (feeds, values) in enumerate(_run(session, [unit.inp, unit.skip], calibration)):
-                x_val = values[unit.inp]
-                mask = token_mask(feeds, x_val.shape[0], x_val.shape[1])
-                if unit.first_token_only:
-                    mask[:, 1:] = False
-                x32 = x_val[mask]
-                if batch >= len(targets[i]) or targets[i][batch].shape[0] != x32.shape[0]:
-                    raise UserError(
-                        "calibration data differs between runs; reconstruction needs a deterministic source"
-                    )
-                t32 = targets[i][batch] - values[unit.skip][mask]
-                if bias is not None:
-                    x32 = np.concatenate([x32, np.ones((x32.shape[0], 1), dtype=x32.dtype)], axis=1)
-                # Products in float32 (BLAS speed), sums across batches in float64.
-                gram += x32.T @ x32
-                cross += x32.T @ t32
-                t_sq += float((t32.astype(np.float64) ** 2).sum())
-                count += x32.shape[0]
-            w0 = weight.astype(np.float64)
-            if bias is not None:
-                w0 = np.concatenate([w0, np.zeros((1, w0.shape[1]))])
-            if mode == "scales":
-                fitted = _fit_scales(gram, cross, w0, unit.group, alpha)
-            else:
-                lam = alpha * max(float(np.trace(gram[:features, :features])) / max(features, 1), 1e-12)
-                penalty = np.full(width, lam)
-                penalty[features:] = 0.0  # the bias shift is not pulled towards zero
-                fitted = np.linalg.solve(gram + np.diag(penalty), cross + penalty[:, None] * w0)
-
-            def residual(
-                w: np.ndarray, gram: np.ndarray = gram, cross: np.ndarray = cross, t_sq: float = t_sq
-            ) -> float:
-                return max(float(np.sum(w * (gram @ w)) - 2 * np.sum(w * cross) + t_sq), 0.0)
-
-            scale = max(branch_norm[i], 1e-30)
-            before = float(np.sqrt(residual(w0) / scale))
-            after = float(np.sqrt(residual(fitted) / scale))
-            if after <= before:
-                _set_weight(model, node, fitted[:features], i)
-                if bias is not None:
-                    add, slot, value = bias
-                    name = f"{add.output[0]}_reconstructed_{i}"
-                    shifted = (value.astype(np.float64) + fitted[features]).astype(np.float32)
-                    model.graph.initializer.append(numpy_helper.from_array(shifted, name))
-                    add.input[slot] = name
-            else:  # never make a block worse than plain removal
-                after = before
-            steps.append(ReconstructionStep(unit.layer, unit.block, before, after, count))
-            logger.debug("layer %d %s: relative error %.4f -> %.4f", unit.layer, unit.block, before, after)
+            steps.append(
+                _refit_unit(model, i, unit, targets[i], branch_norm[i], calibration, alpha, mode, intercept)
+            )
             bar.advance(bar.task_ids[0])
     _drop_unused_initializers(model)
     return model, steps

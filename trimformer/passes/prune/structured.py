@@ -20,8 +20,11 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 from onnx_ir.passes import FunctionalPass
+from pydantic import Field, model_validator
 
 from trimformer.errors import ParityError, UserError
+from trimformer.formats.pruning_record import RECORD_FORMAT
+from trimformer.passes._checks import compare_outputs, random_feeds
 from trimformer.passes.base import PassConfig, PassContext, PassReport, iter_feeds, register_pass
 from trimformer.passes.graph import EncoderLayout, find_blocks
 from trimformer.passes.prune.budget import Budget, layer_costs, select_plan
@@ -30,7 +33,6 @@ from trimformer.passes.prune.importance import (
     ablation_scores,
     activation_scores,
     magnitude_scores,
-    session_with_outputs,
 )
 from trimformer.passes.prune.reconstruct import ReconstructionStep, reconstruct, reconstruction_units
 from trimformer.passes.prune.surgery import LayerPlan, apply_plan
@@ -40,50 +42,47 @@ __all__ = ["PruneConfig", "PrunePass", "build_record", "layout_stats", "plan_fro
 logger = logging.getLogger(__name__)
 
 ImportanceKind = Literal["auto", "magnitude", "activation", "fisher", "ablation"]
+_FRACTION = "a fraction in [0, 1) to remove"
 EXACT_ATOL = 1e-4
 
 
 class PruneConfig(PassConfig):
     """What to remove (fractions in [0, 1)) and how to choose and recover."""
 
-    heads: float | None = None
-    ffn: float | None = None
-    flops: float | None = None
-    params: float | None = None
+    heads: float | None = Field(default=None, ge=0.0, lt=1.0, description=_FRACTION)
+    ffn: float | None = Field(default=None, ge=0.0, lt=1.0, description=_FRACTION)
+    flops: float | None = Field(default=None, ge=0.0, lt=1.0, description=_FRACTION)
+    params: float | None = Field(default=None, ge=0.0, lt=1.0, description=_FRACTION)
     importance: ImportanceKind = "auto"
     reconstruct: bool = True
-    min_heads: int = 0
-    min_neurons: int = 0
+    min_heads: int = Field(default=0, ge=0)
+    min_neurons: int = Field(default=0, ge=0)
     # Sequence length at which FLOPs are counted (attention scores grow with it).
-    seq_len: int = 128
-    ridge: float = 1e-2
+    seq_len: int = Field(default=128, ge=1)
+    ridge: float = Field(default=1e-2, ge=0.0)
     # "rows": refit the kept projection rows; "scales": one scale per kept head/neuron (Kwon et al.).
     reconstruct_mode: Literal["rows", "scales"] = "rows"
     # With a PyTorch source: Adam steps per layer of block reconstruction after the ridge refit
     # (trimformer.training.block_reconstruct); 0 keeps the ridge refit alone.
-    block_steps: int = 240
-    block_lr: float = 1e-3
+    block_steps: int = Field(default=240, ge=0, description="0 or more steps per layer (--block-steps)")
+    block_lr: float = Field(default=1e-3, gt=0.0)
 
-    def check(self) -> None:
-        for name in ("heads", "ffn", "flops", "params"):
-            value = getattr(self, name)
-            if value is not None and not 0.0 <= value < 1.0:
-                raise UserError(f"--{name} must be a fraction in [0, 1) to remove, got {value}")
+    @model_validator(mode="after")
+    def _one_budget(self) -> PruneConfig:
         given = [n for n in ("heads", "ffn", "flops", "params") if getattr(self, n) is not None]
         if not given:
-            raise UserError(
+            raise ValueError(
                 "nothing to prune: give --heads, --ffn, --flops or --params (fractions to remove)"
             )
         if {"flops", "params"} & set(given) and len(given) > 1:
-            raise UserError(
+            raise ValueError(
                 f"--flops/--params is one global target; do not combine it with {', '.join(given)}"
             )
-        if self.min_heads < 0 or self.min_neurons < 0:
-            raise UserError("the per-layer minimum of heads/neurons must be >= 0")
-        if self.seq_len < 1 or self.ridge < 0:
-            raise UserError("seq_len must be >= 1 and ridge >= 0")
-        if self.block_steps < 0 or not self.block_lr > 0:
-            raise UserError("--block-steps must be >= 0 and the block learning rate > 0")
+        return self
+
+    def check(self) -> None:
+        """Validate again (a config changed with ``model_copy`` skips validation); a UserError."""
+        type(self)(**self.model_dump())
 
     def budget(self) -> Budget:
         return Budget(self.heads, self.ffn, self.flops, self.params, self.min_heads, self.min_neurons)
@@ -175,7 +174,7 @@ def build_record(
             }
         )
     return {
-        "format": "trimformer-pruning-record/1",
+        "format": RECORD_FORMAT,
         "architecture": architecture,
         "num_layers": len(layout.layers),
         "num_heads": layout.num_heads,
@@ -215,27 +214,14 @@ def _masked_reference(
 
 
 def _probe_feeds(proto: onnx.ModelProto, ctx: PassContext) -> list[dict[str, np.ndarray]]:
+    """Two calibration batches, else seeded random inputs with a padded row."""
     feeds: list[dict[str, np.ndarray]] = []
     if ctx.calibration is not None:
         for feed in iter_feeds(ctx.calibration()):
             feeds.append(feed)
             if len(feeds) == 2:
                 break
-    if feeds:
-        return feeds
-    rng = np.random.default_rng(ctx.seed)
-    feed = {}
-    for inp in proto.graph.input:
-        name = inp.name
-        if name == "attention_mask":
-            arr = np.ones((2, 9), dtype=np.int64)
-            arr[1, 6:] = 0
-        elif name == "token_type_ids":
-            arr = np.zeros((2, 9), dtype=np.int64)
-        else:
-            arr = rng.integers(1, 5, size=(2, 9), dtype=np.int64)
-        feed[name] = arr
-    return [feed]
+    return feeds or [random_feeds(proto, 2, 9, ctx.seed, padded=True)]
 
 
 def verify_exact(
@@ -246,15 +232,9 @@ def verify_exact(
     ctx: PassContext,
 ) -> float:
     """Max abs difference between the pruned graph and the masked unpruned one; raises past 1e-4."""
-    reference = session_with_outputs(_masked_reference(original, layout, plan), [])
-    candidate = session_with_outputs(pruned, [])
-    worst = 0.0
-    for feed in _probe_feeds(original, ctx):
-        names = {i.name for i in reference.get_inputs()}
-        expected = reference.run(None, {k: v for k, v in feed.items() if k in names})[0]
-        got = candidate.run(None, {k: v for k, v in feed.items() if k in names})[0]
-        worst = max(worst, float(np.abs(expected - got).max()))
-    if worst > EXACT_ATOL:
+    reference = _masked_reference(original, layout, plan)
+    worst = compare_outputs(reference, pruned, _probe_feeds(original, ctx)).max_abs
+    if not worst <= EXACT_ATOL:
         raise ParityError(
             f"pruning changed the outputs by {worst:.2e} beyond masking the removed units; please report this graph"
         )

@@ -23,6 +23,7 @@ import onnx
 
 from trimformer.errors import UserError
 from trimformer.passes.base import CalibrationFeeds
+from trimformer.runtime.session import cpu_session
 
 __all__ = ["CALIBRATED_OPS", "calibrate", "check_feeds", "infer_types", "load_ranges", "save_ranges"]
 
@@ -149,14 +150,8 @@ def calibrate(
 def _quiet_session(calibrator: Any) -> None:
     """Recreate the calibrator's session without thread spinning: on a shared machine spinning
     workers fight for the cores (measured: calibration 2-3x slower under load)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    calibrator.infer_session = ort.InferenceSession(
-        calibrator.augmented_model_path, options, providers=calibrator.execution_providers
+    calibrator.infer_session = cpu_session(
+        Path(calibrator.augmented_model_path), optimization="disabled", spinning=False
     )
 
 

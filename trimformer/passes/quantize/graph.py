@@ -1,53 +1,30 @@
-"""Graph facts and small rewrites the quantize pass needs.
+"""Graph facts the quantize pass needs.
 
 - :func:`quantized_ops`: refuse graphs that are already quantized.
 - :func:`quantizable_nodes`: which nodes the default policy quantizes (projection and
   feed-forward MatMuls with a constant weight, the fused Attention's QKV projection, the embedding
   tables) and, for the report, which ops it leaves in float on purpose.
-- :func:`fuse_matmul_integer_to_float`: onnxruntime's static IntegerOps quantizer writes
-  ``MatMulInteger -> Cast -> Mul(Mul(a_scale, w_scale))``; onnxruntime fuses that chain into one
-  ``MatMulIntegerToFloat`` kernel only when the scale comes from DynamicQuantizeLinear, so with
-  constant scales the three kernels stay (measured: about 10 % slower than dynamic int8). This
-  rewrite makes the single kernel with constant scales.
+- the ``MatMulInteger -> Cast -> Mul`` rewrite the quantizer's output gets is
+  :func:`trimformer.passes.fuse.integer_matmul.fuse_matmul_integer_to_float`.
 """
 
 from __future__ import annotations
 
-import logging
 from collections import Counter
 from dataclasses import dataclass
 
 import onnx
 
+from trimformer.formats.onnx_ops import QUANTIZED_OPS
+
 __all__ = [
-    "QUANTIZED_OPS",
     "Candidate",
     "float_op_summary",
-    "fuse_matmul_integer_to_float",
     "name_nodes",
     "quantizable_nodes",
     "quantized_ops",
 ]
 
-logger = logging.getLogger(__name__)
-
-QUANTIZED_OPS = frozenset(
-    {
-        "QuantizeLinear",
-        "DequantizeLinear",
-        "DynamicQuantizeLinear",
-        "MatMulInteger",
-        "MatMulIntegerToFloat",
-        "DynamicQuantizeMatMul",
-        "QLinearMatMul",
-        "QAttention",
-        "QEmbedLayerNormalization",
-        "QGemm",
-        "ConvInteger",
-        "QLinearConv",
-        "MatMulNBits",
-    }
-)
 # Ops the default policy keeps in float, with the reason written into the report.
 FLOAT_REASONS = {
     "SkipLayerNormalization": "normalization (residual Add + LayerNorm) stays float",
@@ -114,52 +91,3 @@ def float_op_summary(model: onnx.ModelProto, candidates: list[Candidate]) -> dic
         n.op_type for n in model.graph.node if n.name not in chosen and n.op_type in FLOAT_REASONS
     )
     return {op: {"count": n, "reason": FLOAT_REASONS[op]} for op, n in sorted(counts.items())}
-
-
-def fuse_matmul_integer_to_float(model: onnx.ModelProto) -> int:
-    """Rewrite ``MatMulInteger -> Cast -> Mul(scales)`` into ``MatMulIntegerToFloat`` in place;
-    returns how many times it fired."""
-    graph = model.graph
-    producers = {out: node for node in graph.node for out in node.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    graph_outputs = {o.name for o in graph.output}
-    replace: dict[int, onnx.NodeProto] = {}
-    drop: set[int] = set()
-    for node in graph.node:
-        if node.op_type != "MatMulInteger" or node.output[0] in graph_outputs:
-            continue
-        (cast, *rest) = consumers.get(node.output[0], [None])
-        if rest or cast is None or cast.op_type != "Cast" or cast.output[0] in graph_outputs:
-            continue
-        (mul, *rest) = consumers.get(cast.output[0], [None])
-        if rest or mul is None or mul.op_type != "Mul":
-            continue
-        other = next(i for i in mul.input if i != cast.output[0])
-        scales = producers.get(other)
-        if scales is None or scales.op_type != "Mul":
-            continue
-        a_scale, w_scale = scales.input
-        a_zp = node.input[2] if len(node.input) > 2 else ""
-        w_zp = node.input[3] if len(node.input) > 3 else ""
-        inputs = [node.input[0], node.input[1], a_scale, w_scale, a_zp, w_zp]
-        while inputs and not inputs[-1]:
-            inputs.pop()
-        replace[id(node)] = onnx.helper.make_node(
-            "MatMulIntegerToFloat", inputs, [mul.output[0]], name=node.name, domain="com.microsoft"
-        )
-        drop.update((id(cast), id(mul)))
-    if not replace:
-        return 0
-    nodes = [replace.get(id(n), n) for n in graph.node if id(n) not in drop]
-    # Scale-product Mul nodes that nothing reads any more.
-    used = {name for n in nodes for name in n.input} | graph_outputs
-    nodes = [n for n in nodes if not (n.op_type == "Mul" and n.output[0] not in used)]
-    del graph.node[:]
-    graph.node.extend(nodes)
-    if not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
-    logger.debug("MatMulIntegerToFloat rewrite fired %d times", len(replace))
-    return len(replace)

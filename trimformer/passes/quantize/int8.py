@@ -27,17 +27,18 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 from onnx_ir.passes import FunctionalPass
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from trimformer.errors import GateFailed, UserError
+from trimformer.errors import UserError
+from trimformer.formats.qat_ranges import QAT_RANGES_FILE
+from trimformer.passes._checks import compare_outputs
 from trimformer.passes.base import PassConfig, PassContext, PassReport, register_pass
-from trimformer.passes.fuse.cpu_kernels import prefer_cpu_kernels
 from trimformer.passes.fuse.fusion import FuseConfig, fuse_proto
+from trimformer.passes.quantize.accuracy import fit_accuracy_budget
 from trimformer.passes.quantize.calibrate import calibrate, infer_types, load_ranges, save_ranges
 from trimformer.passes.quantize.graph import (
     Candidate,
     float_op_summary,
-    fuse_matmul_integer_to_float,
     name_nodes,
     quantizable_nodes,
     quantized_ops,
@@ -46,20 +47,19 @@ from trimformer.passes.quantize.presets import (
     FORMATS,
     METHODS,
     PRESETS,
-    QuantPreset,
+    QuantizerSettings,
     check_choice,
     get_preset,
 )
-from trimformer.passes.quantize.sensitivity import node_sensitivity
+from trimformer.passes.quantize.quantizer import quantize_model, quantized_names
 from trimformer.passes.quantize.smooth import ABSMAX_SUFFIX, channel_absmax, insert_smoothing
 from trimformer.passes.quantize.training_ranges import (
-    QAT_RANGES_FILE,
     check_training_options,
     check_training_settings,
     training_ranges,
 )
 
-__all__ = ["RANGES_FILE", "QuantizeConfig", "QuantizePass", "quantize_model"]
+__all__ = ["RANGES_FILE", "QuantizeConfig", "QuantizePass"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,146 +73,62 @@ class QuantizeConfig(PassConfig):
     format: str | None = None
     per_channel: bool | None = None
     reduce_range: bool | None = None
-    samples: int = 512
-    percentile: float = 99.999
+    samples: int = Field(default=512, ge=1)
+    percentile: float = Field(default=99.999, gt=0.0, le=100.0)
     # Node names to keep in float whatever the policy says.
     exclude: list[str] = Field(default_factory=list)
     fuse: bool = True
-    num_heads: int = 0
-    hidden_size: int = 0
+    num_heads: int = Field(default=0, ge=0)
+    hidden_size: int = Field(default=0, ge=0)
     # Accuracy-aware mode: largest accepted drop, in accuracy points, against the float model.
-    max_accuracy_drop: float | None = None
+    max_accuracy_drop: float | None = Field(default=None, ge=0.0, description="0 or more accuracy points")
     dynamic: bool = False
     # A ranges file (onnxruntime's cache format) to reuse instead of calibrating.
     calibration_cache: str | None = None
-    sensitivity_batches: int = 2
+    sensitivity_batches: int = Field(default=2, ge=1)
     # SmoothQuant migration strength; None: the preset's, 0: off.
-    smooth_alpha: float | None = None
-    smooth_batches: int = 4
+    smooth_alpha: float | None = Field(default=None, ge=0.0, le=1.0)
+    smooth_batches: int = Field(default=4, ge=1)
     # None: the preset's (on for the CPU presets).
     cpu_kernels: bool | None = None
     # Use the activation ranges of quantization-aware training (the artifact's qat_ranges.json,
     # handed over in ctx.training_ranges by the stage) instead of calibrating; SmoothQuant off.
     ranges_from_training: bool = False
 
-    def check(self) -> QuantPreset:
-        preset = get_preset(self.preset)
-        check_choice("method", self.method, METHODS)
-        if self.format is not None:
-            check_choice("format", self.format, FORMATS)
-        if self.samples < 1:
-            raise UserError(f"samples must be at least 1, got {self.samples}")
-        if not 0.0 < self.percentile <= 100.0:
-            raise UserError(f"percentile must be in (0, 100], got {self.percentile}")
-        if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
-            raise UserError(f"smooth_alpha must be in [0, 1], got {self.smooth_alpha}")
-        if self.max_accuracy_drop is not None and self.max_accuracy_drop < 0:
-            raise UserError(f"--max-accuracy-drop must be 0 or more points, got {self.max_accuracy_drop}")
+    @field_validator("preset", "method", "format")
+    @classmethod
+    def _known_choice(cls, value: str | None, info: ValidationInfo) -> str | None:
+        known = {"preset": tuple(PRESETS), "method": METHODS, "format": FORMATS}[info.field_name or ""]
+        if value is not None:
+            try:
+                check_choice(str(info.field_name), value, known)
+            except UserError as exc:  # pydantic reports a ValueError with the field's name
+                raise ValueError(str(exc)) from None
+        return value
+
+    @model_validator(mode="after")
+    def _training_options(self) -> QuantizeConfig:
         if self.ranges_from_training:
-            check_training_options(self)
-        return preset
+            try:
+                check_training_options(self)
+            except UserError as exc:
+                raise ValueError(str(exc)) from None
+        return self
 
-    def resolved(self) -> dict[str, Any]:
+    def check(self) -> QuantizerSettings:
+        """The preset, after validating again (``model_copy`` skips validation); a UserError."""
+        type(self)(**self.model_dump())
+        return get_preset(self.preset)
+
+    def resolved(self) -> QuantizerSettings:
         """The effective settings: the preset's, overridden by what was given."""
-        preset = self.check()
-        fmt = self.format or preset.format
-        return {
-            "preset": preset.name,
-            "format": fmt,
-            "activation_type": preset.activation_type,
-            "weight_type": preset.weight_type,
-            "per_channel": preset.per_channel if self.per_channel is None else self.per_channel,
-            "reduce_range": preset.reduce_range if self.reduce_range is None else self.reduce_range,
-            "symmetric_activations": preset.symmetric_activations,
-            "attention": preset.attention and fmt == "qoperator",
-            "embeddings": preset.embeddings and fmt == "qoperator",
-            "smooth_alpha": preset.smooth_alpha if self.smooth_alpha is None else self.smooth_alpha,
-            "cpu_kernels": preset.cpu_kernels if self.cpu_kernels is None else self.cpu_kernels,
-        }
-
-
-def _qtype(name: str) -> Any:
-    from onnxruntime.quantization import QuantType
-
-    return {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}[name]
-
-
-def quantize_model(
-    model: onnx.ModelProto, ranges: Any, settings: dict[str, Any], nodes: list[str], dynamic: bool = False
-) -> tuple[onnx.ModelProto, dict[str, int]]:
-    """Quantize ``nodes`` of a typed float model with onnxruntime's quantizers; returns the model
-    and the counts of our post-rewrites."""
-    from onnxruntime.quantization.onnx_quantizer import ONNXQuantizer
-    from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
-    from onnxruntime.quantization.quant_utils import QuantizationMode
-
-    work = onnx.ModelProto()
-    work.CopyFrom(model)
-    op_types = ["MatMul", "Attention", "EmbedLayerNormalization"]
-    extra: dict[str, Any] = {
-        "MatMulConstBOnly": True,
-        "ActivationSymmetric": settings["symmetric_activations"],
-        "WeightSymmetric": True,
-    }
-    act, weight = _qtype(settings["activation_type"]), _qtype(settings["weight_type"])
-    rewrites: dict[str, int] = {"matmul_integer_to_float": 0}
-    if dynamic:
-        quantizer = ONNXQuantizer(
-            work,
-            settings["per_channel"],
-            settings["reduce_range"],
-            QuantizationMode.IntegerOps,
-            False,
-            weight,
-            act,
-            None,
-            nodes,
-            [],
-            op_types,
-            extra,
+        return self.check().overridden(
+            format=self.format,
+            per_channel=self.per_channel,
+            reduce_range=self.reduce_range,
+            smooth_alpha=self.smooth_alpha,
+            cpu_kernels=self.cpu_kernels,
         )
-    elif settings["format"] == "qoperator":
-        quantizer = ONNXQuantizer(
-            work,
-            settings["per_channel"],
-            settings["reduce_range"],
-            QuantizationMode.IntegerOps,
-            True,
-            weight,
-            act,
-            ranges,
-            nodes,
-            [],
-            op_types,
-            extra,
-        )
-    else:
-        # MatMul outputs stay float: onnxruntime then runs DQ -> MatMul as MatMulIntegerToFloat
-        # instead of requantizing every output (QLinearMatMul + DequantizeLinear, measured slower).
-        extra["OpTypesToExcludeOutputQuantization"] = ["MatMul"]
-        quantizer = QDQQuantizer(
-            work,
-            settings["per_channel"],
-            settings["reduce_range"],
-            weight,
-            act,
-            ranges,
-            nodes,
-            [],
-            ["MatMul"],
-            extra,
-        )
-    try:
-        quantized = quantizer.quantize_model()
-    except Exception as exc:
-        raise UserError(f"onnxruntime's quantizer failed: {' '.join(str(exc).split())[:300]}") from exc
-    if not dynamic and settings["format"] == "qoperator":
-        rewrites["matmul_integer_to_float"] = fuse_matmul_integer_to_float(quantized)
-        # The smoothing Muls stay: folding them into per-axis QuantizeLinear was measured 3.7-4.6x
-        # slower than dynamic int8 (onnxruntime's per-axis QuantizeLinear is a slow kernel).
-    if settings.get("cpu_kernels") and (dynamic or settings["format"] == "qoperator"):
-        rewrites.update(prefer_cpu_kernels(quantized))
-    return quantized, rewrites
 
 
 def _strip_absmax(ranges: Any) -> None:
@@ -221,20 +137,20 @@ def _strip_absmax(ranges: Any) -> None:
         del ranges.data[key]
 
 
-def _quantized_names(model: onnx.ModelProto, candidates: list[Candidate]) -> list[str]:
-    """Candidates that really became integer ops: onnxruntime names the integer node
-    ``<name>_quant`` (IntegerOps), or keeps the MatMul and feeds it a DequantizeLinear (QDQ)."""
-    integer_ops = {"MatMulInteger", "MatMulIntegerToFloat", "QAttention", "QEmbedLayerNormalization"}
-    int_nodes = {n.name for n in model.graph.node if n.op_type in integer_ops}
-    producers = {o: n for n in model.graph.node for o in n.output}
-    dq_fed = {
-        n.name
-        for n in model.graph.node
-        if n.op_type == "MatMul"
-        and n.input[1] in producers
-        and producers[n.input[1]].op_type == "DequantizeLinear"
-    }
-    return [c.name for c in candidates if c.name in dq_fed or f"{c.name}_quant" in int_nodes]
+class _Phases:
+    """Seconds per phase of the pass, for the report."""
+
+    def __init__(self) -> None:
+        self.started = self._last = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    def done(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] = round(now - self._last, 2)
+        self._last = now
+
+    def total(self) -> float:
+        return round(time.perf_counter() - self.started, 2)
 
 
 class QuantizePass(FunctionalPass):
@@ -245,6 +161,12 @@ class QuantizePass(FunctionalPass):
         self._cache: Path | None = None  # the calibration ranges this run wrote, if any
 
     # -- steps ---------------------------------------------------------------------------------
+    def _settings(self) -> QuantizerSettings:
+        settings = self.config.resolved()
+        if self.config.ranges_from_training:
+            settings = check_training_settings(settings, self._training_record()[0], self.config.preset)
+        return settings
+
     def _prepare(self, proto: onnx.ModelProto, stats: dict[str, Any]) -> onnx.ModelProto:
         already = quantized_ops(proto)
         if already:
@@ -265,47 +187,100 @@ class QuantizePass(FunctionalPass):
         name_nodes(proto)
         return proto
 
+    def _candidates(self, typed: onnx.ModelProto, settings: QuantizerSettings) -> list[Candidate]:
+        """The nodes the policy quantizes (dynamic int8 has integer kernels for all of them)."""
+        dynamic = self.config.dynamic
+        candidates = quantizable_nodes(typed, settings.attention or dynamic, settings.embeddings or dynamic)
+        if not candidates:
+            raise UserError(
+                "the graph has nothing to quantize (no MatMul with a constant weight, no Attention); "
+                "quantize an exported Transformer"
+            )
+        unknown = [n for n in self.config.exclude if n not in {c.name for c in candidates}]
+        if unknown:
+            raise UserError(f"--exclude names {unknown[0]!r}, which is not a quantizable node of this graph")
+        return candidates
+
+    def _smooth(
+        self,
+        typed: onnx.ModelProto,
+        candidates: list[Candidate],
+        chosen: list[str],
+        settings: QuantizerSettings,
+        stats: dict[str, Any],
+    ) -> tuple[list[Candidate], dict[str, np.ndarray]]:
+        """SmoothQuant in place on ``typed``: the candidates of the smoothed graph and the per-channel
+        activation maxima it used (kept in the ranges cache so a reuse smooths the same way)."""
+        cfg, alpha = self.config, settings.smooth_alpha
+        if not alpha or cfg.dynamic:
+            return candidates, {}
+        acts = sorted({c.activation for c in candidates if c.activation and c.name in chosen})
+        if cfg.calibration_cache is not None and Path(cfg.calibration_cache).is_file():
+            cached = load_ranges(Path(cfg.calibration_cache))
+            amax = {
+                a: np.asarray(cached[a + ABSMAX_SUFFIX].highest) for a in acts if a + ABSMAX_SUFFIX in cached
+            }
+        else:
+            amax = channel_absmax(typed, acts, self._feeds(cfg.smooth_batches))
+        count = insert_smoothing(typed, [c for c in candidates if c.name in chosen], amax, alpha)
+        stats["smoothing"] = {"alpha": alpha, "nodes": count}
+        return quantizable_nodes(typed, settings.attention, settings.embeddings), amax
+
     def _ranges(
         self,
         proto: onnx.ModelProto,
         candidates: list[Candidate],
-        settings: dict[str, Any],
+        settings: QuantizerSettings,
         scratch: Path,
-        stats: dict[str, Any],
         amax: dict[str, np.ndarray],
-    ) -> Any:
+    ) -> tuple[Any, dict[str, Any]]:
+        """The activation ranges (from training, a cache, or calibration) and the report's
+        ``calibration`` section."""
         needed = sorted({c.activation for c in candidates if c.activation})
         started = time.perf_counter()
-        cfg = self.config
-        if cfg.ranges_from_training:
+        if self.config.ranges_from_training:
             ranges, info = training_ranges(proto, candidates, *self._training_record())
-            stats["calibration"] = {**info, "seconds": round(time.perf_counter() - started, 2)}
-            return ranges
-        if cfg.calibration_cache is not None:
-            path = Path(cfg.calibration_cache)
-            if not path.is_file():
-                raise UserError(
-                    f"calibration cache {path} does not exist; drop --calibration-cache to calibrate"
-                )
-            ranges = load_ranges(path)
-            _strip_absmax(ranges)
-            method = str(getattr(ranges, "calibration_method", "")).rsplit(".", 1)[-1].lower()
-            if method and method != cfg.method:
-                raise UserError(
-                    f"calibration cache {path} holds {method} ranges, not {cfg.method}; pass --method {method}"
-                )
-            missing = [n for n in needed if n not in ranges]
-            if missing:
-                raise UserError(
-                    f"calibration cache {path} does not match this model ({len(missing)} tensors missing, e.g. "
-                    f"{missing[0]!r}); delete it to recalibrate"
-                )
-            stats["calibration"] = {
-                "method": cfg.method,
-                "cache": "reused",
-                "seconds": round(time.perf_counter() - started, 2),
-            }
-            return ranges
+        elif self.config.calibration_cache is not None:
+            ranges, info = self._cached_ranges(Path(self.config.calibration_cache), needed)
+        else:
+            ranges, info = self._calibrated_ranges(
+                proto, needed, settings.symmetric_activations, scratch, amax
+            )
+        return ranges, {**info, "seconds": round(time.perf_counter() - started, 2)}
+
+    def _cached_ranges(self, path: Path, needed: list[str]) -> tuple[Any, dict[str, Any]]:
+        method = self.config.method
+        if not path.is_file():
+            raise UserError(f"calibration cache {path} does not exist; drop --calibration-cache to calibrate")
+        ranges = load_ranges(path)
+        _strip_absmax(ranges)
+        cached_method = str(getattr(ranges, "calibration_method", "")).rsplit(".", 1)[-1].lower()
+        if cached_method and cached_method != method:
+            raise UserError(
+                f"calibration cache {path} holds {cached_method} ranges, not {method}; "
+                f"pass --method {cached_method}"
+            )
+        missing = [n for n in needed if n not in ranges]
+        if missing:
+            raise UserError(
+                f"calibration cache {path} does not match this model ({len(missing)} tensors missing, e.g. "
+                f"{missing[0]!r}); delete it to recalibrate"
+            )
+        return ranges, {"method": method, "cache": "reused"}
+
+    def _calibrated_ranges(
+        self,
+        proto: onnx.ModelProto,
+        needed: list[str],
+        symmetric: bool,
+        scratch: Path,
+        amax: dict[str, np.ndarray],
+    ) -> tuple[Any, dict[str, Any]]:
+        """Calibrate the activations the quantizer reads; the ranges are also saved as the cache,
+        with the smoothing maxima, so a reuse smooths and quantizes the same way."""
+        from onnxruntime.quantization.calibrate import TensorData
+
+        cfg = self.config
         make_source = self.ctx.require_calibration("quantize")
         # Calibrate the activations the quantizer reads (the chosen nodes' inputs), nothing else.
         ranges, rows = calibrate(
@@ -316,15 +291,13 @@ class QuantizePass(FunctionalPass):
             cfg.samples,
             scratch,
             percentile=cfg.percentile,
-            symmetric=settings["symmetric_activations"],
+            symmetric=symmetric,
         )
         missing = [n for n in needed if n not in ranges]
         if missing:
             raise UserError(
                 f"calibration produced no range for {missing[0]!r}; the graph's types could not be inferred"
             )
-        from onnxruntime.quantization.calibrate import TensorData
-
         for name, values in amax.items():
             high = np.asarray(values, dtype=np.float32)
             ranges.data[name + ABSMAX_SUFFIX] = TensorData(lowest=-high, highest=high)
@@ -332,13 +305,7 @@ class QuantizePass(FunctionalPass):
         save_ranges(ranges, cache)
         _strip_absmax(ranges)
         self._cache = cache
-        stats["calibration"] = {
-            "method": cfg.method,
-            "rows": rows,
-            "cache": RANGES_FILE,
-            "seconds": round(time.perf_counter() - started, 2),
-        }
-        return ranges
+        return ranges, {"method": cfg.method, "rows": rows, "cache": RANGES_FILE}
 
     def _training_record(self) -> tuple[dict[str, Any], str]:
         record = self.ctx.training_ranges
@@ -357,180 +324,66 @@ class QuantizePass(FunctionalPass):
             feeds.append(feed)
         return feeds
 
-    def _output_error(
-        self, reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]
-    ) -> float | None:
-        """Relative L2 error of output 0 against the float graph on calibration batches."""
-        import onnxruntime as ort
-
+    def _output_error(self, reference: onnx.ModelProto, candidate: onnx.ModelProto) -> float | None:
+        """Relative L2 error of output 0 against the float graph on a calibration batch."""
+        feeds = self._feeds(1)
         if not feeds:
             return None
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        sessions = [
-            ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"])
-            for m in (reference, candidate)
-        ]
-        num = den = 0.0
-        for feed in feeds:
-            ref, got = (np.asarray(s.run(None, feed)[0], dtype=np.float64) for s in sessions)
-            num += float(np.sum((got - ref) ** 2))
-            den += float(np.sum(ref**2))
-        return round(float(np.sqrt(num / max(den, 1e-30))), 5)
+        return round(compare_outputs(reference, candidate, feeds).relative, 5)
 
-    def _accuracy_aware(
+    def _quantize(
         self,
         float_proto: onnx.ModelProto,
         typed: onnx.ModelProto,
-        quantized: onnx.ModelProto,
         candidates: list[Candidate],
         chosen: list[str],
-        ranges: Any,
-        settings: dict[str, Any],
+        settings: QuantizerSettings,
+        amax: dict[str, np.ndarray],
         stats: dict[str, Any],
-    ) -> onnx.ModelProto:
+        phases: _Phases,
+    ) -> tuple[onnx.ModelProto, dict[str, int], dict[str, Path]]:
+        """Ranges, quantizer, accuracy budget: the quantized model, the rewrite counts and the
+        files for the artifact (the calibration ranges)."""
         cfg = self.config
-        assert cfg.max_accuracy_drop is not None
-        if self.ctx.evaluate is None:
-            raise UserError("--max-accuracy-drop needs an evaluation set; pass --eval DATA")
-        budget = cfg.max_accuracy_drop
-        base = self.ctx.evaluate(float_proto)
-        tried: list[dict[str, Any]] = []
-
-        def drop_of(model: onnx.ModelProto, n_float: int) -> float:
-            score = self.ctx.evaluate(model)  # type: ignore[misc]
-            drop = round((base - score) * 100.0, 4)
-            tried.append({"float_nodes": n_float, "accuracy": round(score, 5), "drop_points": drop})
-            return drop
-
-        drop = drop_of(quantized, 0)
-        accuracy: dict[str, Any] = {"float_accuracy": round(base, 5), "budget_points": budget, "tried": tried}
-        stats["accuracy_aware"] = accuracy
-        if drop <= budget:
-            accuracy.update(returned_to_float=[], final_drop_points=drop)
-            return quantized
-        feeds = self._feeds(cfg.sensitivity_batches)
-        by_name = {c.name: c for c in candidates}
-        sens = node_sensitivity(
-            typed,
-            [by_name[n] for n in chosen],
-            ranges,
-            feeds,
-            signed_activations=settings["activation_type"] == "int8",
-            symmetric=settings["symmetric_activations"],
-            per_channel=settings["per_channel"],
-            reduce_range=settings["reduce_range"],
-        )
-        order = sorted(chosen, key=lambda n: -sens[n])
-        accuracy["sensitivity"] = {n: round(sens[n], 5) for n in order}
-        best: tuple[int, onnx.ModelProto, float] | None = None
-
-        def attempt(k: int) -> tuple[onnx.ModelProto, float]:
-            keep = [n for n in chosen if n not in set(order[:k])]
-            # With every node float the candidate is the fused float graph.
-            model = typed if not keep else quantize_model(typed, ranges, settings, keep, cfg.dynamic)[0]
-            return model, drop_of(model, k)
-
-        # Doubling, then bisection: about 2 log2(n) evaluations instead of n.
-        lo, k = 0, 1
-        while True:
-            k = min(k, len(order))
-            model, drop = attempt(k)
-            if drop <= budget:
-                best = (k, model, drop)
-                break
-            lo = k
-            if k == len(order):
-                break
-            k *= 2
-        if best is None:
-            stats["accuracy_aware"]["final_drop_points"] = drop
-            raise GateFailed(
-                f"accuracy budget of {budget:g} points cannot be met: the drop is still {drop:.2f} points "
-                f"with every one of the {len(order)} quantizable nodes in float; nothing was written"
-            )
-        hi = best[0]
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            model, drop = attempt(mid)
-            if drop <= budget:
-                best, hi = (mid, model, drop), mid
-            else:
-                lo = mid
-        k, model, drop = best
-        accuracy["returned_to_float"] = [
-            {
-                "node": n,
-                "op": by_name[n].op_type,
-                "sensitivity": round(sens[n], 5),
-                "reason": f"sensitivity rank {i + 1} of {len(order)}; returned to float to fit the {budget:g}-point budget",
-            }
-            for i, n in enumerate(order[:k])
-        ]
-        accuracy["final_drop_points"] = drop
-        return model
-
-    # -- the pass --------------------------------------------------------------------------------
-    def call(self, model: ir.Model) -> PassReport:
-        cfg = self.config
-        settings = cfg.resolved()
-        if cfg.ranges_from_training:
-            settings = check_training_settings(settings, self._training_record()[0], cfg.preset)
-        started = time.perf_counter()
-        stats: dict[str, Any] = {"settings": settings, "method": cfg.method, "dynamic": cfg.dynamic}
-        float_proto = ir.to_proto(model)
-        self.ctx.scratch.mkdir(parents=True, exist_ok=True)
-        typed = self._prepare(float_proto, stats)
-        phases = {"prepare": round(time.perf_counter() - started, 2)}
-        candidates = quantizable_nodes(
-            typed, settings["attention"] or cfg.dynamic, settings["embeddings"] or cfg.dynamic
-        )
-        if not candidates:
-            raise UserError(
-                "the graph has nothing to quantize (no MatMul with a constant weight, no Attention); "
-                "quantize an exported Transformer"
-            )
-        unknown = [n for n in cfg.exclude if n not in {c.name for c in candidates}]
-        if unknown:
-            raise UserError(f"--exclude names {unknown[0]!r}, which is not a quantizable node of this graph")
-        chosen = [c.name for c in candidates if c.name not in cfg.exclude]
-        alpha = settings["smooth_alpha"]
-        amax: dict[str, np.ndarray] = {}
-        if alpha and not cfg.dynamic:
-            acts = sorted({c.activation for c in candidates if c.activation and c.name in chosen})
-            if cfg.calibration_cache is not None and Path(cfg.calibration_cache).is_file():
-                cached = load_ranges(Path(cfg.calibration_cache))
-                amax = {
-                    a: np.asarray(cached[a + ABSMAX_SUFFIX].highest)
-                    for a in acts
-                    if a + ABSMAX_SUFFIX in cached
-                }
-            else:
-                amax = channel_absmax(typed, acts, self._feeds(cfg.smooth_batches))
-            count = insert_smoothing(typed, [c for c in candidates if c.name in chosen], amax, alpha)
-            stats["smoothing"] = {"alpha": alpha, "nodes": count}
-            candidates = quantizable_nodes(typed, settings["attention"], settings["embeddings"])
-        self.ctx.scratch.mkdir(parents=True, exist_ok=True)
         scratch_dir = tempfile.TemporaryDirectory(prefix="trimformer-quant-", dir=self.ctx.scratch)
-        scratch = Path(scratch_dir.name)
         try:
-            ranges = None if cfg.dynamic else self._ranges(typed, candidates, settings, scratch, stats, amax)
-            phases["calibrate"] = round(time.perf_counter() - started - sum(phases.values()), 2)
-            quantized, rewrites = quantize_model(typed, ranges, settings, chosen, cfg.dynamic)
-            phases["quantize"] = round(time.perf_counter() - started - sum(phases.values()), 2)
-            if cfg.max_accuracy_drop is not None:
-                quantized = self._accuracy_aware(
-                    float_proto, typed, quantized, candidates, chosen, ranges, settings, stats
+            ranges = None
+            if not cfg.dynamic:
+                ranges, stats["calibration"] = self._ranges(
+                    typed, candidates, settings, Path(scratch_dir.name), amax
                 )
-            files: dict[str, Path] = {}
-            if self._cache is not None:
-                # Keep the cache beyond the scratch folder's life: the stage copies it into the artifact.
-                kept = Path(tempfile.mkdtemp(prefix="trimformer-ranges-", dir=self.ctx.scratch)) / RANGES_FILE
-                kept.write_bytes(self._cache.read_bytes())
-                files[RANGES_FILE] = kept
+            phases.done("calibrate")
+            quantized, rewrites = quantize_model(typed, ranges, settings, chosen, cfg.dynamic)
+            phases.done("quantize")
+            if cfg.max_accuracy_drop is not None:
+                quantized, stats["accuracy_aware"] = fit_accuracy_budget(
+                    float_proto,
+                    typed,
+                    quantized,
+                    [c for c in candidates if c.name in set(chosen)],
+                    ranges,
+                    settings,
+                    cfg.dynamic,
+                    cfg.max_accuracy_drop,
+                    self.ctx.evaluate,
+                    self._feeds(cfg.sensitivity_batches),
+                )
+            return quantized, rewrites, self._keep_cache()
         finally:
             scratch_dir.cleanup()
-        done = set(_quantized_names(quantized, candidates))
+
+    def _keep_cache(self) -> dict[str, Path]:
+        """The calibration ranges, beyond the scratch folder's life: the stage copies them into the artifact."""
+        if self._cache is None:
+            return {}
+        kept = Path(tempfile.mkdtemp(prefix="trimformer-ranges-", dir=self.ctx.scratch)) / RANGES_FILE
+        kept.write_bytes(self._cache.read_bytes())
+        return {RANGES_FILE: kept}
+
+    def _float_nodes(
+        self, candidates: list[Candidate], done: set[str], stats: dict[str, Any]
+    ) -> list[dict[str, str]]:
+        """The candidates left in float, each with the reason why."""
         returned = {
             r["node"]: r["reason"] for r in stats.get("accuracy_aware", {}).get("returned_to_float", [])
         }
@@ -540,22 +393,41 @@ class QuantizePass(FunctionalPass):
                 continue
             reason = returned.get(c.name) or (
                 "excluded by the user"
-                if c.name in cfg.exclude
+                if c.name in self.config.exclude
                 else "left float by onnxruntime's quantizer (no range or unsupported)"
             )
             float_nodes.append({"node": c.name, "op": c.op_type, "reason": reason})
+        return float_nodes
+
+    # -- the pass --------------------------------------------------------------------------------
+    def call(self, model: ir.Model) -> PassReport:
+        cfg = self.config
+        settings = self._settings()
+        phases = _Phases()
+        stats: dict[str, Any] = {"settings": settings.to_dict(), "method": cfg.method, "dynamic": cfg.dynamic}
+        float_proto = ir.to_proto(model)
+        self.ctx.scratch.mkdir(parents=True, exist_ok=True)
+        typed = self._prepare(float_proto, stats)
+        phases.done("prepare")
+        candidates = self._candidates(typed, settings)
+        chosen = [c.name for c in candidates if c.name not in cfg.exclude]
+        candidates, amax = self._smooth(typed, candidates, chosen, settings, stats)
+        quantized, rewrites, files = self._quantize(
+            float_proto, typed, candidates, chosen, settings, amax, stats, phases
+        )
+        done = set(quantized_names(quantized, candidates))
         stats.update(
             quantizable=len(candidates),
             quantized=len(done),
             quantized_ops=quantized_ops(quantized),
             rewrites=rewrites,
-            float_nodes=float_nodes,
+            float_nodes=self._float_nodes(candidates, done, stats),
             float_ops=float_op_summary(typed, [c for c in candidates if c.name in done]),
-            output_rel_error=self._output_error(float_proto, quantized, self._feeds(1)),
-            seconds=round(time.perf_counter() - started, 2),
-            phase_seconds=phases,
+            output_rel_error=self._output_error(float_proto, quantized),
+            seconds=phases.total(),
+            phase_seconds=phases.seconds,
         )
-        logger.info("quantize: %d of %d nodes int8 (%s)", len(done), len(candidates), settings["format"])
+        logger.info("quantize: %d of %d nodes int8 (%s)", len(done), len(candidates), settings.format)
         return PassReport(ir.from_proto(quantized), modified=True, stats=stats, files=files)
 
 

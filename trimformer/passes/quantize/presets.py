@@ -13,12 +13,13 @@ the measurements behind each choice are in docs/QUANTIZATION.md. Formats:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, cast
 
 from trimformer.errors import UserError
 
-__all__ = ["FORMATS", "METHODS", "PRESETS", "QuantPreset", "check_choice", "get_preset"]
+__all__ = ["FORMATS", "METHODS", "PRESETS", "QuantizerSettings", "check_choice", "get_preset"]
 
 Format = Literal["qoperator", "qdq"]
 FORMATS: tuple[str, ...] = ("qoperator", "qdq")
@@ -26,8 +27,11 @@ METHODS: tuple[str, ...] = ("minmax", "entropy", "percentile")
 
 
 @dataclass(frozen=True)
-class QuantPreset:
-    name: str
+class QuantizerSettings:
+    """The onnxruntime quantizer's knobs. A preset is one of these; a run's effective settings
+    are the preset with the user's overrides (:meth:`overridden`)."""
+
+    preset: str
     format: Format
     activation_type: Literal["uint8", "int8"]
     weight_type: Literal["int8", "uint8"]
@@ -40,68 +44,89 @@ class QuantPreset:
     embeddings: bool
     # SmoothQuant migration strength (0: off).
     smooth_alpha: float
-    description: str
     # Rewrite to onnxruntime's faster CPU kernels (cpu_kernels.py: Sum + LayerNormalization
     # instead of SkipLayerNormalization, biases inside the int8 matmuls).
     cpu_kernels: bool = True
+    # The activation ranges come from quantization-aware training, not calibration.
+    ranges_from_training: bool = False
+    # For people choosing a preset; not a quantizer setting, so not in the report.
+    description: str = dataclasses.field(default="", compare=False)
+
+    @property
+    def integer_ops(self) -> bool:
+        """Whether the quantizer writes onnxruntime's IntegerOps operators (else QDQ pairs)."""
+        return self.format == "qoperator"
+
+    def overridden(
+        self,
+        *,
+        format: str | None = None,
+        per_channel: bool | None = None,
+        reduce_range: bool | None = None,
+        smooth_alpha: float | None = None,
+        cpu_kernels: bool | None = None,
+    ) -> QuantizerSettings:
+        """These settings with the given (not None) values instead; Attention and the embedding
+        tables are quantized only in the format that has integer kernels for them."""
+        fmt = cast(Format, check_choice("format", format, FORMATS) if format is not None else self.format)
+        return dataclasses.replace(
+            self,
+            format=fmt,
+            per_channel=self.per_channel if per_channel is None else per_channel,
+            reduce_range=self.reduce_range if reduce_range is None else reduce_range,
+            smooth_alpha=self.smooth_alpha if smooth_alpha is None else smooth_alpha,
+            cpu_kernels=self.cpu_kernels if cpu_kernels is None else cpu_kernels,
+            attention=self.attention and fmt == "qoperator",
+            embeddings=self.embeddings and fmt == "qoperator",
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as the quantization report records them."""
+        settings = dataclasses.asdict(self)
+        del settings["description"]
+        return settings
 
 
-PRESETS: dict[str, QuantPreset] = {
-    "cpu-vnni": QuantPreset(
-        name="cpu-vnni",
-        format="qoperator",
-        activation_type="uint8",
-        weight_type="int8",
-        per_channel=True,
-        reduce_range=False,
-        symmetric_activations=False,
-        attention=True,
-        embeddings=True,
-        smooth_alpha=0.75,
-        description="x86 with AVX512-VNNI/AVX-VNNI: u8 activations x s8 weights, per-channel, full 8-bit range",
-    ),
-    "cpu-avx2": QuantPreset(
-        name="cpu-avx2",
-        format="qoperator",
-        activation_type="uint8",
-        weight_type="int8",
-        per_channel=True,
+_CPU_VNNI = QuantizerSettings(
+    preset="cpu-vnni",
+    format="qoperator",
+    activation_type="uint8",
+    weight_type="int8",
+    per_channel=True,
+    reduce_range=False,
+    symmetric_activations=False,
+    attention=True,
+    embeddings=True,
+    smooth_alpha=0.75,
+    description="x86 with AVX512-VNNI/AVX-VNNI: u8 activations x s8 weights, per-channel, full 8-bit range",
+)
+
+PRESETS: dict[str, QuantizerSettings] = {
+    "cpu-vnni": _CPU_VNNI,
+    "cpu-avx2": dataclasses.replace(
+        _CPU_VNNI,
+        preset="cpu-avx2",
         # Without VNNI, u8 x s8 products are summed in pairs into int16 (vpmaddubsw) and can saturate;
         # 7-bit weights avoid that.
         reduce_range=True,
-        symmetric_activations=False,
-        attention=True,
-        embeddings=True,
-        smooth_alpha=0.75,
         description="x86 with AVX2 and no VNNI: like cpu-vnni with 7-bit weights (reduce_range)",
     ),
-    "arm64": QuantPreset(
-        name="arm64",
-        format="qoperator",
-        activation_type="uint8",
-        weight_type="int8",
-        per_channel=True,
-        reduce_range=False,
-        symmetric_activations=False,
-        attention=True,
-        embeddings=True,
-        smooth_alpha=0.75,
+    "arm64": dataclasses.replace(
+        _CPU_VNNI,
+        preset="arm64",
         description="ARM64 (NEON dot product / i8mm): u8 x s8 integer operators, per-channel",
     ),
-    "tensorrt": QuantPreset(
-        name="tensorrt",
+    "tensorrt": dataclasses.replace(
+        _CPU_VNNI,
+        preset="tensorrt",
         format="qdq",
         activation_type="int8",
-        weight_type="int8",
-        per_channel=True,
-        reduce_range=False,
         # TensorRT only accepts symmetric int8 (zero point 0) in explicit-quantization QDQ graphs.
         symmetric_activations=True,
         attention=False,
         embeddings=False,
-        smooth_alpha=0.75,
-        description="TensorRT / GPU: symmetric S8S8 QDQ, per-channel weights",
         cpu_kernels=False,
+        description="TensorRT / GPU: symmetric S8S8 QDQ, per-channel weights",
     ),
 }
 
@@ -112,6 +137,6 @@ def check_choice(kind: str, value: str, known: tuple[str, ...] | list[str]) -> s
     return value
 
 
-def get_preset(name: str) -> QuantPreset:
+def get_preset(name: str) -> QuantizerSettings:
     check_choice("preset", name, tuple(PRESETS))
     return PRESETS[name]

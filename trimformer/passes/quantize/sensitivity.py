@@ -16,7 +16,9 @@ from typing import Any
 import numpy as np
 import onnx
 
+from trimformer.passes.intermediates import session_with_outputs
 from trimformer.passes.quantize.graph import Candidate
+from trimformer.passes.quantize.presets import QuantizerSettings
 
 __all__ = ["capture_inputs", "node_sensitivity"]
 
@@ -62,18 +64,7 @@ def capture_inputs(
     model: onnx.ModelProto, names: list[str], feeds: list[dict[str, np.ndarray]]
 ) -> dict[str, list[np.ndarray]]:
     """Run the float model with ``names`` added as outputs; returns each tensor per batch."""
-    import onnxruntime as ort
-
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    present = {o.name for o in probe.graph.output}
-    for name in names:
-        if name not in present:
-            probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-            present.add(name)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = session_with_outputs(model, names)
     out: dict[str, list[np.ndarray]] = {n: [] for n in names}
     for feed in feeds:
         values = session.run(names, feed)
@@ -87,12 +78,10 @@ def node_sensitivity(
     candidates: list[Candidate],
     ranges: Any,
     feeds: list[dict[str, np.ndarray]],
-    signed_activations: bool,
-    symmetric: bool,
-    per_channel: bool,
-    reduce_range: bool,
+    settings: QuantizerSettings,
 ) -> dict[str, float]:
-    """Relative L2 error of each candidate's product when only it is quantized."""
+    """Relative L2 error of each candidate's product when only it is quantized as ``settings`` say."""
+    signed = settings.activation_type == "int8"
     weights = {init.name: onnx.numpy_helper.to_array(init) for init in model.graph.initializer}
     acts = sorted({c.activation for c in candidates if c.activation})
     captured = capture_inputs(model, acts, feeds) if acts else {}
@@ -108,12 +97,13 @@ def node_sensitivity(
             continue
         lo, hi = ranges[cand.activation].range_value
         rmin, rmax = float(np.min(lo)), float(np.max(hi))
-        wq = _fake_quant_weight(w, per_channel, reduce_range and cand.op_type != "EmbedLayerNormalization")
+        reduce_range = settings.reduce_range and cand.op_type != "EmbedLayerNormalization"
+        wq = _fake_quant_weight(w, settings.per_channel, reduce_range)
         num = den = 0.0
         for x in captured[cand.activation]:
             flat = x.reshape(-1, x.shape[-1])
             ref = flat @ w
-            got = _fake_quant_act(flat, (rmin, rmax), signed_activations, symmetric) @ wq
+            got = _fake_quant_act(flat, (rmin, rmax), signed, settings.symmetric_activations) @ wq
             num += float(np.sum((got - ref) ** 2))
             den += float(np.sum(ref**2))
         errors[cand.name] = float(np.sqrt(num / max(den, 1e-30)))

@@ -1,10 +1,9 @@
 """Activation ranges learned in quantization-aware training, mapped onto a fused graph.
 
-``trimformer distill --qat`` writes ``qat_ranges.json`` next to the student's weights (one entry
-per encoder Linear: its PyTorch path, the input range it was trained with, the scale and zero
-point that range implies, and a digest of its weight as the exported graph stores it), and
-``trimformer export`` copies it into the artifact. ``quantize --ranges-from-training`` then uses
-those ranges instead of calibrating:
+``trimformer distill --qat`` writes ``qat_ranges.json`` next to the student's weights (its schema,
+reader and weight digest are in :mod:`trimformer.formats.qat_ranges`), and ``trimformer export``
+copies it into the artifact. ``quantize --ranges-from-training`` then uses those ranges instead
+of calibrating:
 
 * every quantizable node (MatMul with a constant weight, the fused Attention) is matched to its
   Linear by the weight's values: TorchScript names weights ``onnx::MatMul_123`` and stores them
@@ -21,8 +20,7 @@ No torch here: passes run without PyTorch.
 
 from __future__ import annotations
 
-import hashlib
-import json
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -32,23 +30,19 @@ import onnx
 from onnx import numpy_helper
 
 from trimformer.errors import UserError
+from trimformer.formats.qat_ranges import QAT_RANGES_FILE, weight_digest
 from trimformer.passes.quantize.graph import Candidate
+from trimformer.passes.quantize.presets import QuantizerSettings
 
 __all__ = [
-    "QAT_RANGES_FILE",
-    "RANGES_FORMAT",
     "carries_training_ranges",
     "check_training_options",
     "check_training_settings",
-    "read_training_ranges",
     "training_ranges",
-    "weight_digest",
 ]
 
 logger = logging.getLogger(__name__)
 
-QAT_RANGES_FILE = "qat_ranges.json"
-RANGES_FORMAT = "trimformer-qat-ranges/1"
 # What training simulated; a preset that quantizes differently would not compute what was trained.
 _TRAINED_SETTINGS = {
     "format": "qoperator",
@@ -58,42 +52,6 @@ _TRAINED_SETTINGS = {
     "reduce_range": False,
     "symmetric_activations": False,
 }
-
-
-def weight_digest(weight: np.ndarray) -> str:
-    """sha256 of a float32 weight's shape and bytes, in the layout given (``[in, out]`` here)."""
-    array = np.ascontiguousarray(weight, dtype=np.float32)
-    digest = hashlib.sha256(repr(tuple(array.shape)).encode())
-    digest.update(array.tobytes())
-    return digest.hexdigest()
-
-
-def read_training_ranges(path: Path) -> dict[str, Any]:
-    """Read and check a ranges file; a malformed one is a one-line error."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{path} is unreadable ({type(exc).__name__}); distill again with --qat") from exc
-    if not isinstance(data, dict) or data.get("format") != RANGES_FORMAT:
-        raise UserError(f"{path} is not a trimformer QAT ranges file (format {RANGES_FORMAT!r} expected)")
-    linears = data.get("linears")
-    if not isinstance(linears, list) or not linears:
-        raise UserError(f"{path} lists no trained Linear layers; distill again with --qat")
-    for i, entry in enumerate(linears):
-        if not isinstance(entry, dict):
-            raise UserError(f"{path}: entry {i} of 'linears' is not an object; distill again with --qat")
-        missing = [k for k in ("module", "quantizer", "weight_sha256", "lowest", "highest") if k not in entry]
-        if missing:
-            raise UserError(f"{path}: entry {i} of 'linears' lacks {missing[0]!r}; distill again with --qat")
-        try:
-            lo, hi = float(entry["lowest"]), float(entry["highest"])
-        except (TypeError, ValueError) as exc:
-            raise UserError(
-                f"{path}: entry {i} of 'linears' has a non-numeric range; distill again with --qat"
-            ) from exc
-        if not (np.isfinite(lo) and np.isfinite(hi) and lo <= hi):
-            raise UserError(f"{path}: {entry['module']} has an invalid range [{lo}, {hi}]")
-    return data
 
 
 def carries_training_ranges(folder: Path, lineage_steps: list[str]) -> bool:
@@ -118,18 +76,20 @@ def check_training_options(config: Any) -> None:
         )
 
 
-def check_training_settings(settings: dict[str, Any], record: dict[str, Any], preset: str) -> dict[str, Any]:
+def check_training_settings(
+    settings: QuantizerSettings, record: dict[str, Any], preset: str
+) -> QuantizerSettings:
     """The quantizer settings for a ranges-from-training run: those training simulated (else a
     one-line error), SmoothQuant off (training did not simulate it), the embedding tables
     quantized exactly when training simulated them."""
     for key, want in _TRAINED_SETTINGS.items():
-        if settings.get(key) != want:
+        if getattr(settings, key) != want:
             raise UserError(
                 f"the QAT student was trained for u8 activations x s8 per-channel weights (preset cpu-vnni or "
-                f"arm64, qoperator); preset {preset!r} quantizes with {key}={settings.get(key)!r}"
+                f"arm64, qoperator); preset {preset!r} quantizes with {key}={getattr(settings, key)!r}"
             )
     simulated = bool(record.get("embeddings", {}).get("simulated", False))
-    return {**settings, "smooth_alpha": 0.0, "embeddings": simulated, "ranges_from_training": True}
+    return dataclasses.replace(settings, smooth_alpha=0.0, embeddings=simulated, ranges_from_training=True)
 
 
 def _initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:

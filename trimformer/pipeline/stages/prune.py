@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,16 +21,22 @@ import numpy as np
 import onnx_ir as ir
 
 from trimformer.artifact import ModelArtifact
-from trimformer.data import Encoder, load_dataset
-from trimformer.data.calibration import DatasetFeeds
-from trimformer.data.tokenizer import load_tokenizer
+from trimformer.data import Encoder
 from trimformer.errors import UserError
+from trimformer.formats.pruning_record import RECORD_FILE
 from trimformer.fsutil import check_output_dir
 from trimformer.onnx_io import probe_onnxruntime
 from trimformer.passes.base import PassContext, PassReport
 from trimformer.passes.graph import EncoderLayout, find_blocks
 from trimformer.passes.prune.structured import PruneConfig, PrunePass
-from trimformer.sources.pruning import RECORD_FILE
+from trimformer.pipeline.context import (
+    DataRequest,
+    StageOptions,
+    add_fisher_scores,
+    build_pass_context,
+    load_calibration,
+)
+from trimformer.pipeline.stages.params import PruneStageParams
 
 __all__ = ["PruneStageConfig", "run_prune", "write_prune_outputs"]
 
@@ -37,27 +44,26 @@ logger = logging.getLogger(__name__)
 
 REPORT_FILE = "pruning_report.json"
 MAP_FILE = "pruning_map.png"
+_DEFAULTS = PruneStageParams()
 
 
 @dataclass
-class PruneStageConfig:
-    model: str
-    out: str
+class PruneStageConfig(StageOptions):
     prune: PruneConfig
-    calibration: str | None = None
     source: str | None = None
-    samples: int = 1024
-    batch_size: int = 64
-    overwrite: bool = False
-    text_column: str | None = None
-    text_pair_column: str | None = None
-    label_column: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    samples: int = _DEFAULTS.samples
+    batch_size: int = _DEFAULTS.batch_size
 
-
-def _calibration_split(spec: str) -> str:
-    # Built-in sets have a held-out test split: calibrate on train, never on what validate scores.
-    return "train" if spec.startswith("builtin:") else "all"
+    def data_request(self) -> DataRequest:
+        PruneStageParams(samples=self.samples, batch_size=self.batch_size)  # the same checks as a recipe
+        return DataRequest(
+            calibration=self.calibration,
+            samples=self.samples,
+            batch_size=self.batch_size,
+            columns=self.columns(),
+            exact_rows=False,
+            sort_by_length=True,
+        )
 
 
 def check_source_matches(source: Any, layout: EncoderLayout) -> None:
@@ -140,6 +146,8 @@ def _block_reconstruct(
 ) -> tuple[ir.Model, list[Any]]:
     import torch
 
+    from trimformer.passes.prune.projections import GraphProjections
+    from trimformer.passes.prune.reconstruct import ReconstructionStep
     from trimformer.training.block_reconstruct import BlockConfig, block_reconstruct
 
     encoder = Encoder(source.tokenizer, source.io.input_names, source.max_length, source.pad_token_id)
@@ -151,16 +159,21 @@ def _block_reconstruct(
         batch = encoder(dataset.texts[start:stop], pairs)
         feeds.append({name: torch.from_numpy(value) for name, value in batch.items()})
     block = BlockConfig(steps=config.prune.block_steps, lr=config.prune.block_lr)
-    return block_reconstruct(model, source, record, feeds, block)
+    fits = block_reconstruct(GraphProjections(model), source, record, feeds, block)
+    steps = [
+        ReconstructionStep(
+            f.layer, "layer", f.relative_error_before, f.relative_error_after, f.tokens, "gradient"
+        )
+        for f in fits
+    ]
+    return model, steps
 
 
-def run_prune(config: PruneStageConfig) -> dict[str, Any]:
-    """Prune an artifact; returns a summary (the full stats are in the report file)."""
-    started = time.perf_counter()
+def _check_inputs(config: PruneStageConfig) -> None:
+    """Refuse what cannot work before anything is read."""
+    config.data_request()  # refuses samples or batch_size below 1
     prune = config.prune
     prune.check()
-    if config.samples < 1 or config.batch_size < 1:
-        raise UserError("--samples and --batch-size must be at least 1")
     if prune.importance in ("activation", "ablation") and config.calibration is None:
         raise UserError(f"importance {prune.importance!r} needs calibration data: pass --calibration DATA")
     if prune.importance == "fisher" and config.source is None:
@@ -171,8 +184,9 @@ def run_prune(config: PruneStageConfig) -> dict[str, Any]:
         raise UserError(
             "reconstruction needs calibration data: pass --calibration DATA (or --no-reconstruct)"
         )
-    out = Path(config.out)
-    check_output_dir(out, config.overwrite)
+
+
+def _open_unpruned(config: PruneStageConfig) -> tuple[ModelArtifact, ir.Model, EncoderLayout]:
     artifact = ModelArtifact.open(config.model)
     if "pruning" in artifact.meta.extras:
         raise UserError(
@@ -182,49 +196,42 @@ def run_prune(config: PruneStageConfig) -> dict[str, Any]:
     layout = find_blocks(model.graph)
     # Pruning runs onnxruntime on this graph: one that would crash it natively fails here first.
     probe_onnxruntime(artifact.model_path)
-    input_names = [spec.name for spec in artifact.meta.inputs]
-    ctx = PassContext(
-        architecture=artifact.meta.architecture,
-        source_model_hash=artifact.meta.source_hash or artifact.model_hash(),
-    )
-    if config.calibration is not None:
-        dataset = load_dataset(
-            config.calibration,
-            config.text_column,
-            config.text_pair_column,
-            config.label_column,
-            split=_calibration_split(config.calibration),
-            limit=config.samples,
-        )
-        # Batches of similar length waste little on padding (a fixed order, so runs repeat exactly).
-        dataset = dataset.take(sorted(range(len(dataset)), key=lambda i: len(dataset.texts[i])))
-        tokenizer = load_tokenizer(artifact.path)
-        encoder = Encoder(
-            tokenizer, input_names, artifact.meta.tokenizer.max_length, artifact.meta.tokenizer.pad_token_id
-        )
-        samples, batch = config.samples, config.batch_size
-        ctx.calibration = lambda: DatasetFeeds(dataset, encoder, input_names, samples, batch, pad_to=None)
+    return artifact, model, layout
+
+
+def _context(
+    artifact: ModelArtifact, config: PruneStageConfig, layout: EncoderLayout, scratch: Path
+) -> tuple[PassContext, Any, Any]:
+    """The pass context, the calibration rows and the PyTorch source (when given)."""
+    request = config.data_request()
+    dataset = load_calibration(artifact, request)
+    ctx = build_pass_context(artifact, request, scratch, config.source, calibration_set=dataset)
+    source = None
     if config.source is not None:
         from trimformer.sources import load_source
-        from trimformer.training.fisher import fisher_scores
 
         source = load_source(config.source)
         check_source_matches(source, layout)
-        if prune.importance in ("auto", "fisher") and config.calibration is not None:
-            ctx.importance_scores = fisher_scores(
-                source,
-                dataset,
-                samples=config.samples,
-                batch_size=config.batch_size,
-                max_length=artifact.meta.tokenizer.max_length,
-            )
-    fisher_seconds = time.perf_counter() - started
+        if config.prune.importance in ("auto", "fisher") and dataset is not None:
+            max_length = artifact.meta.tokenizer.max_length
+            add_fisher_scores(ctx, source, dataset, config.samples, config.batch_size, max_length)
+    return ctx, dataset, source
+
+
+def _prune(
+    model: ir.Model,
+    layout: EncoderLayout,
+    ctx: PassContext,
+    dataset: Any,
+    source: Any,
+    config: PruneStageConfig,
+) -> tuple[ir.Model, dict[str, Any]]:
+    """Run the pass, then block reconstruction on the PyTorch source when it applies."""
+    prune = config.prune
     report = PrunePass(prune, ctx)(model)
     assert isinstance(report, PassReport)
-    stats = report.stats
-    stats["seconds"]["fisher"] = round(fisher_seconds, 2)
-    pruned_model = report.model
-    if prune.reconstruct and prune.block_steps > 0 and config.source is not None:
+    stats, pruned_model = report.stats, report.model
+    if prune.reconstruct and prune.block_steps > 0 and source is not None:
         if layout.fused:
             logger.warning(
                 "block reconstruction skipped: the graph is fused (prune before fusing); ridge only"
@@ -234,9 +241,21 @@ def run_prune(config: PruneStageConfig) -> dict[str, Any]:
             pruned_model, steps = _block_reconstruct(pruned_model, source, dataset, stats["record"], config)
             stats["reconstruction"] += [s.to_dict() for s in steps]
             stats["seconds"]["block_reconstruction"] = round(time.perf_counter() - block_started, 2)
+    return pruned_model, stats
+
+
+def _write_artifact(
+    artifact: ModelArtifact,
+    pruned_model: ir.Model,
+    layout: EncoderLayout,
+    stats: dict[str, Any],
+    config: PruneStageConfig,
+) -> None:
+    """The pruned artifact with its lineage step, record, report and map."""
+    out = Path(config.out)
     params = {
         "pass": "prune",
-        **prune.model_dump(mode="json"),
+        **config.prune.model_dump(mode="json"),
         "calibration": config.calibration,
         "samples": config.samples,
         "source": config.source,
@@ -259,17 +278,19 @@ def run_prune(config: PruneStageConfig) -> dict[str, Any]:
         }
         stats["size_bytes"] = {"before": artifact.size_bytes()}
         write_prune_outputs(derived.path, stats)
-    pruned = ModelArtifact.open(out)
-    stats["size_bytes"]["after"] = pruned.size_bytes()
+    stats["size_bytes"]["after"] = ModelArtifact.open(out).size_bytes()
     (out / REPORT_FILE).write_text(json.dumps(stats, indent=1, default=float) + "\n", encoding="utf-8")
-    seconds = round(time.perf_counter() - started, 2)
+
+
+def _summary(stats: dict[str, Any], out: Path, seconds: float) -> dict[str, Any]:
+    totals = ("heads", "neurons", "flops", "params")
     return {
         "artifact": str(out),
         "importance": stats["importance"],
         "flops_removed": stats["flops_removed"],
         "params_removed": stats["params_removed"],
-        "before": {k: stats["before"][k] for k in ("heads", "neurons", "flops", "params")},
-        "after": {k: stats["after"][k] for k in ("heads", "neurons", "flops", "params")},
+        "before": {k: stats["before"][k] for k in totals},
+        "after": {k: stats["after"][k] for k in totals},
         "layers": [
             {
                 "layer": b["layer"],
@@ -284,3 +305,18 @@ def run_prune(config: PruneStageConfig) -> dict[str, Any]:
         "exactness_max_abs_diff": stats["exactness_max_abs_diff"],
         "seconds": seconds,
     }
+
+
+def run_prune(config: PruneStageConfig) -> dict[str, Any]:
+    """Prune an artifact; returns a summary (the full stats are in the report file)."""
+    started = time.perf_counter()
+    _check_inputs(config)
+    check_output_dir(Path(config.out), config.overwrite)
+    artifact, model, layout = _open_unpruned(config)
+    with tempfile.TemporaryDirectory(prefix="trimformer-prune-") as scratch:
+        ctx, dataset, source = _context(artifact, config, layout, Path(scratch))
+        fisher_seconds = time.perf_counter() - started
+        pruned_model, stats = _prune(model, layout, ctx, dataset, source, config)
+    stats["seconds"]["fisher"] = round(fisher_seconds, 2)
+    _write_artifact(artifact, pruned_model, layout, stats, config)
+    return _summary(stats, Path(config.out), round(time.perf_counter() - started, 2))

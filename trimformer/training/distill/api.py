@@ -1,14 +1,14 @@
 """Distillation: retrain a smaller student from a teacher's predictions before export.
 
 ``distill(DistillConfig(...))`` loads the teacher and the data, builds the student (layer-dropped,
-pruned, shaped by a config, or an existing folder; see :mod:`.distill_students`), trains it on the
-losses of :mod:`.distill_losses` with the loop of :mod:`.distill_trainer`, and writes a model folder
-that ``trimformer export`` takes, with ``trimformer_distill.json`` recording the settings, the
-teacher's hash and the result.
+pruned, shaped by a config, or an existing folder; see :mod:`.students`), trains it on the losses
+of :mod:`.losses` with :func:`.trainer.train_student` (the shared loop of
+:mod:`trimformer.training.loop`), and writes a model folder that ``trimformer export`` takes, with
+``trimformer_distill.json`` recording the settings, the teacher's hash and the result.
 
 With ``nproc_per_node > 1`` it checks every input once in this process, then runs the same
-configuration under ``torchrun`` (:mod:`.distill_ddp`); a run that torchrun started itself (any
-number of machines) is detected from the environment.
+configuration under ``torchrun`` (:mod:`.ddp`, :mod:`.worker`); a run that torchrun started itself
+(any number of machines) is detected from the environment.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from trimformer import __version__
 from trimformer.data import Encoder, load_dataset, map_labels
 from trimformer.errors import UserError
 from trimformer.fsutil import atomic_output_dir, check_output_dir
+from trimformer.progress import progress_enabled
 from trimformer.sources import LoadedSource, load_source
 from trimformer.training.distill.ddp import (
     DistContext,
@@ -53,6 +54,8 @@ from trimformer.training.distill.trainer import (
     TrainerSettings,
     train_student,
 )
+from trimformer.training.options import data_columns, loop_settings, refuse_failed, schedule_checks
+from trimformer.training.qat import QATConfig, qat_hooks
 
 __all__ = ["DISTILL_RECORD", "DistillConfig", "DistillResult", "distill", "prepare"]
 
@@ -122,7 +125,7 @@ class DistillConfig:
     device: str = "auto"
     threads: int | None = None
     overwrite: bool = False
-    # Quantization-aware training (pipeline/qat.py): int8 fake-quantization of the student's encoder,
+    # Quantization-aware training (training/qat.py): int8 fake-quantization of the student's encoder,
     # for the last qat_steps steps only (0: all), with "ema" (observed) or "learned" input ranges.
     qat: bool = False
     qat_steps: int = 0
@@ -130,13 +133,8 @@ class DistillConfig:
 
     def validate(self) -> None:
         checks = [
-            (self.steps >= 1, f"--steps must be at least 1, got {self.steps}"),
-            (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
+            *schedule_checks(self),
             (self.grad_accum >= 1, f"--grad-accum must be at least 1, got {self.grad_accum}"),
-            (8 <= self.max_length <= 512, f"--max-length must be between 8 and 512, got {self.max_length}"),
-            (0 < self.lr < 1, f"--lr must be in (0, 1), got {self.lr}"),
-            (0 <= self.warmup < 1, f"--warmup must be a fraction in [0, 1), got {self.warmup}"),
-            (self.eval_every >= 1, f"--eval-every must be at least 1, got {self.eval_every}"),
             (
                 self.save_every is None or self.save_every >= 1,
                 f"--save-every must be at least 1, got {self.save_every}",
@@ -169,9 +167,7 @@ class DistillConfig:
                 f"--qat-ranges must be ema or learned, got {self.qat_ranges!r}",
             ),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise UserError(message)
+        refuse_failed(checks)
         shape = [self.student_layers, self.student_hidden, self.student_heads, self.student_ffn]
         if any(v is not None for v in shape) and any(v is None for v in shape):
             raise UserError(
@@ -244,11 +240,7 @@ def _data_name(spec: str) -> str:
 def prepare(config: DistillConfig) -> Prepared:
     """Load and check everything a run needs; every bad input is refused here, before any output."""
     config.validate()
-    columns: dict[str, Any] = {
-        "text_column": config.text_column,
-        "text_pair_column": config.text_pair_column,
-        "label_column": config.label_column,
-    }
+    columns = data_columns(config)
     train = load_dataset(config.data, split=config.train_split, seed=config.seed, **columns)
     dev = load_dataset(config.data, split=config.dev_split, seed=config.seed, **columns)
     if config.eval_limit is not None and config.eval_limit < len(dev):
@@ -299,6 +291,20 @@ def _count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _trainer_settings(config: DistillConfig, fingerprint: str) -> TrainerSettings:
+    return TrainerSettings(
+        loop=loop_settings(config, config.steps, config.time_limit),
+        batch_size=config.batch_size,
+        grad_accum=config.grad_accum,
+        save_every=config.save_every or config.eval_every,
+        seed=config.seed,
+        checkpoint_dir=config.checkpoint_path,
+        resume=config.resume,
+        fingerprint=fingerprint,
+        group_by_length=config.group_by_length,
+    )
+
+
 def distill(config: DistillConfig, hooks: TrainerHooks | None = None) -> DistillResult:
     """Run a distillation; in ``nproc_per_node`` processes under torchrun when asked."""
     config.validate()
@@ -308,9 +314,7 @@ def distill(config: DistillConfig, hooks: TrainerHooks | None = None) -> Distill
         check_process_count(config.nproc_per_node, config.device)
         check_output_dir(Path(config.out), config.overwrite)
         prepare(config)  # refuse bad input here, in one line, before any process starts
-        from trimformer import progress
-
-        shown = bool(getattr(progress, "_enabled", True))
+        shown = progress_enabled()
         return DistillResult(**launch_torchrun(asdict(config), config.nproc_per_node, progress=shown))
     return run_distillation(config, hooks)
 
@@ -337,55 +341,19 @@ def _run(
     if config.qat:
         if hooks is not None:
             raise ValueError("--qat brings its own trainer hooks; pass no other hooks with it")
-        from trimformer.training.qat import QATConfig, qat_hooks
-
         hooks = qat_hooks(QATConfig(steps=config.steps, qat_steps=config.qat_steps, mode=config.qat_ranges))
     weights = config.loss_weights
-    torch.manual_seed(config.seed)  # projections start the same on every rank and every run
-    wrapped = DistillStudent(
-        student.model,
-        run_spec_for(teacher),
-        student.hidden_map,
-        student.attention_map,
-        student_width=student.width,
-        teacher_width=hidden_width(teacher.model),
-        use_hidden=weights.hidden > 0,
-        use_attention=weights.attention > 0,
-        headless_layers=student.headless_layers,
-    )
-    train_embeddings = config.train_embeddings
-    if train_embeddings is None:
-        train_embeddings = student.kind == "config"
-    if not train_embeddings:
-        word_embeddings(student.model).requires_grad_(False)
-    ckpt_dir = config.checkpoint_path
-    settings = TrainerSettings(
-        steps=config.steps,
-        batch_size=config.batch_size,
-        grad_accum=config.grad_accum,
-        lr=config.lr,
-        warmup=config.warmup,
-        weight_decay=config.weight_decay,
-        eval_every=config.eval_every,
-        save_every=config.save_every or config.eval_every,
-        seed=config.seed,
-        checkpoint_dir=ckpt_dir,
-        resume=config.resume,
-        fingerprint=_fingerprint(config, teacher.files_hash, ctx.world),
-        time_limit=config.time_limit,
-        group_by_length=config.group_by_length,
-    )
+    wrapped = _wrap_student(config, prepared)
+    settings = _trainer_settings(config, _fingerprint(config, teacher.files_hash, ctx.world))
     outcome = train_student(
         wrapped, teacher.model, run_spec_for(teacher), prepared.data, weights, settings, ctx,
         hooks=hooks, head_maps=student.head_maps, description=f"distill {student.kind}",
     )  # fmt: skip
-    shards = ctx.gather(outcome.shard)
-    param_hashes = ctx.gather(outcome.param_sha256)
     distributed = {
         "world_size": ctx.world,
         "backend": ctx.backend,
-        "shards": shards,
-        "param_sha256": param_hashes,
+        "shards": ctx.gather(outcome.shard),
+        "param_sha256": ctx.gather(outcome.param_sha256),
     }
     student.model.load_state_dict(outcome.best_state)
     result = DistillResult(
@@ -406,13 +374,43 @@ def _run(
     )
     if ctx.is_main:
         _write_output(config, prepared, hooks, result)
-        ckpt = ckpt_dir / CHECKPOINT_FILE
-        if not config.keep_checkpoint and ckpt.is_file():
-            ckpt.unlink()
-            if not any(ckpt_dir.iterdir()):
-                ckpt_dir.rmdir()
+        if not config.keep_checkpoint:
+            _remove_checkpoint(config.checkpoint_path)
     ctx.barrier()
     return result
+
+
+def _wrap_student(config: DistillConfig, prepared: Prepared) -> DistillStudent:
+    """The student with its width projections, and its word embeddings frozen unless trained."""
+    teacher, student = prepared.teacher, prepared.student
+    weights = config.loss_weights
+    torch.manual_seed(config.seed)  # projections start the same on every rank and every run
+    wrapped = DistillStudent(
+        student.model,
+        run_spec_for(teacher),
+        student.hidden_map,
+        student.attention_map,
+        student_width=student.width,
+        teacher_width=hidden_width(teacher.model),
+        use_hidden=weights.hidden > 0,
+        use_attention=weights.attention > 0,
+        headless_layers=student.headless_layers,
+    )
+    train_embeddings = config.train_embeddings
+    if train_embeddings is None:
+        train_embeddings = student.kind == "config"
+    if not train_embeddings:
+        word_embeddings(student.model).requires_grad_(False)
+    return wrapped
+
+
+def _remove_checkpoint(folder: Path) -> None:
+    """A finished run's checkpoint goes, and its folder too once empty."""
+    ckpt = folder / CHECKPOINT_FILE
+    if ckpt.is_file():
+        ckpt.unlink()
+        if not any(folder.iterdir()):
+            folder.rmdir()
 
 
 def _write_output(

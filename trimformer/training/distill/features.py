@@ -11,16 +11,14 @@ see, so the projections train and synchronise with the student but are never exp
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-from trimformer.sources import LoadedSource
+from trimformer.sources import LoadedSource, PlainTransformerClassifier
 from trimformer.sources.hf import pool
 
 __all__ = ["DistillStudent", "Features", "RunSpec", "model_features", "run_spec_for"]
@@ -56,47 +54,18 @@ class Features:
     attentions: list[torch.Tensor | None] = field(default_factory=list)
 
 
-def _plain_attention(
-    model: Any, attn: nn.MultiheadAttention, hidden: torch.Tensor, additive: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    # PlainTransformerClassifier._attention, returning the probabilities too. Sizes come from the
-    # weights, not the config, so a student whose heads were pruned runs as well.
-    config = model.config
-    head_dim = int(config.hidden_size // config.num_heads)
-    weight, bias = attn.in_proj_weight, attn.in_proj_bias
-    assert bias is not None
-    size = weight.shape[0] // 3
-    if size == 0:  # every head pruned: only the output bias remains
-        return attn.out_proj(hidden.new_zeros(*hidden.shape[:-1], 0)), None
-
-    def split_heads(x: torch.Tensor) -> torch.Tensor:
-        return x.reshape(x.shape[0], x.shape[1], -1, head_dim).transpose(1, 2)
-
-    query = split_heads(F.linear(hidden, weight[:size], bias[:size]))
-    key = split_heads(F.linear(hidden, weight[size : 2 * size], bias[size : 2 * size]))
-    value = split_heads(F.linear(hidden, weight[2 * size :], bias[2 * size :]))
-    scores = torch.matmul(query, key.transpose(-1, -2)) / math.sqrt(head_dim)
-    probs = torch.softmax(scores + additive[:, None, None, :], dim=-1)
-    context = torch.matmul(F.dropout(probs, attn.dropout, model.training), value).transpose(1, 2)
-    return attn.out_proj(context.reshape(hidden.shape[0], hidden.shape[1], -1)), probs
-
-
-def _plain_features(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Features:
-    """PlainTransformerClassifier.forward with every layer's output and attention kept."""
-    positions = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
-    hidden = model.embed_norm(model.embed(input_ids) + model.positions(positions))
-    additive = (1.0 - attention_mask.to(hidden.dtype)) * -10000.0
+def _plain_features(
+    model: PlainTransformerClassifier, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> Features:
+    """The plain model's forward with every layer's output and attention kept."""
+    hidden, additive = model.embed_inputs(input_ids, attention_mask)
     states: list[torch.Tensor] = [hidden]
     attentions: list[torch.Tensor | None] = []
     for layer in model.encoder.layers:
-        attended, probs = _plain_attention(model, layer.self_attn, hidden, additive)
-        hidden = layer.norm1(hidden + layer.dropout1(attended))
-        hidden = layer.norm2(hidden + layer._ff_block(hidden))
+        hidden, probs = model.layer_with_attention(layer, hidden, additive)
         states.append(hidden)
         attentions.append(probs)
-    weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
-    pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
-    return Features(output=model.classifier(pooled), hidden=states, attentions=attentions)
+    return Features(output=model.classify(hidden, attention_mask), hidden=states, attentions=attentions)
 
 
 def model_features(
@@ -106,6 +75,7 @@ def model_features(
     if spec.kind == "plain":
         if not intermediates:
             return Features(output=model(feeds["input_ids"], feeds["attention_mask"]))
+        assert isinstance(model, PlainTransformerClassifier)
         return _plain_features(model, feeds["input_ids"], feeds["attention_mask"])
     kwargs = {name: feeds[name] for name in spec.input_names if name in feeds}
     out = model(**kwargs, output_hidden_states=intermediates, output_attentions=intermediates)

@@ -31,11 +31,12 @@ from torch import nn
 
 from trimformer.data.tokenizer import TOKENIZER_FILES
 from trimformer.errors import UserError
+from trimformer.formats.pruning_record import RECORD_FILE, load_pruning_record, record_path
 from trimformer.fsutil import sha256_file
 from trimformer.sources import LoadedSource, PlainTransformerClassifier, load_source
+from trimformer.sources.pruning import apply_pruning_record
 
 __all__ = [
-    "PRUNING_RECORD_FILE",
     "Student",
     "StudentShape",
     "build_student",
@@ -45,7 +46,6 @@ __all__ = [
     "layer_list",
     "load_student",
     "parse_layers",
-    "read_pruning_record",
     "save_student",
     "uniform_maps",
     "word_embeddings",
@@ -53,7 +53,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-PRUNING_RECORD_FILE = "pruning_record.json"
 # Sentence-transformers files that carry an embedding model's pooling; copied to the student.
 _SENTENCE_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
 
@@ -216,29 +215,6 @@ def _layer_dropped(teacher: LoadedSource, picks: list[int]) -> Student:
     )
 
 
-def _pruning_api() -> tuple[Any, Any]:
-    try:
-        from trimformer.sources.pruning import apply_pruning_record, load_pruning_record
-    except ImportError as exc:
-        raise UserError(
-            "--from-pruning needs trimformer.sources.pruning (the pruning stage), which this installation lacks"
-        ) from exc
-    return load_pruning_record, apply_pruning_record
-
-
-def read_pruning_record(path: str | Path) -> tuple[dict[str, Any], Path]:
-    """A pruning record file, or a pruned artifact folder holding ``pruning_record.json``."""
-    target = Path(path)
-    if target.is_dir():
-        target = target / PRUNING_RECORD_FILE
-    if not target.is_file():
-        raise UserError(
-            f"no pruning record at {target}; pass pruning_record.json or the pruned artifact folder"
-        )
-    load_pruning_record, _ = _pruning_api()
-    return load_pruning_record(target), target
-
-
 def _check_record(teacher: LoadedSource, record: dict[str, Any], path: Path) -> None:
     model = teacher.model
     expected = {"num_layers": layer_count(teacher), "hidden_size": hidden_width(model)}
@@ -252,7 +228,6 @@ def _check_record(teacher: LoadedSource, record: dict[str, Any], path: Path) -> 
 
 def _pruned(teacher: LoadedSource, record: dict[str, Any], path: Path) -> Student:
     _check_record(teacher, record, path)
-    _, apply_pruning_record = _pruning_api()
     model = copy.deepcopy(teacher.model)
     apply_pruning_record(model, record)
     layers = layer_count(teacher)
@@ -284,24 +259,17 @@ def _from_shape(teacher: LoadedSource, shape: StudentShape, seed: int) -> Studen
     torch.manual_seed(seed)
     model: nn.Module
     teacher_config: Any = teacher.model.config
+    # What each family calls the shape's four dimensions (layers, hidden size, heads, FFN size).
+    sizes = (shape.layers, shape.hidden_size, shape.heads, shape.ffn_size)
     if teacher.kind == "plain":
-        config = replace(
-            teacher_config,
-            num_layers=shape.layers,
-            hidden_size=shape.hidden_size,
-            num_heads=shape.heads,
-            ffn_size=shape.ffn_size,
-        )
-        model = PlainTransformerClassifier(config)
+        keys = ("num_layers", "hidden_size", "num_heads", "ffn_size")
+        model = PlainTransformerClassifier(replace(teacher_config, **dict(zip(keys, sizes, strict=True))))
     else:
+        ffn_key = "hidden_dim" if teacher.architecture == "distilbert" else "intermediate_size"
+        keys = ("num_hidden_layers", "hidden_size", "num_attention_heads", ffn_key)
         hf_config = copy.deepcopy(teacher_config)
-        hf_config.num_hidden_layers = shape.layers
-        hf_config.hidden_size = shape.hidden_size
-        hf_config.num_attention_heads = shape.heads
-        if teacher.architecture == "distilbert":
-            hf_config.hidden_dim = shape.ffn_size
-        else:
-            hf_config.intermediate_size = shape.ffn_size
+        for key, size in zip(keys, sizes, strict=True):
+            setattr(hf_config, key, size)
         model = type(teacher.model)(hf_config)
     hidden, attention = uniform_maps(shape.layers, layer_count(teacher))
     return Student(
@@ -365,7 +333,8 @@ def build_student(
     if len(chosen) > 1:
         raise UserError(f"choose one student: {' and '.join(chosen)} were both given")
     if pruning is not None:
-        record, path = read_pruning_record(pruning)
+        path = record_path(pruning)
+        record = load_pruning_record(path)
         return _pruned(teacher, record, path)
     if shape is not None:
         return _from_shape(teacher, shape, seed)
@@ -398,7 +367,7 @@ def save_student(
         teacher.tokenizer.save(str(folder / "tokenizer.json"))
     if pruning_record is not None:
         # The pruned shapes are not expressible in config.json; the record lets a loader rebuild them.
-        (folder / PRUNING_RECORD_FILE).write_text(
+        (folder / RECORD_FILE).write_text(
             json.dumps(pruning_record, indent=2, sort_keys=True) + "\n", encoding="utf-8"
         )
 

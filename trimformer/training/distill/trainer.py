@@ -1,6 +1,8 @@
-"""The distillation training loop: AdamW with warm-up and linear decay, gradient accumulation,
-evaluation on a dev split with best-weights keeping, checkpoints that an interrupted run resumes
-from exactly, and DistributedDataParallel when a process group is up.
+"""Distillation's side of the training loop: sharded micro-batches with gradient accumulation, the
+teacher's targets, the dev score, checkpoints that an interrupted run resumes from exactly, and
+DistributedDataParallel when a process group is up. The loop itself (optimizer, schedule,
+clipping, evaluation with best-weights keeping) is :class:`trimformer.training.loop.TrainingLoop`,
+which fine-tuning uses too.
 
 Kept separate from what is trained so later stages (quantization-aware training) can reuse it:
 :class:`TrainerHooks` lets a caller wrap the student's layers before the optimizer sees them,
@@ -13,7 +15,6 @@ import contextlib
 import copy
 import hashlib
 import logging
-import math
 import os
 import signal
 import time
@@ -28,10 +29,10 @@ from torch import nn
 
 from trimformer.data import Encoder, TextDataset
 from trimformer.errors import UserError
-from trimformer.progress import progress_bar
 from trimformer.training.distill.ddp import DistContext
 from trimformer.training.distill.features import DistillStudent, RunSpec, model_features
 from trimformer.training.distill.losses import LossWeights, combine
+from trimformer.training.loop import Evaluation, LoopSettings, TrainingLoop
 
 __all__ = [
     "CHECKPOINT_FILE",
@@ -49,21 +50,14 @@ CHECKPOINT_FILE = "checkpoint.pt"
 
 @dataclass
 class TrainerSettings:
-    steps: int
+    loop: LoopSettings  # steps, learning rate and schedule, evaluation interval, time limit
     batch_size: int
     grad_accum: int
-    lr: float
-    warmup: float
-    weight_decay: float
-    eval_every: int
     save_every: int
     seed: int
     checkpoint_dir: Path | None
     resume: bool
     fingerprint: str
-    max_grad_norm: float = 1.0
-    # Stop (after an evaluation) once training has run this long; the schedule still spans `steps`.
-    time_limit: float | None = None
     # Batch rows of similar length together (less padding); off gives plain random batches.
     group_by_length: bool = True
 
@@ -168,26 +162,6 @@ class ShardStream:
         span = self.batch_size * self.world
         rows = self._take(index * span, span)
         return rows[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
-
-
-def _schedule(total: int, warmup: float) -> Callable[[int], float]:
-    warm = max(1, int(total * warmup))
-
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        return max(0.0, (total - step) / max(1, total - warm))
-
-    return factor
-
-
-def _optimizer(model: nn.Module, settings: TrainerSettings) -> torch.optim.Optimizer:
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=settings.lr,
-    )
 
 
 def _to_device(feeds: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
@@ -319,6 +293,171 @@ def _load_checkpoint(path: Path, fingerprint: str) -> dict[str, Any] | None:
     return payload
 
 
+class _TeacherTargets:
+    """The teacher's side of each micro-batch: its logits, cached per row when they are all the
+    losses need (the teacher runs in eval mode, so they never change), or all its features."""
+
+    def __init__(self, teacher: nn.Module, spec: RunSpec, intermediates: bool) -> None:
+        self.teacher, self.spec, self.intermediates = teacher, spec, intermediates
+        self.cache: dict[int, torch.Tensor] = {}
+
+    def __call__(self, rows: np.ndarray, feeds: dict[str, torch.Tensor]) -> Any:
+        if not self.intermediates and all(int(r) in self.cache for r in rows):
+            return torch.stack([self.cache[int(r)] for r in rows])
+        with torch.no_grad():
+            feats = model_features(self.teacher, self.spec, feeds, self.intermediates)
+        if not self.intermediates:
+            for r, out in zip(rows, feats.output, strict=True):
+                self.cache[int(r)] = out
+            return feats.output
+        return feats
+
+
+@dataclass
+class _Losses:
+    """The weighted distillation losses of one micro-batch, from the student's mapped features."""
+
+    weights: LossWeights
+    task: str
+    wrapped: DistillStudent
+    head_maps: list[list[int] | None] | None
+
+    def __call__(
+        self, out: dict[str, Any], target: Any, feeds: dict[str, torch.Tensor], labels: torch.Tensor | None
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        if self.weights.needs_intermediates:
+            t_hidden = [target.hidden[t] for _, t in self.wrapped.hidden_map]
+            t_attn = [target.attentions[t] for _, t in self.wrapped.attention_map]
+            maps = list(self.head_maps) if self.head_maps else [None] * len(t_attn)
+            teacher_out = target.output
+        else:
+            t_hidden, t_attn, maps, teacher_out = [], [], [], target
+        return combine(
+            self.weights, self.task, out["output"], teacher_out, feeds["attention_mask"], labels,
+            out["hidden"], t_hidden, out["attentions"], t_attn, maps,
+        )  # fmt: skip
+
+
+class _MicroBatches:
+    """One optimizer step's micro-batches (a :data:`~trimformer.training.loop.StepFn`): this rank's
+    rows of the shard stream, the teacher's targets, the student's losses and their backward pass.
+    Also records which rows this rank read, for the result's shard report."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        targets: _TeacherTargets,
+        losses: _Losses,
+        data: TrainData,
+        settings: TrainerSettings,
+        ctx: DistContext,
+    ) -> None:
+        self.model, self.targets, self.losses, self.data, self.ctx = model, targets, losses, data, ctx
+        self.accum = settings.grad_accum
+        texts, pairs = data.train.texts, data.train.pairs
+        lengths = None
+        if settings.group_by_length:
+            lengths = np.array([len(t) + (len(pairs[i]) if pairs else 0) for i, t in enumerate(texts)])
+        self.stream = ShardStream(
+            len(texts), settings.batch_size, ctx.world, ctx.rank, settings.seed, lengths
+        )
+        self.digest, self.rows_read = hashlib.sha256(), 0
+        self.first_rows: list[int] = []
+
+    def __call__(self, step: int) -> Iterator[dict[str, float]]:
+        for micro in range(self.accum):
+            rows = self.stream.micro_batch((step - 1) * self.accum + micro)
+            if not self.first_rows:
+                self.first_rows = [int(r) for r in rows]
+            self.digest.update(rows.astype(np.int64).tobytes())
+            self.rows_read += len(rows)
+            yield self._backward(rows, last=micro == self.accum - 1)
+
+    def shard(self) -> dict[str, Any]:
+        return {
+            "rank": self.ctx.rank,
+            "rows": self.rows_read,
+            "sha256": self.digest.hexdigest(),
+            "first_rows": self.first_rows,
+        }
+
+    def _backward(self, rows: np.ndarray, last: bool) -> dict[str, float]:
+        train = self.data.train
+        pairs = None if train.pairs is None else [train.pairs[i] for i in rows]
+        feeds = _to_device(self.data.encoder([train.texts[i] for i in rows], pairs), self.ctx.device)
+        target = self.targets(rows, feeds)
+        labels = None
+        if self.data.train_labels is not None:
+            labels = torch.from_numpy(self.data.train_labels[rows]).to(self.ctx.device)
+        # Gradients are averaged across ranks once, on the step's last micro-batch.
+        sync = (
+            self.model.no_sync()  # type: ignore[operator]
+            if self.ctx.distributed and not last
+            else contextlib.nullcontext()
+        )
+        with sync:
+            loss, parts = self.losses(self.model(feeds), target, feeds, labels)
+            (loss / self.accum).backward()
+        return parts
+
+
+class _Checkpoints:
+    """The run's checkpoint file: the loop's state, the student and every rank's RNG state."""
+
+    def __init__(
+        self, settings: TrainerSettings, wrapped: DistillStudent, loop: TrainingLoop, ctx: DistContext
+    ):
+        self.settings, self.wrapped, self.loop, self.ctx = settings, wrapped, loop, ctx
+        self.path = None if settings.checkpoint_dir is None else settings.checkpoint_dir / CHECKPOINT_FILE
+
+    def resume(self) -> None:
+        """Continue from the checkpoint, if resuming and there is one."""
+        if self.path is None or not self.settings.resume:
+            return
+        payload = _load_checkpoint(self.path, self.settings.fingerprint)
+        if payload is None:
+            return
+        self.wrapped.load_state_dict(payload["model"])
+        self.loop.restore(payload)
+        rng_states = payload["rng"]
+        torch.set_rng_state(rng_states[self.ctx.rank % len(rng_states)])
+        logger.info(
+            "resuming from step %d of %d (%s)", self.loop.state.step, self.settings.loop.steps, self.path
+        )
+
+    def save(self) -> None:
+        rng = self.ctx.gather(torch.get_rng_state())  # every rank takes part; the main one writes
+        if self.path is None or not self.ctx.is_main:
+            return
+        payload = {"fingerprint": self.settings.fingerprint, **self.loop.checkpoint()}
+        payload.update(model=self.wrapped.state_dict(), rng=rng)
+        _save_checkpoint(self.path, payload)
+
+
+def _prepare_models(
+    wrapped: DistillStudent, teacher: nn.Module, hooks: TrainerHooks, ctx: DistContext
+) -> None:
+    teacher.eval().to(ctx.device)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    if hooks.wrap_student is not None:
+        hooks.wrap_student(wrapped.student)
+    wrapped.to(ctx.device).train()
+
+
+def _parallel(wrapped: DistillStudent, teacher_spec: RunSpec, ctx: DistContext) -> nn.Module:
+    """The module each step calls: the student itself, or its DistributedDataParallel wrapper."""
+    if not ctx.distributed:
+        return wrapped
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(
+        wrapped,
+        device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+        find_unused_parameters=teacher_spec.task == "feature-extraction",
+    )
+
+
 def train_student(
     wrapped: DistillStudent,
     teacher: nn.Module,
@@ -335,193 +474,52 @@ def train_student(
     student weights by the dev score."""
     hooks = hooks or TrainerHooks()
     started = time.perf_counter()
-    device = ctx.device
-    teacher.eval().to(device)
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    if hooks.wrap_student is not None:
-        hooks.wrap_student(wrapped.student)
-    wrapped.to(device).train()
+    _prepare_models(wrapped, teacher, hooks, ctx)
     torch.manual_seed(settings.seed + ctx.rank)
-
-    optimizer = _optimizer(wrapped, settings)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(settings.steps, settings.warmup))
-    ckpt_path = None if settings.checkpoint_dir is None else settings.checkpoint_dir / CHECKPOINT_FILE
-    start_step, history, best_score, best_step = 0, [], -math.inf, 0
-    best_state: dict[str, torch.Tensor] | None = None
-    running: dict[str, float] = {}
-    payload = _load_checkpoint(ckpt_path, settings.fingerprint) if ckpt_path and settings.resume else None
-    if payload is not None:
-        wrapped.load_state_dict(payload["model"])
-        optimizer.load_state_dict(payload["optimizer"])
-        scheduler.load_state_dict(payload["scheduler"])
-        start_step, history, running = (
-            int(payload["step"]),
-            list(payload["history"]),
-            dict(payload["running"]),
-        )
-        best_score, best_step, best_state = (
-            float(payload["best_score"]),
-            int(payload["best_step"]),
-            payload["best_state"],
-        )
-        rng_states = payload["rng"]
-        torch.set_rng_state(rng_states[ctx.rank % len(rng_states)])
-        logger.info("resuming from step %d of %d (%s)", start_step, settings.steps, ckpt_path)
-
-    model: nn.Module = wrapped
-    if ctx.distributed:
-        from torch.nn.parallel import DistributedDataParallel
-
-        model = DistributedDataParallel(
-            wrapped,
-            device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=teacher_spec.task == "feature-extraction",
-        )
+    loop = TrainingLoop(wrapped, settings.loop)
+    checkpoints = _Checkpoints(settings, wrapped, loop, ctx)
+    checkpoints.resume()
+    start_step = loop.state.step
+    model = _parallel(wrapped, teacher_spec, ctx)  # after resuming: DDP starts from rank 0's weights
     evaluator = _Evaluator(data, teacher, teacher_spec, ctx)
-    lengths = None
-    if settings.group_by_length:
-        pairs = data.train.pairs
-        lengths = np.array([len(t) + (len(pairs[i]) if pairs else 0) for i, t in enumerate(data.train.texts)])
-    stream = ShardStream(len(data.train), settings.batch_size, ctx.world, ctx.rank, settings.seed, lengths)
-    intermediates = weights.needs_intermediates
-    cache: dict[int, torch.Tensor] = {}
-    shard_digest, shard_rows = hashlib.sha256(), 0
-    first_rows: list[int] = []
+    targets = _TeacherTargets(teacher, teacher_spec, weights.needs_intermediates)
+    losses = _Losses(weights, teacher_spec.task, wrapped, head_maps)
+    batches = _MicroBatches(model, targets, losses, data, settings, ctx)
+    evaluation = Evaluation(
+        score=lambda: evaluator(wrapped),
+        weights=wrapped.student.state_dict,
+        label=evaluator.metric,
+        may_keep=hooks.keep_best,
+        note=f", teacher {evaluator.teacher_score:.4f}",
+    )
     stop = _StopRequest()
 
-    def teacher_batch(rows: np.ndarray, feeds: dict[str, torch.Tensor]) -> Any:
-        # Logits alone are cached per row: the teacher runs in eval mode, so they never change.
-        if not intermediates and all(int(r) in cache for r in rows):
-            return torch.stack([cache[int(r)] for r in rows])
-        with torch.no_grad():
-            feats = model_features(teacher, teacher_spec, feeds, intermediates)
-        if not intermediates:
-            for r, out in zip(rows, feats.output, strict=True):
-                cache[int(r)] = out
-            return feats.output
-        return feats
+    def after_step(step: int) -> None:
+        if hooks.on_step is not None:
+            hooks.on_step(step, dict(loop.state.running))
+        stopping = ctx.any(stop.requested)
+        if stopping or (step % settings.save_every == 0 and step < settings.loop.steps):
+            checkpoints.save()
+        if stopping:
+            ctx.barrier()
+            raise KeyboardInterrupt
 
-    def save(step: int) -> None:
-        rng = ctx.gather(torch.get_rng_state())
-        if ckpt_path is None or not ctx.is_main:
-            return
-        _save_checkpoint(
-            ckpt_path,
-            {
-                "fingerprint": settings.fingerprint,
-                "step": step,
-                "model": wrapped.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "history": history,
-                "running": running,
-                "best_score": best_score,
-                "best_step": best_step,
-                "best_state": best_state,
-                "rng": rng,
-            },
-        )
-
-    def describe(dev: str = "") -> str:
-        losses = "  ".join(f"{k} {v:.3f}" for k, v in running.items())
-        return f"{losses}{dev}"
-
-    total = settings.steps
-    dev_info = ""
-    stopped_at = total
-    with stop.installed(), progress_bar(description, total) as bar:
-        task_id = bar.task_ids[0]
-        bar.update(task_id, completed=start_step)
-        for step in range(start_step + 1, total + 1):
-            for micro in range(settings.grad_accum):
-                rows = stream.micro_batch((step - 1) * settings.grad_accum + micro)
-                if step <= 1 + start_step and micro == 0 and not first_rows:
-                    first_rows = [int(r) for r in rows]
-                shard_digest.update(rows.astype(np.int64).tobytes())
-                shard_rows += len(rows)
-                texts = [data.train.texts[i] for i in rows]
-                pairs = None if data.train.pairs is None else [data.train.pairs[i] for i in rows]
-                feeds = _to_device(data.encoder(texts, pairs), device)
-                target = teacher_batch(rows, feeds)
-                labels = None
-                if data.train_labels is not None:
-                    labels = torch.from_numpy(data.train_labels[rows]).to(device)
-                sync = (
-                    model.no_sync()  # type: ignore[operator]
-                    if ctx.distributed and micro < settings.grad_accum - 1
-                    else contextlib.nullcontext()
-                )
-                with sync:
-                    out = model(feeds)
-                    if intermediates:
-                        t_hidden = [target.hidden[t] for _, t in wrapped.hidden_map]
-                        t_attn = [target.attentions[t] for _, t in wrapped.attention_map]
-                        maps = list(head_maps) if head_maps else [None] * len(t_attn)
-                        teacher_out = target.output
-                    else:
-                        t_hidden, t_attn, maps, teacher_out = [], [], [], target
-                    loss, parts = combine(
-                        weights, teacher_spec.task, out["output"], teacher_out, feeds["attention_mask"], labels,
-                        out["hidden"], t_hidden, out["attentions"], t_attn, maps,
-                    )  # fmt: skip
-                    (loss / settings.grad_accum).backward()
-                for key, value in parts.items():
-                    running[key] = value if key not in running else 0.95 * running[key] + 0.05 * value
-            if settings.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(wrapped.parameters(), settings.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            out_of_time = settings.time_limit is not None and ctx.any(
-                time.perf_counter() - started > settings.time_limit
-            )
-            if step % settings.eval_every == 0 or step == total or out_of_time:
-                score = evaluator(wrapped)
-                history.append(
-                    {"step": step, **{k: round(v, 4) for k, v in running.items()}, "dev": round(score, 4)}
-                )
-                if score > best_score and (hooks.keep_best is None or hooks.keep_best(step)):
-                    best_score, best_step = score, step
-                    best_state = copy.deepcopy(wrapped.student.state_dict())
-                dev_info = f"  dev {evaluator.metric} {score:.4f} (best {best_score:.4f}, teacher {evaluator.teacher_score:.4f})"
-                logger.info("step %d: %s", step, describe(dev_info))
-            bar.update(task_id, advance=1, info=describe(dev_info))
-            if hooks.on_step is not None:
-                hooks.on_step(step, dict(running))
-            stopping = ctx.any(stop.requested)
-            if stopping or (step % settings.save_every == 0 and step < total):
-                save(step)
-            if stopping:
-                ctx.barrier()
-                raise KeyboardInterrupt
-            if out_of_time:
-                logger.warning(
-                    "time limit of %.0f s reached at step %d of %d", settings.time_limit, step, total
-                )
-                stopped_at = step
-                break
-    if best_state is None:
-        best_state, best_step, best_score = (
-            copy.deepcopy(wrapped.student.state_dict()),
-            total,
-            evaluator(wrapped),
-        )
+    with stop.installed():
+        stopped_at = loop.run(batches, evaluation, description, after_step, agree=ctx.any, started=started)
+    state = loop.state
+    if state.best_state is None:
+        state.best_state, state.best_step = copy.deepcopy(wrapped.student.state_dict()), settings.loop.steps
+        state.best_score = evaluator(wrapped)
     return TrainOutcome(
-        best_state=best_state,
-        best_step=best_step,
-        best_score=round(float(best_score), 4),
+        best_state=state.best_state,
+        best_step=state.best_step,
+        best_score=round(float(state.best_score), 4),
         metric=evaluator.metric,
         teacher_score=round(evaluator.teacher_score, 4),
         steps=stopped_at,
         resumed_from=start_step,
         seconds=round(time.perf_counter() - started, 1),
-        history=history,
-        shard={
-            "rank": ctx.rank,
-            "rows": shard_rows,
-            "sha256": shard_digest.hexdigest(),
-            "first_rows": first_rows,
-        },
+        history=state.history,
+        shard=batches.shard(),
         param_sha256=param_sha256(wrapped),
     )

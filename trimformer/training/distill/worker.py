@@ -36,13 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     if rank != 0:
         set_progress_enabled(False)
-    try:
-        from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging
 
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        pass
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     config = DistillConfig(**json.loads((folder / "config.json").read_text(encoding="utf-8")))
     try:
         result = run_distillation(config)

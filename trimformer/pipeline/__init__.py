@@ -1,0 +1,1 @@
+"""Orchestration only: recipe schema, plan, runner (cache, atomic writes), the pass-context builder, stages/, report."""

@@ -1,0 +1,99 @@
+"""Each stage's data parameters and their defaults: the one home for them.
+
+The CLI options take their defaults from these models, the recipe's ``[data]`` keys override
+them only where a recipe gives a value, and the Python API gets the same defaults by building
+the model without arguments. docs/RECIPES.md ("Defaults") lists them.
+
+The quantize pass keeps its calibration row count in its own config (``QuantizeConfig.samples``,
+a ``[[passes]]`` key), so its stage parameters hold only the rest.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from trimformer.passes.base import PassConfig
+
+__all__ = [
+    "CALIBRATION_SPLIT",
+    "EvalSplit",
+    "EvaluatingStageParams",
+    "PassStageParams",
+    "PruneStageParams",
+    "QuantizeStageParams",
+    "StageParams",
+    "calibration_split",
+    "default_of",
+    "eval_split",
+    "stage_params_class",
+]
+
+EvalSplit = Literal["auto", "all", "train", "dev", "test"]
+
+# The convention of validate's split = "auto": a built-in set has held-out splits (calibrate on
+# train, score accuracy-aware candidates on dev, validate on test); a file is read whole (it is
+# often a small set kept for that one purpose).
+CALIBRATION_SPLIT = {"builtin": "train", "file": "all"}
+EVAL_SPLIT = {"builtin": "dev", "file": "all"}
+
+
+def _kind(spec: str) -> str:
+    return "builtin" if spec.startswith("builtin:") else "file"
+
+
+def calibration_split(spec: str) -> str:
+    return CALIBRATION_SPLIT[_kind(spec)]
+
+
+def eval_split(spec: str, split: EvalSplit) -> str:
+    return EVAL_SPLIT[_kind(spec)] if split == "auto" else split
+
+
+class StageParams(PassConfig):
+    """How a pass stage reads its calibration data (refused like a pass config: a UserError when
+    built from arguments, a ValidationError from ``model_validate``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    batch_size: int = Field(default=16, ge=1)
+
+
+class PruneStageParams(StageParams):
+    # 1024 rows in batches of 64: the measured default of docs/PRUNING.md (Fisher scores, ridge
+    # refit and block reconstruction all gain up to about 1024 tweets). Pruning calibrates each
+    # batch at its longest row (no pad_to) and scores no candidates (no eval keys).
+    samples: int = Field(default=1024, ge=1)
+    batch_size: int = Field(default=64, ge=1)
+
+
+class EvaluatingStageParams(StageParams):
+    # None: each calibration batch at its longest row (the calibrators take any shape, and
+    # padding every tweet to 128 tokens is slower); a number pads to it, capped at max_length.
+    pad_to: int | None = Field(default=None, ge=1)
+    # What accuracy-aware passes score their candidates on.
+    eval_split: EvalSplit = "auto"
+    eval_limit: int | None = Field(default=1000, ge=1)
+
+
+class QuantizeStageParams(EvaluatingStageParams):
+    """The calibration row count is the pass's own ``QuantizeConfig.samples`` (512)."""
+
+
+class PassStageParams(EvaluatingStageParams):
+    """Any other pass (``trimformer optimize``, or a recipe pass that is not prune/quantize)."""
+
+    samples: int = Field(default=256, ge=1)
+
+
+_BY_PASS: dict[str, type[StageParams]] = {"prune": PruneStageParams, "quantize": QuantizeStageParams}
+
+
+def stage_params_class(pass_name: str) -> type[StageParams]:
+    return _BY_PASS.get(pass_name, PassStageParams)
+
+
+def default_of(model: type[BaseModel], field: str) -> Any:
+    """A field's default, for a CLI option that must show the same value."""
+    return model.model_fields[field].default

@@ -1,0 +1,36 @@
+"""The validate stage's adapter: torch-free validation, with a PyTorch reference opened here.
+
+:mod:`trimformer.validation` measures with onnxruntime only and never imports torch; a reference
+given as a PyTorch model folder (a teacher, the model an artifact was exported from) is loaded on
+the torch side and handed to it as a runner. The CLI (``trimformer validate``) and recipes both
+call :func:`run_validate`, so they compare against the same reference in the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from trimformer.data import Encoder
+from trimformer.validation.reference import Reference
+from trimformer.validation.runners import model_size_mb
+from trimformer.validation.validate import ValidateConfig, validate
+
+__all__ = ["open_source_reference", "run_validate"]
+
+
+def open_source_reference(spec: str, threads: int) -> Reference:
+    """A PyTorch model folder (or ``builtin:…``) as a reference, run with ``threads`` threads."""
+    # Imported here: validating against an artifact reference (or none) need not load PyTorch.
+    from trimformer.sources import load_source
+    from trimformer.sources.runner import TorchRunner
+
+    source = load_source(spec)
+    encoder = Encoder(source.tokenizer, source.io.input_names, source.max_length, source.pad_token_id)
+    return Reference(
+        TorchRunner(source, threads), encoder, str(spec), model_size_mb(source.folder), source.task
+    )
+
+
+def run_validate(config: ValidateConfig) -> dict[str, Any]:
+    """:func:`trimformer.validation.validate.validate` with PyTorch references allowed."""
+    return validate(config, open_reference=open_source_reference)
