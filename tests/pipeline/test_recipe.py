@@ -288,14 +288,3 @@ def test_stage_defaults_apply_unless_the_recipe_gives_a_value(
     )
     assert stage_params(given.data, "prune") == PruneStageParams(samples=8)
     assert stage_params(given.data, "quantize") == QuantizeStageParams(pad_to=16)
-
-
-def test_the_export_opset_range_is_the_exporters() -> None:
-    from trimformer.exporters.configs import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
-    from trimformer.pipeline import recipe
-
-    assert (recipe.EXPORT_MIN_OPSET, recipe.EXPORT_MAX_OPSET, recipe.EXPORT_DEFAULT_OPSET) == (
-        MIN_OPSET,
-        MAX_OPSET,
-        DEFAULT_OPSET,
-    )

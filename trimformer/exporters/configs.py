@@ -8,15 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from trimformer.formats.onnx_ops import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
 from trimformer.sources import LoadedSource
 
-__all__ = ["DEFAULT_OPSET", "MIN_OPSET", "ExportConfig", "export_config_for"]
-
-DEFAULT_OPSET = 17
-# LayerNormalization as one op needs 17; older opsets decompose it, which fusion still handles,
-# but scaled_dot_product_attention cannot be exported below 14.
-MIN_OPSET = 14
-MAX_OPSET = 21
+__all__ = ["DEFAULT_OPSET", "MAX_OPSET", "MIN_OPSET", "ExportConfig", "export_config_for"]
 
 
 @dataclass(frozen=True)

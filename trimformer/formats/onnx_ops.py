@@ -1,4 +1,5 @@
-"""ONNX op types whose presence marks a model as quantized.
+"""ONNX facts both sides read: the op types whose presence marks a model as quantized, and the
+opsets the exporter writes.
 
 One list, read by the quantize pass (to refuse a model that is already quantized) and by the
 bundle manifest (to record ``quantized``). It is the union of what onnxruntime's quantizers write
@@ -11,7 +12,7 @@ Names are listed one by one rather than matched by a ``Q`` prefix: ``QuickGelu``
 
 from __future__ import annotations
 
-__all__ = ["QUANTIZED_OPS"]
+__all__ = ["DEFAULT_OPSET", "MAX_OPSET", "MIN_OPSET", "QUANTIZED_OPS"]
 
 QUANTIZED_OPS = frozenset(
     {
@@ -55,3 +56,10 @@ QUANTIZED_OPS = frozenset(
         "QOrderedLongformerAttention",
     }
 )
+
+# The ONNX opsets the exporter writes (and the recipe accepts): LayerNormalization as one op
+# needs 17; older opsets decompose it, which fusion still handles, but
+# scaled_dot_product_attention cannot be exported below 14.
+DEFAULT_OPSET = 17
+MIN_OPSET = 14
+MAX_OPSET = 21

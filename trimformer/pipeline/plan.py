@@ -20,6 +20,7 @@ from typing import Any
 
 from trimformer.artifact import ModelArtifact
 from trimformer.errors import GateFailed, UserError
+from trimformer.fsutil import sha256_bytes
 from trimformer.packaging.package import package_artifact
 from trimformer.passes.base import PassConfig, apply_pass
 from trimformer.passes.fuse.fusion import FuseConfig
@@ -470,6 +471,4 @@ def variant_stages(plan: list[Stage]) -> list[Stage]:
 
 
 def _sha(text: str) -> str:
-    import hashlib
-
-    return hashlib.sha256(text.encode()).hexdigest()
+    return sha256_bytes(text.encode())

@@ -41,6 +41,7 @@ from pydantic import (
 
 import trimformer.passes  # noqa: F401  (importing the package registers every pass)
 from trimformer.errors import UserError
+from trimformer.formats.onnx_ops import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
 from trimformer.passes.base import PASS_REGISTRY, ConfigError, PassConfig, describe_error
 from trimformer.pipeline.stages.params import StageParams, stage_params_class
 
@@ -66,9 +67,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# The exporter's opset range (trimformer.exporters.configs; importing it here would load torch
-# for every recipe, so tests/pipeline/test_recipe.py checks that the two agree).
-EXPORT_MIN_OPSET, EXPORT_MAX_OPSET, EXPORT_DEFAULT_OPSET = 14, 21, 17
+# The exporter's opset range, from its torch-free home (importing the exporter would load torch).
+EXPORT_MIN_OPSET, EXPORT_MAX_OPSET, EXPORT_DEFAULT_OPSET = MIN_OPSET, MAX_OPSET, DEFAULT_OPSET
 
 # Passes whose relative order is fixed: pruning edits float MatMul weights, so it must see the
 # graph before fusion rewrites the attention block and before quantization replaces the weights.

@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from trimformer import __version__
+from trimformer.formats.pruning_record import RECORD_FILE
 from trimformer.fsutil import atomic_output_dir
+from trimformer.validation.report_md import format_cell
 
 if TYPE_CHECKING:
     from trimformer.pipeline.recipe import Recipe
@@ -33,8 +35,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-PRUNING_RECORD = "pruning_record.json"
 
 
 # -- collecting ---------------------------------------------------------------------------------
@@ -140,7 +140,7 @@ def pruning_layers(record: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _pruning_for(folder: Path) -> list[dict[str, Any]]:
-    record = _read_json(folder / PRUNING_RECORD)
+    record = _read_json(folder / RECORD_FILE)
     if record is not None and (layers := pruning_layers(record)):
         return layers
     meta = _read_json(folder / "trimformer.json") or {}
@@ -336,11 +336,7 @@ def _plots(report: dict[str, Any]) -> dict[str, bytes]:
 
 # -- rendering ----------------------------------------------------------------------------------
 def _fmt(value: Any, digits: int = 2) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
+    return format_cell(value, digits)
 
 
 def _variant_table(info: dict[str, Any]) -> tuple[list[str], list[list[str]]]:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -36,7 +35,7 @@ from typing import Any
 
 from trimformer import __version__
 from trimformer.errors import GateFailed, UserError
-from trimformer.fsutil import sha256_file
+from trimformer.fsutil import hash_files, sha256_bytes, sha256_file
 from trimformer.pipeline.plan import Stage, StageContext, build_plan
 from trimformer.pipeline.recipe import Recipe
 
@@ -146,14 +145,17 @@ def content_hash(spec: str) -> str:
         return sha256_file(path)
     if not path.is_dir():
         raise UserError(f"input {spec} does not exist")
-    digest = hashlib.sha256()
-    for item in sorted(p for p in path.rglob("*") if p.is_file()):
-        rel = item.relative_to(path).as_posix()
-        # Reports and caches inside a model folder do not change the model.
-        if rel.startswith(("report/", ".")) or "/." in rel or "__pycache__" in rel:
-            continue
-        digest.update(rel.encode() + b"\0" + sha256_file(item).encode() + b"\n")
-    return digest.hexdigest()
+    # Reports and caches inside a model folder do not change the model.
+    files = [
+        item
+        for item in path.rglob("*")
+        if item.is_file() and not _is_cache(item.relative_to(path).as_posix())
+    ]
+    return hash_files(files, path)
+
+
+def _is_cache(rel: str) -> bool:
+    return rel.startswith(("report/", ".")) or "/." in rel or "__pycache__" in rel
 
 
 def _stage_key(stage: Stage, upstream: dict[str, str], external: dict[str, str]) -> str:
@@ -164,7 +166,7 @@ def _stage_key(stage: Stage, upstream: dict[str, str], external: dict[str, str])
         "external": external,
         "trimformer": __version__,
     }
-    return hashlib.sha256(_canonical(payload)).hexdigest()
+    return sha256_bytes(_canonical(payload))
 
 
 # -- completion markers -------------------------------------------------------------------------

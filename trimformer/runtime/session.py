@@ -14,7 +14,6 @@ from trimformer.runtime.bundle import BundleError
 
 __all__ = [
     "PROVIDERS",
-    "PROVIDER_NAMES",
     "Optimization",
     "available_providers",
     "cpu_session",
@@ -32,7 +31,6 @@ PROVIDERS = {
     "coreml": "CoreMLExecutionProvider",
     "dml": "DmlExecutionProvider",
 }
-PROVIDER_NAMES = PROVIDERS  # the name packaging/manifest.py has always imported
 _SHORT = {full: short for short, full in PROVIDERS.items()}
 
 Optimization = Literal["all", "basic", "disabled"]

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["render_validation_markdown"]
+__all__ = ["format_cell", "render_validation_markdown"]
 
 
-def _fmt(value: Any, digits: int = 4) -> str:
+def format_cell(value: Any, digits: int = 4) -> str:
+    """A table cell: "-" for missing, floats to ``digits`` places."""
     if value is None:
         return "-"
     if isinstance(value, float):
@@ -37,12 +38,12 @@ def render_validation_markdown(report: dict[str, Any]) -> str:
         "",
         "| | model | reference |",
         "|---|---|---|",
-        f"| accuracy | {_fmt(report['accuracy'])} | {_fmt(ref['accuracy'] if ref else None)} |",
-        f"| agreement with reference | {_fmt(report['agreement'])} | |",
-        f"| mean KL vs reference | {_fmt(report['mean_kl'], 6)} | |",
-        f"| size (MB) | {_fmt(report['size_mb'], 2)} | {_fmt(ref['size_mb'] if ref else None, 2)} |",
-        f"| peak memory (MB) | {_fmt(report.get('peak_memory_mb'), 1)} | "
-        f"{_fmt(ref.get('peak_memory_mb') if ref else None, 1)} |",
+        f"| accuracy | {format_cell(report['accuracy'])} | {format_cell(ref['accuracy'] if ref else None)} |",
+        f"| agreement with reference | {format_cell(report['agreement'])} | |",
+        f"| mean KL vs reference | {format_cell(report['mean_kl'], 6)} | |",
+        f"| size (MB) | {format_cell(report['size_mb'], 2)} | {format_cell(ref['size_mb'] if ref else None, 2)} |",
+        f"| peak memory (MB) | {format_cell(report.get('peak_memory_mb'), 1)} | "
+        f"{format_cell(ref.get('peak_memory_mb') if ref else None, 1)} |",
         "",
         "## Latency (ms)",
         "",

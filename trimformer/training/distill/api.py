@@ -13,7 +13,6 @@ configuration under ``torchrun`` (:mod:`.ddp`, :mod:`.worker`); a run that torch
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -27,7 +26,7 @@ import torch
 from trimformer import __version__
 from trimformer.data import Encoder, load_dataset, map_labels
 from trimformer.errors import UserError
-from trimformer.fsutil import atomic_output_dir, check_output_dir
+from trimformer.fsutil import atomic_output_dir, check_output_dir, sha256_bytes
 from trimformer.progress import progress_enabled
 from trimformer.sources import LoadedSource, load_source
 from trimformer.training.distill.ddp import (
@@ -284,7 +283,7 @@ def prepare(config: DistillConfig) -> Prepared:
 def _fingerprint(config: DistillConfig, teacher_hash: str, world: int) -> str:
     settings = {f.name: getattr(config, f.name) for f in fields(config) if f.name not in _NOT_FINGERPRINTED}
     settings.update(teacher_hash=teacher_hash, world=world, nproc_per_node=None)
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+    return sha256_bytes(json.dumps(settings, sort_keys=True, default=str).encode())
 
 
 def _count(model: torch.nn.Module) -> int:
