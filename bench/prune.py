@@ -6,7 +6,7 @@ Targets, post-training (no retraining), measured in one run:
   both in their deployment form (``trimformer fuse``); the plain exports' ratio is reported too;
 * pruning with Fisher importance and reconstruction (ridge, then block reconstruction on the
   PyTorch source) under 180 s on 2 cores;
-* pruned then int8: accuracy within 1.5 points (quantize pass if registered, else quantize_dynamic).
+* pruned then int8 (the quantize pass): accuracy within 1.5 points.
 
 Usage: ``.venv/bin/python -m bench.prune [--teacher DIR --teacher-onnx DIR --flops 0.5]``
 """
@@ -24,6 +24,9 @@ from typing import Any
 import numpy as np
 
 from bench.common import open_session, predicted_labels, time_sessions
+from trimformer.artifact import ModelArtifact
+from trimformer.passes.base import PassContext, apply_pass
+from trimformer.passes.quantize.int8 import QuantizeConfig
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -32,33 +35,17 @@ THREADS = 2
 
 
 def _int8(pruned: Path, out: Path, calibration: Any, samples: int) -> tuple[Path, str]:
-    """int8 through trimformer's quantize pass when it exists, else onnxruntime's quantize_dynamic."""
-    try:
-        import trimformer.passes.quantize.int8  # noqa: F401  (registers the pass)
-        from trimformer.artifact import ModelArtifact
-        from trimformer.passes.base import PASS_REGISTRY, PassContext, apply_pass
-
-        config_cls, _ = PASS_REGISTRY["quantize"]
-        config = config_cls.model_validate({"samples": samples})
-        artifact, _ = apply_pass(
-            ModelArtifact.open(pruned),
-            "quantize",
-            config,
-            PassContext(calibration=calibration),
-            out,
-            overwrite=True,
-        )
-        return artifact.model_path, f"trimformer quantize pass ({config.model_dump()})"
-    except Exception as exc:  # the pass is another issue's work; fall back and say so
-        reason = " ".join(str(exc).split())[:200]
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
-        out.mkdir(parents=True, exist_ok=True)
-        target = out / "model.onnx"
-        quantize_dynamic(
-            str(pruned / "model.onnx"), str(target), per_channel=True, weight_type=QuantType.QInt8
-        )
-        return target, f"onnxruntime quantize_dynamic (per-channel int8); quantize pass unavailable: {reason}"
+    """int8 through trimformer's quantize pass (a failure is the benchmark's failure)."""
+    config = QuantizeConfig(samples=samples)
+    artifact, _ = apply_pass(
+        ModelArtifact.open(pruned),
+        "quantize",
+        config,
+        PassContext(calibration=calibration),
+        out,
+        overwrite=True,
+    )
+    return artifact.model_path, f"trimformer quantize pass ({config.model_dump()})"
 
 
 def _fused(folder: Path, out: Path) -> Path:
