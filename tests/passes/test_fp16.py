@@ -4,14 +4,16 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 import pytest
+from onnx_ir.passes import PostconditionError
 
 from trimformer.artifact import ModelArtifact
 from trimformer.errors import ParityError, UserError
 from trimformer.passes._checks import random_feeds
-from trimformer.passes.base import PassContext, apply_pass
-from trimformer.passes.fp16 import Fp16Config
+from trimformer.passes.base import PassContext, PassReport, apply_pass
+from trimformer.passes.fp16 import Fp16Config, Fp16Pass
 
 
 def _run(path: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
@@ -57,3 +59,21 @@ def test_fp16_twice_is_refused(tiny_bert_onnx: Path, tmp_path: Path) -> None:
     with pytest.raises(UserError, match="no float32 weights"):
         apply_pass(first, "fp16", Fp16Config(), PassContext(), tmp_path / "b")
     assert not (tmp_path / "b").exists()
+
+
+def test_fp16_check_runs_in_ensures_on_the_model_it_is_given(tiny_bert_onnx: Path) -> None:
+    float_model = ir.from_proto(onnx.load(str(tiny_bert_onnx / "model.onnx")))
+    the_pass = Fp16Pass(Fp16Config(), PassContext())
+    with pytest.raises(PostconditionError, match="call it first"):
+        the_pass.ensures(float_model)
+    report = the_pass(float_model)
+    assert isinstance(report, PassReport) and 0 < report.stats["max_abs_diff"] <= 2e-2
+    # A converted graph that drifted (the classifier's bias shifted by 1) fails the same check.
+    bias = [n for n in report.model.graph if n.op_type == "Gemm"][-1].inputs[2]
+    assert bias is not None and bias.const_value is not None
+    bias.const_value = ir.tensor(bias.const_value.numpy() + 1, name=bias.name)
+    with pytest.raises(ParityError, match="fp16: outputs differ"):
+        the_pass.ensures(report.model)
+    # Called directly (not through apply_pass), the pass raises the check's own error too.
+    with pytest.raises(ParityError, match="fp16: outputs differ"):
+        Fp16Pass(Fp16Config(atol=1e-12), PassContext())(float_model)

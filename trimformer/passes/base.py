@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 import onnx
@@ -25,6 +25,7 @@ import onnx_ir as ir
 from onnx_ir.passes import (
     FunctionalPass,
     InPlacePass,
+    PassBase,
     PassError,
     PassResult,
     PostconditionError,
@@ -44,6 +45,7 @@ __all__ = [
     "PassConfig",
     "PassContext",
     "PassReport",
+    "SelfCheckingPass",
     "apply_pass",
     "describe_error",
     "field_allowed",
@@ -133,6 +135,41 @@ class PassReport(PassResult):
 
     stats: dict[str, Any] = dataclasses.field(default_factory=dict)
     files: dict[str, Path] = dataclasses.field(default_factory=dict)
+
+
+ReferenceT = TypeVar("ReferenceT")
+
+
+class SelfCheckingPass(PassBase, Generic[ReferenceT]):
+    """A pass whose ``ensures()`` checks its output against what ``call()`` started from.
+
+    ``call()`` ends with ``return self.keep_for_check(reference, report)``; ``ensures(model)``
+    reads them back with :meth:`kept_for_check` and writes its figures into ``report.stats``,
+    so a check's numbers land under the same report keys as when the check ran inside ``call()``.
+    Calling the pass raises a check's own :class:`TrimformerError` (onnx-ir wraps what
+    ``requires()``/``ensures()`` raise), so every caller gets the one-line message and exit code.
+    """
+
+    _kept: tuple[ReferenceT, PassReport] | None = None
+
+    def __call__(self, model_or_result: ir.Model | PassResult, /) -> PassResult:
+        try:
+            return super().__call__(model_or_result)
+        except (PreconditionError, PostconditionError) as exc:
+            if isinstance(exc.__cause__, TrimformerError):
+                raise exc.__cause__ from None
+            raise
+
+    def keep_for_check(self, reference: ReferenceT, report: PassReport) -> PassReport:
+        self._kept = (reference, report)
+        return report
+
+    def kept_for_check(self) -> tuple[ReferenceT, PassReport]:
+        if self._kept is None:
+            raise PostconditionError(
+                f"{type(self).__name__}.ensures() checks a result of call(); call it first"
+            )
+        return self._kept
 
 
 class CalibrationFeeds(Protocol):

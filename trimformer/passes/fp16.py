@@ -4,7 +4,8 @@ Wraps onnxruntime's maintained converter (``onnxruntime.transformers.float16``).
 Softmax and (by default) the residual Adds that feed a LayerNorm stay float32: half precision
 loses the small differences those ops amplify, and residual sums overflow fp16 on long inputs.
 Inputs and outputs keep their types, so callers feed and read the same arrays as before. The
-pass checks itself: the converted graph is run against the original on random inputs.
+pass checks itself in ``ensures()``: the converted graph is run against the original on random
+inputs.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pydantic import Field
 
 from trimformer.errors import ParityError, UserError
 from trimformer.passes._checks import compare_outputs, random_feeds
-from trimformer.passes.base import PassConfig, PassContext, PassReport, register_pass
+from trimformer.passes.base import PassConfig, PassContext, PassReport, SelfCheckingPass, register_pass
 
 __all__ = ["SENSITIVE_OPS", "Fp16Config", "Fp16Pass"]
 
@@ -53,7 +54,7 @@ class Fp16Config(PassConfig):
     )
 
 
-class Fp16Pass(FunctionalPass):
+class Fp16Pass(SelfCheckingPass[onnx.ModelProto], FunctionalPass):
     def __init__(self, config: Fp16Config, ctx: PassContext) -> None:
         super().__init__()
         self.config = config
@@ -90,16 +91,6 @@ class Fp16Pass(FunctionalPass):
             node_block_list=blocked_nodes,
             disable_shape_infer=False,
         )
-        worst = 0.0
-        for index, (batch, seq) in enumerate(self.config.check_shapes):
-            feeds = random_feeds(proto, batch, seq, seed=self.ctx.seed + index)
-            diff = compare_outputs(proto, converted, [feeds], all_outputs=True).max_abs
-            worst = max(worst, diff)
-            if not np.isfinite(diff) or diff > self.config.atol:
-                raise ParityError(
-                    f"fp16: outputs differ from float32 by {diff:.3g} at {batch}x{seq} "
-                    f"(tolerance {self.config.atol:g}); keep more ops in float32 or raise atol"
-                )
         kept = Counter(
             node.op_type
             for node in converted.graph.node
@@ -110,12 +101,30 @@ class Fp16Pass(FunctionalPass):
             "fp16_initializers": fp16_weights,
             "kept_float32_ops": dict(kept),
             "kept_residual_adds": len(blocked_nodes),
-            "max_abs_diff": worst,
         }
+        return self.keep_for_check(proto, PassReport(ir.from_proto(converted), True, stats))
+
+    def ensures(self, model: ir.Model) -> None:
+        """The converted graph stays within ``atol`` of the float32 one on every check shape."""
+        reference, report = self.kept_for_check()
+        converted = ir.to_proto(model)
+        worst = 0.0
+        for index, (batch, seq) in enumerate(self.config.check_shapes):
+            feeds = random_feeds(reference, batch, seq, seed=self.ctx.seed + index)
+            diff = compare_outputs(reference, converted, [feeds], all_outputs=True).max_abs
+            worst = max(worst, diff)
+            if not np.isfinite(diff) or diff > self.config.atol:
+                raise ParityError(
+                    f"fp16: outputs differ from float32 by {diff:.3g} at {batch}x{seq} "
+                    f"(tolerance {self.config.atol:g}); keep more ops in float32 or raise atol"
+                )
+        report.stats["max_abs_diff"] = worst
         logger.info(
-            "fp16: %d weights in float16, kept %s in float32, max diff %.2g", fp16_weights, dict(kept), worst
+            "fp16: %d weights in float16, kept %s in float32, max diff %.2g",
+            report.stats["fp16_initializers"],
+            report.stats["kept_float32_ops"],
+            worst,
         )
-        return PassReport(ir.from_proto(converted), True, stats)
 
 
 @register_pass("fp16", Fp16Config)

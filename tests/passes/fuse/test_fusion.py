@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 from trimformer.artifact import ModelArtifact
 from trimformer.cli.commands import cli
+from trimformer.errors import ParityError
 from trimformer.passes.base import PassContext, apply_pass
 from trimformer.passes.fuse.fusion import FuseConfig, FusePass, detect_attention_dims
 from trimformer.pipeline.stages.quantize import attention_dims, run_fuse
@@ -69,3 +70,15 @@ def test_fuse_plain_model_reports_what_it_found(tiny_plain_onnx: Path, tmp_path:
 def test_fuse_refuses_missing_model(tmp_path: Path, bad: str) -> None:
     result = CliRunner().invoke(cli, ["fuse", str(tmp_path / bad), "--out", str(tmp_path / "o")])
     assert result.exit_code == 2 and "does not exist" in result.output
+
+
+def test_fuse_check_runs_in_ensures_on_the_model_it_is_given(tiny_bert_onnx: Path, tmp_path: Path) -> None:
+    the_pass = FusePass(FuseConfig(), PassContext(scratch=tmp_path))
+    report = the_pass(ir.from_proto(ModelArtifact.open(tiny_bert_onnx).load_model()))
+    assert report.stats["max_abs_diff"] < 1e-3
+    # A fused graph that computes something else (the classifier's bias shifted by 1).
+    bias = [n for n in report.model.graph if n.op_type == "Gemm"][-1].inputs[2]
+    assert bias is not None and bias.const_value is not None
+    bias.const_value = ir.tensor(bias.const_value.numpy() + 1, name=bias.name)
+    with pytest.raises(ParityError, match="the fused graph differs from the input graph"):
+        the_pass.ensures(report.model)

@@ -3,8 +3,8 @@
 Attention, EmbedLayerNormalization, SkipLayerNormalization, LayerNormalization and (Bias)Gelu are
 fused by ``onnxruntime.transformers.optimizer.optimize_model`` with ``opt_level=0`` (its Python
 fusions only, no hardware-specific ORT rewrites), so the result still runs on any CPU or GPU.
-The pass reports how many times each fusion fired and ends with a numerical check of the fused
-graph against the input graph on seeded random inputs.
+The pass reports how many times each fusion fired; its ``ensures()`` checks the fused graph
+numerically against the input graph on seeded random inputs.
 
 onnxruntime cannot find the head count on the TorchScript export (the reshape sizes are computed
 at run time); :func:`detect_attention_dims` reads it from the constant ``head_dim`` of the
@@ -29,7 +29,7 @@ from pydantic import Field, field_validator
 
 from trimformer.errors import ParityError, UserError
 from trimformer.passes._checks import compare_outputs, random_feeds
-from trimformer.passes.base import PassConfig, PassContext, PassReport, register_pass
+from trimformer.passes.base import PassConfig, PassContext, PassReport, SelfCheckingPass, register_pass
 from trimformer.passes.fuse.cpu_kernels import prefer_cpu_kernels
 
 __all__ = [
@@ -222,7 +222,7 @@ def check_same_outputs(
     return diff
 
 
-class FusePass(FunctionalPass):
+class FusePass(SelfCheckingPass[onnx.ModelProto], FunctionalPass):
     def __init__(self, config: FuseConfig, ctx: PassContext) -> None:
         super().__init__()
         self.config = config
@@ -233,11 +233,15 @@ class FusePass(FunctionalPass):
         fused, stats = fuse_proto(proto, self.config, self.ctx.scratch)
         if self.config.cpu_kernels:
             stats["cpu_kernels"] = prefer_cpu_kernels(fused)
-        stats["max_abs_diff"] = check_same_outputs(proto, fused, self.config.atol, self.ctx.seed)
-        logger.info(
-            "fuse: %s (max abs diff %.2g)", stats["fusions"] or "nothing fused", stats["max_abs_diff"]
-        )
-        return PassReport(ir.from_proto(fused), modified=bool(stats["fusions"]), stats=stats)
+        report = PassReport(ir.from_proto(fused), modified=bool(stats["fusions"]), stats=stats)
+        return self.keep_for_check(proto, report)
+
+    def ensures(self, model: ir.Model) -> None:
+        """The fused graph computes what the input graph did, within ``atol``."""
+        reference, report = self.kept_for_check()
+        diff = check_same_outputs(reference, ir.to_proto(model), self.config.atol, self.ctx.seed)
+        report.stats["max_abs_diff"] = diff
+        logger.info("fuse: %s (max abs diff %.2g)", report.stats["fusions"] or "nothing fused", diff)
 
 
 @register_pass("fuse", FuseConfig)

@@ -2,9 +2,10 @@
 
 Post-training, after Kwon et al. 2022 ("A Fast Post-Training Pruning Framework for Transformers"):
 score every head and neuron (:mod:`.importance`), choose what to remove under a budget
-(:mod:`.prune_budget`), remove it from the graph as coupled groups (:mod:`.prune_surgery`), check
-that the result equals the unpruned graph with the same units masked, then refit the kept rows of
-each layer's projections on calibration data (:mod:`.reconstruct`).
+(:mod:`.prune_budget`), remove it from the graph as coupled groups (:mod:`.prune_surgery`), then
+refit the kept rows of each layer's projections on calibration data (:mod:`.reconstruct`). The
+pass's ``ensures()`` checks that the graph after surgery equals the unpruned graph with the same
+units masked, and that reconstruction changed values only.
 
 Fisher scores need PyTorch gradients, so they are computed outside ``passes/``
 (``trimformer.training.fisher``) and handed in as ``ctx.importance_scores``.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -25,7 +27,14 @@ from pydantic import Field, model_validator
 from trimformer.errors import ParityError, UserError
 from trimformer.formats.pruning_record import RECORD_FORMAT
 from trimformer.passes._checks import compare_outputs, random_feeds
-from trimformer.passes.base import PassConfig, PassContext, PassReport, iter_feeds, register_pass
+from trimformer.passes.base import (
+    PassConfig,
+    PassContext,
+    PassReport,
+    SelfCheckingPass,
+    iter_feeds,
+    register_pass,
+)
 from trimformer.passes.graph import EncoderLayout, find_blocks
 from trimformer.passes.prune.budget import Budget, layer_costs, select_plan
 from trimformer.passes.prune.importance import (
@@ -34,7 +43,11 @@ from trimformer.passes.prune.importance import (
     activation_scores,
     magnitude_scores,
 )
-from trimformer.passes.prune.reconstruct import ReconstructionStep, reconstruct, reconstruction_units
+from trimformer.passes.prune.reconstruct import (
+    ReconstructionStep,
+    reconstruct,
+    reconstruction_units,
+)
 from trimformer.passes.prune.surgery import LayerPlan, apply_plan
 
 __all__ = ["PruneConfig", "PrunePass", "build_record", "layout_stats", "plan_from_scores"]
@@ -232,8 +245,11 @@ def verify_exact(
     ctx: PassContext,
 ) -> float:
     """Max abs difference between the pruned graph and the masked unpruned one; raises past 1e-4."""
-    reference = _masked_reference(original, layout, plan)
-    worst = compare_outputs(reference, pruned, _probe_feeds(original, ctx)).max_abs
+    return _ensure_exact(_masked_reference(original, layout, plan), pruned, ctx)
+
+
+def _ensure_exact(reference: onnx.ModelProto, pruned: onnx.ModelProto, ctx: PassContext) -> float:
+    worst = compare_outputs(reference, pruned, _probe_feeds(reference, ctx)).max_abs
     if not worst <= EXACT_ATOL:
         raise ParityError(
             f"pruning changed the outputs by {worst:.2e} beyond masking the removed units; please report this graph"
@@ -241,7 +257,22 @@ def verify_exact(
     return worst
 
 
-class PrunePass(FunctionalPass):
+@dataclass(frozen=True)
+class _ExactnessCheck:
+    """What ``ensures()`` checks: the graph right after surgery must equal the masked unpruned
+    graph, and reconstruction may then change constants' values, never the graph's structure."""
+
+    reference: onnx.ModelProto
+    surgery: onnx.ModelProto
+
+
+def _structure(model: onnx.ModelProto) -> list[tuple[str, tuple[tuple[int, ...] | None, ...]]]:
+    """Each node's op type and the shapes of its constant inputs, in order."""
+    shapes = {init.name: tuple(init.dims) for init in model.graph.initializer}
+    return [(node.op_type, tuple(shapes.get(name) for name in node.input)) for node in model.graph.node]
+
+
+class PrunePass(SelfCheckingPass[_ExactnessCheck], FunctionalPass):
     """Remove heads and neurons; returns the pruned model with stats (plan, record, errors)."""
 
     def __init__(self, config: PruneConfig, ctx: PassContext) -> None:
@@ -270,47 +301,41 @@ class PrunePass(FunctionalPass):
         scores = _scores(kind, original, layout, ctx)
         scored = time.perf_counter()
         plan = plan_from_scores(layout, scores, config, kind)
+        units = reconstruction_units(layout, plan)
         before = layout_stats(layout, None, config.seq_len)
         after = layout_stats(layout, plan, config.seq_len)
-        units = reconstruction_units(layout, plan)
+        stats: dict[str, Any] = {
+            "importance": kind,
+            "layout": layout.describe(),
+            "seq_len": config.seq_len,
+            "before": before,
+            "after": after,
+        }
         apply_plan(work, layout, plan)
         pruned = ir.to_proto(work)
         try:
             pruned = onnx.shape_inference.infer_shapes(pruned, strict_mode=False, data_prop=True)
         except Exception as exc:  # shapes are a convenience; onnxruntime infers its own
             logger.debug("shape inference after pruning failed: %s", exc)
-        exact = verify_exact(original, pruned, layout, plan, ctx)
+        check = _ExactnessCheck(_masked_reference(original, layout, plan), pruned)
         steps: list[ReconstructionStep] = []
         if config.reconstruct:
             calibration = ctx.require_calibration("prune (reconstruction)")
             pruned, steps = reconstruct(
                 original, pruned, units, calibration, alpha=config.ridge, mode=config.reconstruct_mode
             )
-        result = ir.from_proto(pruned)
-        record = build_record(
-            layout,
-            plan,
-            ctx.architecture or "unknown",
-            kind,
-            ctx.source_model_hash or "",
-        )
-        stats = {
-            "importance": kind,
-            "layout": layout.describe(),
-            "seq_len": config.seq_len,
-            "before": before,
-            "after": after,
-            "flops_removed": round(1 - after["flops"] / before["flops"], 4),
-            "params_removed": round(1 - after["params"] / before["params"], 4),
-            "exactness_max_abs_diff": exact,
-            "reconstruction": [s.to_dict() for s in steps],
-            "scores": scores.to_dict(),
-            "record": record,
-            "seconds": {
+        record = build_record(layout, plan, ctx.architecture or "unknown", kind, ctx.source_model_hash or "")
+        stats.update(
+            flops_removed=round(1 - after["flops"] / before["flops"], 4),
+            params_removed=round(1 - after["params"] / before["params"], 4),
+            reconstruction=[s.to_dict() for s in steps],
+            scores=scores.to_dict(),
+            record=record,
+            seconds={
                 "importance": round(scored - started, 2),
                 "total": round(time.perf_counter() - started, 2),
             },
-        }
+        )
         logger.info(
             "pruned %d/%d heads and %d/%d neurons (%.0f%% of encoder FLOPs) with %s importance",
             before["heads"] - after["heads"],
@@ -320,7 +345,15 @@ class PrunePass(FunctionalPass):
             100 * stats["flops_removed"],
             kind,
         )
-        return PassReport(result, True, stats)
+        return self.keep_for_check(check, PassReport(ir.from_proto(pruned), True, stats))
+
+    def ensures(self, model: ir.Model) -> None:
+        """Surgery removed exactly the planned units (its graph equals the unpruned one with them
+        masked), and reconstruction changed only the values of the kept rows."""
+        check, report = self.kept_for_check()
+        if _structure(ir.to_proto(model)) != _structure(check.surgery):
+            raise ParityError("reconstruction changed the pruned graph's structure; please report this graph")
+        report.stats["exactness_max_abs_diff"] = _ensure_exact(check.reference, check.surgery, self.ctx)
 
 
 @register_pass("prune", PruneConfig)
