@@ -144,3 +144,14 @@ def test_group_has_every_command_on_a_plain_import(module: str) -> None:
     code = f"from {module} import cli; print(' '.join(cli.commands))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.split() == ALL_COMMANDS
+
+
+def test_the_command_line_starts_without_loading_the_model_stack() -> None:
+    # `trimformer --help` and `trimformer verify` must not pay for onnx, onnxruntime's tools or torch
+    # (about a second on 2 cores): commands import their stage modules when they run.
+    code = (
+        "import sys; from trimformer.cli import cli; "
+        "print(' '.join(m for m in ('onnx', 'onnx_ir', 'torch', 'transformers') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == []

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import click
 
+from trimformer import defaults
 from trimformer.cli.main import State, emit, pass_state
 from trimformer.cli.options import model_argument, overwrite_option
-from trimformer.pipeline.stages.params import PassStageParams
 
 
 @click.command("optimize")
@@ -17,7 +17,7 @@ from trimformer.pipeline.stages.params import PassStageParams
     "--calibration", default=None, help="Dataset for passes that calibrate (.csv/.jsonl/builtin:...)."
 )
 @click.option(
-    "--samples", type=int, default=PassStageParams().samples, show_default=True, help="Calibration samples."
+    "--samples", type=int, default=defaults.PASS_SAMPLES, show_default=True, help="Calibration samples."
 )
 @overwrite_option
 @pass_state

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import click
 
+from trimformer import defaults
 from trimformer.cli.main import State, emit, pass_state
 from trimformer.cli.options import data_columns, model_argument, overwrite_option
-from trimformer.pipeline.stages.params import PruneStageParams
 
 
 @click.command("prune")
@@ -46,7 +46,7 @@ from trimformer.pipeline.stages.params import PruneStageParams
 @click.option(
     "--samples",
     type=int,
-    default=PruneStageParams().samples,
+    default=defaults.PRUNE_SAMPLES,
     show_default=True,
     help="Calibration examples (Fisher scores, ridge refit, block reconstruction).",
 )

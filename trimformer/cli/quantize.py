@@ -6,12 +6,9 @@ from typing import Any
 
 import click
 
+from trimformer import defaults
 from trimformer.cli.main import State, emit, pass_state
 from trimformer.cli.options import data_columns, model_argument, overwrite_option
-from trimformer.passes.quantize.int8 import QuantizeConfig
-from trimformer.pipeline.stages.params import QuantizeStageParams
-
-_PASS, _STAGE = QuantizeConfig(), QuantizeStageParams()
 
 
 @click.command("quantize")
@@ -26,15 +23,23 @@ _PASS, _STAGE = QuantizeConfig(), QuantizeStageParams()
 )
 @click.option("--format", "fmt", default=None, help="qoperator or qdq [default: the preset's].")
 @click.option(
-    "--samples", type=int, default=_PASS.samples, show_default=True, help="Calibration rows to use."
+    "--samples",
+    type=int,
+    default=defaults.QUANTIZE_SAMPLES,
+    show_default=True,
+    help="Calibration rows to use.",
 )
 @click.option(
-    "--batch-size", type=int, default=_STAGE.batch_size, show_default=True, help="Calibration batch size."
+    "--batch-size",
+    type=int,
+    default=defaults.CALIBRATION_BATCH_SIZE,
+    show_default=True,
+    help="Calibration batch size.",
 )
 @click.option(
     "--pad-to",
     type=int,
-    default=_STAGE.pad_to,
+    default=defaults.CALIBRATION_PAD_TO,
     help="Pad calibration batches to this many tokens [default: each batch's longest row].",
 )
 @click.option("--per-channel/--per-tensor", default=None, help="Weight scales [default: the preset's].")
@@ -52,7 +57,7 @@ _PASS, _STAGE = QuantizeConfig(), QuantizeStageParams()
     "--max-accuracy-drop", type=float, default=None, help="Accuracy points the int8 model may lose."
 )
 @click.option(
-    "--eval-limit", type=int, default=_STAGE.eval_limit, show_default=True, help="Evaluation rows to use."
+    "--eval-limit", type=int, default=defaults.EVAL_LIMIT, show_default=True, help="Evaluation rows to use."
 )
 @click.option("--dynamic", is_flag=True, help="onnxruntime dynamic quantization instead (for comparison).")
 @click.option("--no-fuse", is_flag=True, help="Do not run the transformer fusions first.")
@@ -96,6 +101,7 @@ def quantize_command(
           --eval builtin:tweets --max-accuracy-drop 0.5
       trimformer quantize work/qat-student-onnx --ranges-from-training --out work/qat-int8
     """
+    from trimformer.passes.quantize.int8 import QuantizeConfig
     from trimformer.pipeline.stages.quantize import QuantizeStageConfig, run_quantize
 
     config = QuantizeConfig(

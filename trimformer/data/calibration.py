@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from trimformer.data.datasets import TextDataset
-from trimformer.data.tokenize import Encoder
+from trimformer.runtime.encoding import TextEncoder
 
 __all__ = ["DatasetFeeds"]
 
@@ -23,7 +23,7 @@ class DatasetFeeds:
     def __init__(
         self,
         dataset: TextDataset,
-        encoder: Encoder,
+        encoder: TextEncoder,
         input_names: Sequence[str],
         samples: int,
         batch_size: int = 16,

@@ -29,7 +29,7 @@ class Encoder(TextEncoder):
 
 
 def iter_batches(
-    dataset: TextDataset, encoder: Encoder, batch_size: int, pad_to: int | None = None
+    dataset: TextDataset, encoder: TextEncoder, batch_size: int, pad_to: int | None = None
 ) -> Iterator[tuple[dict[str, np.ndarray], slice]]:
     """Yield (feeds, row slice) over the dataset in order."""
     for start in range(0, len(dataset), batch_size):

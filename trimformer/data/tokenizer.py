@@ -9,7 +9,7 @@ from tokenizers import Tokenizer
 
 from trimformer.errors import UserError
 
-__all__ = ["TOKENIZER_FILES", "configure_tokenizer", "load_tokenizer"]
+__all__ = ["TOKENIZER_FILES", "load_tokenizer"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,12 +46,3 @@ def load_tokenizer(folder: Path) -> Tokenizer:
     if backend is None:
         raise UserError(f"the tokenizer in {folder} has no fast version; add a tokenizer.json")
     return Tokenizer.from_str(backend.to_str())
-
-
-def configure_tokenizer(tokenizer: Tokenizer, max_length: int, pad_token_id: int) -> Tokenizer:
-    """Truncate to ``max_length`` and pad to the longest sequence of each batch."""
-    tokenizer = Tokenizer.from_str(tokenizer.to_str())
-    tokenizer.enable_truncation(max_length=max_length)
-    pad_token = tokenizer.id_to_token(pad_token_id) or "[PAD]"
-    tokenizer.enable_padding(pad_id=pad_token_id, pad_token=pad_token)
-    return tokenizer

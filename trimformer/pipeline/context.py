@@ -20,14 +20,16 @@ import numpy as np
 import onnx
 
 from trimformer.artifact import ModelArtifact
-from trimformer.data import Encoder, TextDataset, load_dataset, map_labels
+from trimformer.data import TextDataset, load_dataset, map_labels
 from trimformer.data.calibration import DatasetFeeds
-from trimformer.data.tokenizer import load_tokenizer
+from trimformer.data.tokenize import iter_batches
 from trimformer.errors import UserError
 from trimformer.formats.qat_ranges import QAT_RANGES_FILE, read_training_ranges
 from trimformer.passes.base import CalibrationFeeds, PassContext
 from trimformer.pipeline.stages.params import EvalSplit, PassStageParams, calibration_split, eval_split
+from trimformer.runtime.encoding import TextEncoder
 from trimformer.runtime.session import cpu_session
+from trimformer.validation.reference import artifact_encoder
 
 __all__ = [
     "ColumnOptions",
@@ -36,7 +38,6 @@ __all__ = [
     "StageOptions",
     "add_fisher_scores",
     "add_training_ranges",
-    "artifact_encoder",
     "build_pass_context",
     "is_classifier",
     "load_calibration",
@@ -112,13 +113,6 @@ def is_classifier(artifact: ModelArtifact) -> bool:
     return artifact.meta.task == "sequence-classification" and bool(artifact.labels)
 
 
-def artifact_encoder(artifact: ModelArtifact) -> Encoder:
-    """An encoder for the artifact's graph inputs with its own tokenizer."""
-    tok = artifact.meta.tokenizer
-    names = [io.name for io in artifact.meta.inputs]
-    return Encoder(load_tokenizer(artifact.path), names, tok.max_length, tok.pad_token_id)
-
-
 def load_calibration(artifact: ModelArtifact, request: DataRequest) -> TextDataset | None:
     """The calibration rows of ``request`` (checked against the model), or None without data."""
     spec = request.calibration
@@ -148,7 +142,7 @@ def load_calibration(artifact: ModelArtifact, request: DataRequest) -> TextDatas
 
 
 def _calibration_factory(
-    artifact: ModelArtifact, encoder: Encoder, dataset: TextDataset, request: DataRequest
+    artifact: ModelArtifact, encoder: TextEncoder, dataset: TextDataset, request: DataRequest
 ) -> Callable[[], CalibrationFeeds]:
     max_length = artifact.meta.tokenizer.max_length
     pad_to = None if request.pad_to is None else min(request.pad_to, max_length)
@@ -158,14 +152,10 @@ def _calibration_factory(
 
 
 def onnx_accuracy_fn(
-    encoder: Encoder, dataset: Any, targets: np.ndarray
+    encoder: TextEncoder, dataset: Any, targets: np.ndarray
 ) -> Callable[[onnx.ModelProto], float]:
     """An ``evaluate(model_proto) -> accuracy`` for accuracy-aware passes; the data is encoded once."""
-    batches = []
-    for start in range(0, len(dataset), EVAL_BATCH):
-        stop = start + EVAL_BATCH
-        pairs = None if dataset.pairs is None else dataset.pairs[start:stop]
-        batches.append((encoder(dataset.texts[start:stop], pairs), targets[start:stop]))
+    batches = [(feeds, targets[rows]) for feeds, rows in iter_batches(dataset, encoder, EVAL_BATCH)]
 
     def evaluate(model: onnx.ModelProto) -> float:
         session = cpu_session(model)
@@ -180,7 +170,7 @@ def onnx_accuracy_fn(
 
 
 def _evaluator(
-    artifact: ModelArtifact, encoder: Encoder, request: DataRequest
+    artifact: ModelArtifact, encoder: TextEncoder, request: DataRequest
 ) -> Callable[[onnx.ModelProto], float] | None:
     spec = request.evaluate
     if spec is None:

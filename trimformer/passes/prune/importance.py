@@ -29,7 +29,6 @@ from trimformer.passes.intermediates import iter_outputs, session_with_outputs
 from trimformer.progress import progress_bar
 
 __all__ = [
-    "IMPORTANCE_KINDS",
     "Scores",
     "ablation_scores",
     "activation_scores",
@@ -38,8 +37,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-IMPORTANCE_KINDS = ("magnitude", "activation", "fisher", "ablation")
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 Post-training, after Kwon et al. 2022 ("A Fast Post-Training Pruning Framework for Transformers"):
 score every head and neuron (:mod:`.importance`), choose what to remove under a budget
-(:mod:`.prune_budget`), remove it from the graph as coupled groups (:mod:`.prune_surgery`), then
+(:mod:`.budget`), remove it from the graph as coupled groups (:mod:`.surgery`), then
 refit the kept rows of each layer's projections on calibration data (:mod:`.reconstruct`). The
 pass's ``ensures()`` checks that the graph after surgery equals the unpruned graph with the same
 units masked, and that reconstruction changed values only.

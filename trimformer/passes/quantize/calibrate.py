@@ -25,11 +25,9 @@ from trimformer.errors import UserError
 from trimformer.passes.base import CalibrationFeeds
 from trimformer.runtime.session import cpu_session
 
-__all__ = ["CALIBRATED_OPS", "calibrate", "check_feeds", "infer_types", "load_ranges", "save_ranges"]
+__all__ = ["calibrate", "check_feeds", "infer_types", "load_ranges", "save_ranges"]
 
 logger = logging.getLogger(__name__)
-
-CALIBRATED_OPS = ("MatMul", "Attention", "Gemm")
 
 
 class _OneBatch:

@@ -29,6 +29,7 @@ import onnx_ir as ir
 from onnx_ir.passes import FunctionalPass
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
+from trimformer import defaults
 from trimformer.errors import UserError
 from trimformer.formats.qat_ranges import QAT_RANGES_FILE
 from trimformer.passes._checks import compare_outputs
@@ -73,7 +74,7 @@ class QuantizeConfig(PassConfig):
     format: str | None = None
     per_channel: bool | None = None
     reduce_range: bool | None = None
-    samples: int = Field(default=512, ge=1)
+    samples: int = Field(default=defaults.QUANTIZE_SAMPLES, ge=1)
     percentile: float = Field(default=99.999, gt=0.0, le=100.0)
     # Node names to keep in float whatever the policy says.
     exclude: list[str] = Field(default_factory=list)

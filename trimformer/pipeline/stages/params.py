@@ -1,4 +1,4 @@
-"""Each stage's data parameters and their defaults: the one home for them.
+"""Each stage's data parameters, typed; their default values live in :mod:`trimformer.defaults`.
 
 The CLI options take their defaults from these models, the recipe's ``[data]`` keys override
 them only where a recipe gives a value, and the Python API gets the same defaults by building
@@ -10,10 +10,11 @@ a ``[[passes]]`` key), so its stage parameters hold only the rest.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
+from trimformer import defaults
 from trimformer.passes.base import PassConfig
 
 __all__ = [
@@ -25,7 +26,6 @@ __all__ = [
     "QuantizeStageParams",
     "StageParams",
     "calibration_split",
-    "default_of",
     "eval_split",
     "stage_params_class",
 ]
@@ -52,39 +52,35 @@ def eval_split(spec: str, split: EvalSplit) -> str:
 
 
 class StageParams(PassConfig):
-    """How a pass stage reads its calibration data (refused like a pass config: a UserError when
-    built from arguments, a ValidationError from ``model_validate``)."""
+    """How a pass stage reads its calibration data (a bad value is refused like a pass config's:
+    a one-line ConfigError naming the field)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    batch_size: int = Field(default=16, ge=1)
+    batch_size: int = Field(default=defaults.CALIBRATION_BATCH_SIZE, ge=1)
 
 
 class PruneStageParams(StageParams):
-    # 1024 rows in batches of 64: the measured default of docs/PRUNING.md (Fisher scores, ridge
-    # refit and block reconstruction all gain up to about 1024 tweets). Pruning calibrates each
-    # batch at its longest row (no pad_to) and scores no candidates (no eval keys).
-    samples: int = Field(default=1024, ge=1)
-    batch_size: int = Field(default=64, ge=1)
+    # Pruning calibrates each batch at its longest row (no pad_to) and scores no candidates.
+    samples: int = Field(default=defaults.PRUNE_SAMPLES, ge=1)
+    batch_size: int = Field(default=defaults.PRUNE_BATCH_SIZE, ge=1)
 
 
 class EvaluatingStageParams(StageParams):
-    # None: each calibration batch at its longest row (the calibrators take any shape, and
-    # padding every tweet to 128 tokens is slower); a number pads to it, capped at max_length.
-    pad_to: int | None = Field(default=None, ge=1)
+    pad_to: int | None = Field(default=defaults.CALIBRATION_PAD_TO, ge=1)
     # What accuracy-aware passes score their candidates on.
     eval_split: EvalSplit = "auto"
-    eval_limit: int | None = Field(default=1000, ge=1)
+    eval_limit: int | None = Field(default=defaults.EVAL_LIMIT, ge=1)
 
 
 class QuantizeStageParams(EvaluatingStageParams):
-    """The calibration row count is the pass's own ``QuantizeConfig.samples`` (512)."""
+    """The calibration row count is the pass's own ``QuantizeConfig.samples``."""
 
 
 class PassStageParams(EvaluatingStageParams):
     """Any other pass (``trimformer optimize``, or a recipe pass that is not prune/quantize)."""
 
-    samples: int = Field(default=256, ge=1)
+    samples: int = Field(default=defaults.PASS_SAMPLES, ge=1)
 
 
 _BY_PASS: dict[str, type[StageParams]] = {"prune": PruneStageParams, "quantize": QuantizeStageParams}
@@ -92,8 +88,3 @@ _BY_PASS: dict[str, type[StageParams]] = {"prune": PruneStageParams, "quantize":
 
 def stage_params_class(pass_name: str) -> type[StageParams]:
     return _BY_PASS.get(pass_name, PassStageParams)
-
-
-def default_of(model: type[BaseModel], field: str) -> Any:
-    """A field's default, for a CLI option that must show the same value."""
-    return model.model_fields[field].default
