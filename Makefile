@@ -3,6 +3,7 @@
 #   make demo              the built-in edge recipe end to end (MiniLM + tweets -> 3-layer pruned int8 bundle)
 #   make test [FAST=1]     the tests (FAST=1 skips the slow end-to-end ones; CI runs them all)
 #   make lint              ruff check, ruff format --check, mypy, lint-imports (the layer contracts)
+#   make lm                the built-in causal LM (tokenizer + small Llama, trained here, cached)
 #   make bench             every variant side by side in one run -> docs/BENCHMARKS.md
 #   make pipeline RECIPE=recipes/int8.toml
 #   make export|distill|prune|quantize|validate|package MODEL=dir OUT=dir [DATA=..] [ARGS="..."]
@@ -21,7 +22,7 @@ endif
 
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test lint format demo teacher bench bench-peers bench-load clean pipeline fuse
+.PHONY: install test lint format demo teacher lm bench bench-peers bench-load clean pipeline fuse
 
 install: $(STAMP)
 
@@ -71,6 +72,17 @@ $(TEACHER)/trimformer_train.json: | $(STAMP)
 
 $(TEACHER_ONNX)/model.onnx: $(TEACHER)/trimformer_train.json
 	$(TF) export $(TEACHER) --out $(TEACHER_ONNX) --overwrite
+
+# --- the built-in causal language model (no hub here: trained on the tweets' train split) -----
+# A byte-level BPE tokenizer and a 3.9 M-parameter Llama-layout model with grouped-query
+# attention; cached (a rerun returns at once), resumable when interrupted. About 8 minutes on 2 cores.
+LM := $(WORK)/lm
+
+lm: $(LM)/trimformer_train.json
+
+$(LM)/trimformer_train.json: | $(STAMP)
+	$(TF) train --task causal-lm --data builtin:tweets --out $(LM) --overwrite \
+		--steps 700 --batch-size 16 --max-length 128 --lr 1e-3 --eval-every 100
 
 # --- benchmark: every variant side by side in one run (docs/BENCHMARKS.md) --------------
 # Peers get their own virtual environments: Optimum needs transformers<4.58. A peer that does not

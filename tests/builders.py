@@ -172,3 +172,72 @@ def make_jsonl(path: Path, rows: int = 60, seed: int = 0) -> Path:
             text, label = sentence(rng)
             handle.write(json.dumps({"text": text, "label": label}) + "\n")
     return path
+
+
+DECODER_SPECIALS = ["<pad>", "<s>", "</s>"]
+
+
+def make_bpe_tokenizer(vocab: int = 320, seed: int = 0) -> Tokenizer:
+    """A byte-level BPE tokenizer with <pad>=0, <s>=1, </s>=2 whose encodings start with <s>."""
+    from tokenizers import models, trainers
+
+    rng = random.Random(seed)
+    texts = [sentence(rng)[0] for _ in range(400)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab,
+        special_tokens=DECODER_SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return tok
+
+
+def _decoder_config(family: str, vocab: int, context: int) -> object:
+    from transformers import GPT2Config, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    ids = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "vocab_size": vocab}
+    llama_like = {
+        "hidden_size": 32,
+        "intermediate_size": 48,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,  # grouped-query attention
+        "max_position_embeddings": context,
+        "tie_word_embeddings": False,
+        # Wider than the default 0.02, so random logits have clear winners: greedy parity must
+        # not hinge on ties that float rounding decides.
+        "initializer_range": 0.2,
+        **ids,
+    }
+    if family == "llama":
+        return LlamaConfig(**llama_like)
+    if family == "mistral":
+        return MistralConfig(**llama_like, sliding_window=None)
+    if family == "qwen2":
+        return Qwen2Config(**llama_like)
+    if family == "qwen3":
+        return Qwen3Config(**llama_like, head_dim=8)
+    if family == "gpt2":
+        return GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=context, initializer_range=0.2, **ids)
+    raise ValueError(family)
+
+
+def make_causal_lm(folder: Path, family: str = "llama", context: int = 128, seed: int = 0) -> Path:
+    """A tiny causal-LM folder of ``family`` with random weights, its BPE tokenizer and config."""
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    tok = make_bpe_tokenizer()
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(_decoder_config(family, tok.get_vocab_size(), context))
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(folder), safe_serialization=True)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", model_max_length=context
+    )
+    fast.save_pretrained(str(folder))
+    return folder

@@ -21,13 +21,14 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import onnx
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from trimformer import __version__
 from trimformer.errors import UserError
+from trimformer.formats.tasks import TASK_NAMES
 from trimformer.fsutil import atomic_output_dir, hash_files, sha256_file
 from trimformer.onnx_io import check_external_data, load_onnx, save_onnx
 
@@ -46,7 +47,8 @@ logger = logging.getLogger(__name__)
 MODEL_FILE = "model.onnx"
 ARTIFACT_META = "trimformer.json"
 REPORT_DIRS = ("report",)
-Task = Literal["sequence-classification", "feature-extraction"]
+# The task names come from the registry (formats/tasks.py); a name outside it is refused at load.
+Task = str
 
 
 class _Strict(BaseModel):
@@ -91,6 +93,13 @@ class ArtifactMeta(_Strict):
     lineage: list[LineageStep] = Field(default_factory=list)
     # Free-form facts that passes want to hand to later passes (calibration ranges file, ...).
     extras: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, value: str) -> str:
+        if value not in TASK_NAMES:
+            raise ValueError(f"unknown task {value!r}; known tasks: {', '.join(TASK_NAMES)}")
+        return value
 
 
 class ModelArtifact:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from tests.builders import make_csv, make_hf_model
+from tests.builders import make_causal_lm, make_csv, make_hf_model
 from trimformer.cli.commands import cli
 
 Case = Callable[[Path, dict[str, Path]], list[str]]
@@ -79,16 +79,14 @@ CASES: dict[str, tuple[Case, str]] = {
                     t,
                     lambda f: _write(
                         f / "config.json",
-                        (f / "config.json")
-                        .read_text()
-                        .replace('"model_type": "bert"', '"model_type": "gpt2"'),
+                        (f / "config.json").read_text().replace('"model_type": "bert"', '"model_type": "t5"'),
                     ),
                 )
             ),
             "--out",
             str(t / OUT),
         ],
-        "supported architectures",
+        "supported families: encoders bert",
     ),
     "export: pickle-only checkpoint": (
         lambda t, fx: [
@@ -454,6 +452,55 @@ CASES: dict[str, tuple[Case, str]] = {
     # --- bundles -------------------------------------------------------------------------
     "verify: bundle missing": (lambda t, fx: ["verify", str(t / "nothing")], "nothing"),
     "verify: tampered bundle": (lambda t, fx: ["verify", str(_tampered_bundle(t, fx))], "config.json"),
+    "train: causal LM to classifier training": (
+        lambda t, fx: ["train", str(fx["llama"]), "--data", str(fx["csv"]), "--out", str(t / OUT)],
+        r"is a causal language model \(llama\); this command takes an encoder",
+    ),
+    "train: encoder to causal-LM training": (
+        lambda t, fx: [
+            "train",
+            str(fx["bert"]),
+            "--task",
+            "causal-lm",
+            "--data",
+            str(fx["csv"]),
+            "--out",
+            str(t / OUT),
+        ],
+        r"is an encoder \(bert\); the causal-lm task takes a decoder",
+    ),
+    "train: causal LM with epochs": (
+        lambda t, fx: [
+            "train",
+            "--task",
+            "causal-lm",
+            "--data",
+            str(fx["csv"]),
+            "--epochs",
+            "1",
+            "--out",
+            str(t / OUT),
+        ],
+        "--epochs is for classifiers",
+    ),
+    "train: causal LM vocabulary too small": (
+        lambda t, fx: [
+            "train",
+            "--task",
+            "causal-lm",
+            "--data",
+            str(fx["csv"]),
+            "--vocab-size",
+            "10",
+            "--out",
+            str(t / OUT),
+        ],
+        r"--vocab-size must be in \[256, 65536\]",
+    ),
+    "train: classifier without a model": (
+        lambda t, fx: ["train", "--data", str(fx["csv"]), "--out", str(t / OUT)],
+        "missing MODEL",
+    ),
     "package: output exists": (
         lambda t, fx: ["package", str(fx["onnx"]), "--out", str((t / OUT).mkdir() or t / OUT)],
         "exists",
@@ -465,6 +512,7 @@ CASES: dict[str, tuple[Case, str]] = {
 def fx(tiny_bert: Path, tiny_bert_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {
         "bert": tiny_bert,
+        "llama": make_causal_lm(tmp_path_factory.mktemp("llama") / "llama"),
         "onnx": tiny_bert_onnx,
         "csv": make_csv(tmp_path_factory.mktemp("d") / "d.csv", 60),
     }

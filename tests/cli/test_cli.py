@@ -118,7 +118,7 @@ def test_unsupported_architecture(tmp_path: Path) -> None:
     text = (folder / "config.json").read_text().replace('"model_type": "bert"', '"model_type": "t5"')
     (folder / "config.json").write_text(text)
     code, out = invoke("export", str(folder), "--out", str(tmp_path / "o"))
-    assert_user_error(code, out, "supported architectures: bert, distilbert, roberta")
+    assert_user_error(code, out, "supported families: encoders bert, roberta, xlm-roberta, distilbert")
     assert not (tmp_path / "o").exists()
 
 

@@ -74,10 +74,12 @@ def test_malicious_pickle_checkpoint_is_refused(tmp_path: Path) -> None:
 
 
 def test_unsupported_architecture_names_supported_ones(tmp_path: Path) -> None:
-    folder = make_hf_model(tmp_path / "gpt")
-    config = (folder / "config.json").read_text().replace('"model_type": "bert"', '"model_type": "gpt2"')
+    folder = make_hf_model(tmp_path / "t5")
+    config = (folder / "config.json").read_text().replace('"model_type": "bert"', '"model_type": "t5"')
     (folder / "config.json").write_text(config)
-    with pytest.raises(UserError, match=r"gpt2.*supported architectures: bert, distilbert, roberta"):
+    with pytest.raises(
+        UserError, match=r"t5 model; supported families: encoders bert, roberta.*causal language models llama"
+    ):
         load_source(folder)
 
 

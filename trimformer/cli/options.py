@@ -54,11 +54,12 @@ def pick_input(
     return distinct[0]
 
 
-def input_argument(name: str, *aliases: str, help: str) -> Callable[[F], F]:
+def input_argument(name: str, *aliases: str, help: str, optional: bool = False) -> Callable[[F], F]:
     """The command's input as a positional ``NAME`` or any of ``aliases`` (e.g. ``--model``).
 
-    The command function receives one keyword ``name`` either way. Neither form, or the two forms
-    with different values, is a :class:`UserError` (exit 2) naming both ways to give it.
+    The command function receives one keyword ``name`` either way. Neither form (unless
+    ``optional``: then ``None``), or the two forms with different values, is a :class:`UserError`
+    (exit 2) naming both ways to give it.
     """
     if not aliases:
         raise ValueError("input_argument needs at least one option alias, e.g. '--model'")
@@ -69,7 +70,11 @@ def input_argument(name: str, *aliases: str, help: str) -> Callable[[F], F]:
     def decorate(fn: F) -> F:
         @functools.wraps(fn)
         def with_one_input(*args: Any, **kwargs: Any) -> Any:
-            kwargs[name] = pick_input(metavar, aliases, kwargs.pop(name), kwargs.pop(option_dest))
+            positional, options = kwargs.pop(name), kwargs.pop(option_dest)
+            if optional and positional is None and not options:
+                kwargs[name] = None
+            else:
+                kwargs[name] = pick_input(metavar, aliases, positional, options)
             return fn(*args, **kwargs)
 
         # multiple=True so that "--teacher A --model B" is refused instead of B silently winning.

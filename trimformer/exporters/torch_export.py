@@ -29,21 +29,31 @@ from trimformer.errors import UserError
 from trimformer.exporters.configs import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, ExportConfig, export_config_for
 from trimformer.exporters.parity import ParityResult, check_parity, random_feeds
 from trimformer.formats.qat_ranges import QAT_RANGES_FILE
+from trimformer.formats.tasks import CAUSAL_LM
 from trimformer.fsutil import atomic_output_dir
 from trimformer.onnx_io import TWO_GB, load_onnx, save_onnx
 from trimformer.runtime.session import cpu_session
 from trimformer.sources import LoadedSource, load_source
+from trimformer.sources.causal_lm import GENERATION_CONFIG
 
-__all__ = ["ExportResult", "export_model", "export_source"]
+__all__ = ["ExportResult", "export_model", "export_source", "write_side_files"]
 
 logger = logging.getLogger(__name__)
 
 
 class ExportResult:
-    def __init__(self, artifact: ModelArtifact, parity: ParityResult, seconds: float) -> None:
+    def __init__(
+        self,
+        artifact: ModelArtifact,
+        parity: ParityResult,
+        seconds: float,
+        details: dict[str, Any] | None = None,
+    ) -> None:
         self.artifact = artifact
         self.parity = parity
         self.seconds = seconds
+        # A decoder's greedy-token parity (prompts, tokens compared) beside the logits' difference.
+        self.details = details or {}
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -52,6 +62,7 @@ class ExportResult:
             "parity_max_abs_diff": self.parity.max_abs_diff,
             "seconds": round(self.seconds, 2),
             "size_mb": round(self.artifact.size_bytes() / 1e6, 3),
+            **self.details,
         }
 
 
@@ -95,8 +106,9 @@ def _io_specs(model: onnx.ModelProto, config: ExportConfig) -> tuple[list[IOSpec
     return [spec(v) for v in model.graph.input], [spec(v) for v in model.graph.output]
 
 
-def _write_side_files(source: LoadedSource, folder: Path) -> None:
-    for name in TOKENIZER_FILES:
+def write_side_files(source: LoadedSource, folder: Path) -> None:
+    """Tokenizer files, QAT ranges, generation settings and config.json beside the graph."""
+    for name in (*TOKENIZER_FILES, GENERATION_CONFIG):
         if (source.folder / name).is_file():
             shutil.copy2(source.folder / name, folder / name)
     if (source.folder / QAT_RANGES_FILE).is_file():
@@ -111,20 +123,39 @@ def _write_side_files(source: LoadedSource, folder: Path) -> None:
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
+# Parity tolerance per task when none is given: a decoder's logits are compared over its whole
+# vocabulary and grow with training, so they get a looser absolute bound (tokens must be equal).
+DEFAULT_ATOL = {CAUSAL_LM: 1e-3}
+ENCODER_ATOL = 1e-4
+
+
 def export_source(
     source: LoadedSource,
     out: Path,
     opset: int = DEFAULT_OPSET,
-    atol: float = 1e-4,
+    atol: float | None = None,
     overwrite: bool = False,
     params: dict[str, Any] | None = None,
+    prompts: str | None = None,
+    parity_tokens: int = 32,
 ) -> ExportResult:
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise UserError(
             f"opset {opset} is not supported; choose {MIN_OPSET} to {MAX_OPSET} (default {DEFAULT_OPSET})"
         )
+    atol = DEFAULT_ATOL.get(source.task, ENCODER_ATOL) if atol is None else atol
     if atol <= 0:
         raise UserError(f"--atol must be positive, got {atol}")
+    if source.task == CAUSAL_LM:
+        from trimformer.exporters.decoder import export_decoder
+
+        artifact, decoder_parity, seconds = export_decoder(
+            source, Path(out), opset, atol, overwrite, prompts, parity_tokens, params
+        )
+        logits = ParityResult({"logits@prompts": decoder_parity.logits_max_abs_diff})
+        return ExportResult(artifact, logits, seconds, {"greedy_parity": decoder_parity.to_dict()})
+    if prompts is not None:
+        raise UserError("--prompts is for causal language models; an encoder's parity uses random inputs")
     started = time.perf_counter()
     source.eval()
     config = export_config_for(source, opset=opset, atol=atol)
@@ -147,7 +178,7 @@ def export_source(
         session = cpu_session(tmp / MODEL_FILE)
         parity = check_parity(source, session, config.parity_shapes, config.atol, _vocab_size(source))
         del session
-        _write_side_files(source, tmp)
+        write_side_files(source, tmp)
         inputs, outputs = _io_specs(model, config)
         meta = ArtifactMeta(
             task=source.task,  # type: ignore[arg-type]
@@ -195,11 +226,21 @@ def export_model(
     out: str | Path,
     task: str | None = None,
     opset: int = DEFAULT_OPSET,
-    atol: float = 1e-4,
+    atol: float | None = None,
     overwrite: bool = False,
+    prompts: str | None = None,
+    parity_tokens: int = 32,
 ) -> ExportResult:
-    """Export a trained model folder to an artifact folder, parity-checked against PyTorch."""
+    """Export a trained model folder to an artifact folder, parity-checked against PyTorch
+    (a causal LM: prompt logits and greedy tokens over ``prompts``, see exporters/decoder.py)."""
     source = load_source(model, task=task)
     return export_source(
-        source, Path(out), opset=opset, atol=atol, overwrite=overwrite, params={"task": source.task}
+        source,
+        Path(out),
+        opset=opset,
+        atol=atol,
+        overwrite=overwrite,
+        params={"task": source.task},
+        prompts=prompts,
+        parity_tokens=parity_tokens,
     )

@@ -42,6 +42,7 @@ from pydantic import (
 import trimformer.passes  # noqa: F401  (importing the package registers every pass)
 from trimformer.errors import UserError
 from trimformer.formats.onnx_ops import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
+from trimformer.formats.tasks import TASK_NAMES
 from trimformer.passes.base import PASS_REGISTRY, ConfigError, PassConfig, describe_error
 from trimformer.pipeline.stages.params import StageParams, stage_params_class
 
@@ -98,7 +99,15 @@ class TrainSpec(_Strict):
 
 class ModelSection(_Strict):
     source: str
-    task: Literal["sequence-classification", "feature-extraction"] | None = None
+    task: str | None = None
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, value: str | None) -> str | None:
+        if value is not None and value not in TASK_NAMES:
+            raise ValueError(f"must be one of {', '.join(TASK_NAMES)} (got {value!r})")
+        return value
+
     train: TrainSpec | None = None
 
 

@@ -22,6 +22,7 @@ import numpy as np
 import onnxruntime as ort
 
 from trimformer.errors import UserError
+from trimformer.formats.tasks import TASKS as TASK_REGISTRY
 from trimformer.runtime.archive import (
     canonical_archive_problem,
     check_archive_sidecar,
@@ -50,7 +51,8 @@ SMOKE_TEXTS = (
     "ok",
     "Café crème, s'il vous plaît — 10/10 👍",
 )
-TASKS = ("sequence-classification", "feature-extraction")
+# The tasks whose bundles a Predictor serves, from the task registry.
+TASKS = tuple(name for name, spec in TASK_REGISTRY.items() if spec.runtime == "Predictor")
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,9 @@ from pathlib import Path
 
 from trimformer.errors import UserError
 from trimformer.formats.pruning_record import RECORD_FILE
+from trimformer.formats.tasks import CAUSAL_LM
 from trimformer.sources.base import TASKS, LoadedSource, SourceIO
-from trimformer.sources.hf import SUPPORTED_ARCHITECTURES, is_hf_folder, load_hf
+from trimformer.sources.hf import SUPPORTED_ARCHITECTURES, infer_task, is_hf_folder, load_hf, read_config
 from trimformer.sources.plain import PlainConfig, PlainTransformerClassifier, is_plain_folder, load_plain
 
 __all__ = [
@@ -41,7 +42,8 @@ def resolve_model_path(spec: str | Path) -> Path:
 
 
 def load_source(spec: str | Path, task: str | None = None, num_labels: int | None = None) -> LoadedSource:
-    """Load a trained model folder (Hugging Face or plain) for export, training or reference runs."""
+    """Load a trained model folder (Hugging Face encoder or causal LM, or plain) for export,
+    training or reference runs; ``task`` (when given) must be the folder's kind of task."""
     folder = resolve_model_path(spec)
     if not folder.exists():
         raise UserError(f"model path {folder} does not exist")
@@ -57,6 +59,10 @@ def load_source(spec: str | Path, task: str | None = None, num_labels: int | Non
     if is_plain_folder(folder):
         return load_plain(folder)
     if is_hf_folder(folder):
+        if (task or infer_task(read_config(folder))) == CAUSAL_LM:
+            from trimformer.sources.causal_lm import load_causal_lm
+
+            return load_causal_lm(folder)
         return load_hf(folder, task=task, num_labels=num_labels)
     if (folder / "config.json").is_file():
         raise UserError(f"{folder} has config.json but no weights (model.safetensors or pytorch_model.bin)")

@@ -9,9 +9,12 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer
 
+from trimformer.formats.tasks import TASK_NAMES
+
 __all__ = ["TASKS", "LoadedSource", "SourceIO"]
 
-TASKS = ("sequence-classification", "feature-extraction")
+# The tasks a source can be loaded for: every registered task (formats/tasks.py).
+TASKS = TASK_NAMES
 
 
 @dataclass(frozen=True)

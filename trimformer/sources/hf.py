@@ -13,28 +13,36 @@ from torch import nn
 
 from trimformer.data.tokenizer import load_tokenizer
 from trimformer.errors import UserError
+from trimformer.formats.tasks import CAUSAL_LM, ENCODER_TASKS, FEATURE_EXTRACTION, SEQUENCE_CLASSIFICATION
 from trimformer.fsutil import hash_files
-from trimformer.sources.base import TASKS, LoadedSource, SourceIO
+from trimformer.sources.base import LoadedSource, SourceIO
+from trimformer.sources.families import DECODER_FAMILIES, ENCODER_FAMILIES, FAMILIES, family_of
 
-__all__ = ["SUPPORTED_ARCHITECTURES", "is_hf_folder", "load_hf", "read_pooling"]
+__all__ = [
+    "SUPPORTED_ARCHITECTURES",
+    "WEIGHT_FILES",
+    "infer_task",
+    "is_hf_folder",
+    "load_hf",
+    "load_state_dict_safely",
+    "read_config",
+    "read_pooling",
+]
 
 logger = logging.getLogger(__name__)
 
-# model_type -> graph inputs. MiniLM checkpoints are model_type "bert".
+# Encoder model_type -> graph inputs, from the family registry. MiniLM checkpoints are "bert".
 SUPPORTED_ARCHITECTURES: dict[str, tuple[str, ...]] = {
-    "bert": ("input_ids", "attention_mask", "token_type_ids"),
-    "distilbert": ("input_ids", "attention_mask"),
-    "roberta": ("input_ids", "attention_mask"),
-    "xlm-roberta": ("input_ids", "attention_mask"),
+    name: FAMILIES[name].inputs for name in ENCODER_FAMILIES
 }
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
 
 def is_hf_folder(folder: Path) -> bool:
-    return (folder / "config.json").is_file() and any((folder / f).is_file() for f in _WEIGHT_FILES)
+    return (folder / "config.json").is_file() and any((folder / f).is_file() for f in WEIGHT_FILES)
 
 
-def _read_config(folder: Path) -> dict[str, Any]:
+def read_config(folder: Path) -> dict[str, Any]:
     try:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -44,11 +52,16 @@ def _read_config(folder: Path) -> dict[str, Any]:
     return config
 
 
-def _infer_task(config: dict[str, Any]) -> str:
+def infer_task(config: dict[str, Any]) -> str:
     archs = config.get("architectures") or []
     if any(str(a).endswith("ForSequenceClassification") for a in archs):
-        return "sequence-classification"
-    return "feature-extraction"
+        return SEQUENCE_CLASSIFICATION
+    archs_text = " ".join(str(a) for a in archs)
+    if "ForCausalLM" in archs_text or "LMHeadModel" in archs_text:
+        return CAUSAL_LM
+    if str(config.get("model_type", "")) in DECODER_FAMILIES:
+        return CAUSAL_LM
+    return FEATURE_EXTRACTION
 
 
 def read_pooling(folder: Path) -> tuple[str, bool]:
@@ -68,7 +81,7 @@ def read_pooling(folder: Path) -> tuple[str, bool]:
     return mode, normalize
 
 
-def _load_state_dict_safely(folder: Path) -> dict[str, torch.Tensor] | None:
+def load_state_dict_safely(folder: Path) -> dict[str, torch.Tensor] | None:
     """Only a pickle checkpoint needs care: open it with ``weights_only=True``."""
     if (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file():
         return None
@@ -132,21 +145,16 @@ def load_hf(folder: Path, task: str | None = None, num_labels: int | None = None
     """Load a Hugging Face folder; ``num_labels`` re-heads a model for fine-tuning."""
     from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
-    config_dict = _read_config(folder)
+    config_dict = read_config(folder)
     model_type = str(config_dict.get("model_type", ""))
-    if model_type not in SUPPORTED_ARCHITECTURES:
-        supported = ", ".join(sorted(SUPPORTED_ARCHITECTURES))
-        raise UserError(
-            f"{folder} holds a {model_type or 'unknown'!s} model; supported architectures: {supported} "
-            "(MiniLM checkpoints are bert)"
-        )
-    task = task or _infer_task(config_dict)
-    if task not in TASKS:
-        raise UserError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
-    input_names = SUPPORTED_ARCHITECTURES[model_type]
+    task = task or infer_task(config_dict)
+    family = family_of(model_type, str(folder), task)
+    if task not in ENCODER_TASKS:
+        raise UserError(f"unknown task {task!r} for an encoder; choose one of: {', '.join(ENCODER_TASKS)}")
+    input_names = family.inputs
     # A pickle checkpoint is opened with weights_only=True first: a file that needs more than plain
     # tensors is refused before transformers (or anything else) unpickles it.
-    _load_state_dict_safely(folder)
+    load_state_dict_safely(folder)
     # Eager attention exports to the plain MatMul/Softmax pattern that fusion and pruning recognise.
     kwargs: dict[str, Any] = {"attn_implementation": "eager", "local_files_only": True}
     try:
@@ -181,11 +189,8 @@ def load_hf(folder: Path, task: str | None = None, num_labels: int | None = None
         outputs = ("sentence_embedding",)
         axes = {"sentence_embedding": ("batch", int(model.config.hidden_size))}
         config_dict["trimformer_pooling"] = {"mode": mode, "normalize": normalize}
-    max_positions = int(getattr(model.config, "max_position_embeddings", 512))
-    # RoBERTa reserves padding_idx + 1 positions.
-    if model_type in ("roberta", "xlm-roberta"):
-        max_positions -= 2
-    weight_files = [folder / f for f in _WEIGHT_FILES if (folder / f).is_file()]
+    max_positions = int(getattr(model.config, family.dims.positions, 512)) - family.reserved_positions
+    weight_files = [folder / f for f in WEIGHT_FILES if (folder / f).is_file()]
     return LoadedSource(
         kind="hf",
         folder=folder,

@@ -283,6 +283,7 @@ def load_pruned_source(folder: str | Path) -> LoadedSource:
     from trimformer.data.tokenizer import load_tokenizer
     from trimformer.fsutil import hash_files
     from trimformer.sources.base import LoadedSource, SourceIO
+    from trimformer.sources.families import FAMILIES
     from trimformer.sources.hf import SUPPORTED_ARCHITECTURES, ClassifierHead, EmbeddingHead, read_pooling
     from trimformer.sources.plain import (
         PLAIN_CONFIG_FILE,
@@ -328,9 +329,8 @@ def load_pruned_source(folder: str | Path) -> LoadedSource:
         module = EmbeddingHead(model, input_names, mode, normalize)
         outputs, axes = ("sentence_embedding",), {"sentence_embedding": ("batch", int(config.hidden_size))}
         config_dict["trimformer_pooling"] = {"mode": mode, "normalize": normalize}
-    max_positions = int(getattr(config, "max_position_embeddings", 512))
-    if config.model_type in ("roberta", "xlm-roberta"):
-        max_positions -= 2
+    family = FAMILIES[str(config.model_type)]
+    max_positions = int(getattr(config, family.dims.positions, 512)) - family.reserved_positions
     return LoadedSource(
         kind="hf", folder=folder, architecture=str(config.model_type), task=task, model=model,
         module=module.eval(), io=SourceIO(input_names, outputs, axes),  # type: ignore[arg-type]

@@ -34,6 +34,7 @@ from trimformer.errors import UserError
 from trimformer.formats.pruning_record import RECORD_FILE, load_pruning_record, record_path
 from trimformer.fsutil import sha256_file
 from trimformer.sources import LoadedSource, PlainTransformerClassifier, load_source
+from trimformer.sources.families import FAMILIES
 from trimformer.sources.pruning import apply_pruning_record
 
 __all__ = [
@@ -265,8 +266,8 @@ def _from_shape(teacher: LoadedSource, shape: StudentShape, seed: int) -> Studen
         keys = ("num_layers", "hidden_size", "num_heads", "ffn_size")
         model = PlainTransformerClassifier(replace(teacher_config, **dict(zip(keys, sizes, strict=True))))
     else:
-        ffn_key = "hidden_dim" if teacher.architecture == "distilbert" else "intermediate_size"
-        keys = ("num_hidden_layers", "hidden_size", "num_attention_heads", ffn_key)
+        dims = FAMILIES[teacher.architecture].dims
+        keys = (dims.layers, dims.hidden, dims.heads, dims.ffn)
         hf_config = copy.deepcopy(teacher_config)
         for key, size in zip(keys, sizes, strict=True):
             setattr(hf_config, key, size)

@@ -1,0 +1,298 @@
+"""Causal LM -> one ONNX graph with a KV cache, proved by prompt logits and greedy tokens.
+
+One graph serves the prompt (an empty past) and every decode step (a past of any length), with
+dynamic batch, sequence and past axes (contract: :mod:`trimformer.formats.decoder`). The export
+fails, and writes nothing, unless
+
+1. on each parity prompt, the prompt's logits from onnxruntime are within ``atol`` of the Hugging
+   Face model's, and
+2. greedy decoding of ``new_tokens`` tokens through the exported graph, stepping its own cache,
+   gives exactly the tokens the Hugging Face model gives with its own cache.
+
+A mismatch names the prompt and the first differing position. Prompts are the test split of a
+dataset (``prompts="builtin:tweets"``: each text's first half, at least 20 of them) or
+:data:`PARITY_PROMPTS`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+
+from trimformer import __version__
+from trimformer.artifact import (
+    MODEL_FILE,
+    ArtifactMeta,
+    IOSpec,
+    LineageStep,
+    ModelArtifact,
+    TokenizerSpec,
+    write_meta,
+)
+from trimformer.errors import ParityError, UserError
+from trimformer.exporters.decoder_module import CachedDecoder
+from trimformer.formats.decoder import DECODER_EXTRAS_KEY, DecoderSpec
+from trimformer.fsutil import atomic_output_dir
+from trimformer.onnx_io import TWO_GB, load_onnx, save_onnx
+from trimformer.runtime.decoding import CachedSession
+from trimformer.runtime.session import cpu_session
+from trimformer.sources import LoadedSource
+
+__all__ = ["PARITY_PROMPTS", "DecoderParity", "export_decoder", "parity_prompts", "torch_greedy"]
+
+logger = logging.getLogger(__name__)
+
+PARITY_PROMPTS = (
+    "The weather today is",
+    "I can't believe that",
+    "My favourite thing about the weekend",
+    "Yesterday I went to the",
+    "The best way to learn a language is",
+    "Please don't tell anyone, but",
+    "When the train finally arrived,",
+    "Our team just shipped",
+    "the coffee here is",
+    "Happy birthday to my",
+    "Why does my phone always",
+    "Just finished reading a book about",
+    "So excited for the concert tonight because",
+    "Traffic on the highway was",
+    "lol this is the funniest",
+    "Can someone explain why",
+    "New blog post: how we",
+    "Good morning everyone, today",
+    "The new update broke",
+    "I miss the days when",
+    "Dinner tonight: pasta with",
+    "Watching the game and",
+    "Never again will I",
+    "Thanks so much for",
+)
+MIN_PROMPTS = 20
+
+
+@dataclass(frozen=True)
+class DecoderParity:
+    prompts: int
+    new_tokens: int
+    logits_max_abs_diff: float
+    tokens_compared: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "prompts": self.prompts,
+            "new_tokens": self.new_tokens,
+            "logits_max_abs_diff": self.logits_max_abs_diff,
+            "tokens_compared": self.tokens_compared,
+            "greedy_tokens_equal": True,
+        }
+
+
+def parity_prompts(source: LoadedSource, data: str | None, count: int, reserve: int) -> list[list[int]]:
+    """Token ids of ``count`` prompts, each leaving ``reserve`` positions of the context free."""
+    if data is None:
+        texts = list(PARITY_PROMPTS)
+    else:
+        from trimformer.data import load_dataset
+
+        texts = load_dataset(data, split="auto" if not data.startswith("builtin:") else "test").texts
+    longest = max(1, min(64, source.max_length - reserve))
+    prompts: list[list[int]] = []
+    for text in texts:
+        ids = source.tokenizer.encode(text).ids
+        if data is not None:  # a held-out text: its first half is the prompt
+            ids = ids[: max(2, len(ids) // 2)]
+        if ids:
+            prompts.append(ids[:longest])
+        if len(prompts) == count:
+            break
+    if len(prompts) < min(count, MIN_PROMPTS):
+        raise UserError(
+            f"only {len(prompts)} non-empty prompts in {data}; parity needs at least {MIN_PROMPTS}"
+        )
+    return prompts
+
+
+def torch_greedy(model: Any, prompt_ids: list[int], new_tokens: int) -> tuple[list[int], np.ndarray]:
+    """PyTorch's greedy tokens with its own KV cache, and the prompt's logits."""
+    with torch.inference_mode():
+        out = model(input_ids=torch.tensor([prompt_ids]), use_cache=True)
+        prompt_logits = out.logits[0].float().numpy()
+        tokens: list[int] = []
+        while True:
+            token = int(out.logits[0, -1].argmax())
+            tokens.append(token)
+            if len(tokens) == new_tokens:
+                return tokens, prompt_logits
+            out = model(
+                input_ids=torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True
+            )
+
+
+def _dynamic_axes(spec: DecoderSpec) -> dict[str, dict[int, str]]:
+    axes: dict[str, dict[int, str]] = {
+        "input_ids": {0: "batch", 1: "sequence"},
+        "attention_mask": {0: "batch", 1: "total_sequence"},
+        "position_ids": {0: "batch", 1: "sequence"},
+        "logits": {0: "batch", 1: "sequence"},
+    }
+    axes.update({name: {0: "batch", 2: "past_sequence"} for name in spec.past_names()})
+    axes.update({name: {0: "batch", 2: "total_sequence"} for name in spec.present_names()})
+    return axes
+
+
+def _trace(module: CachedDecoder, spec: DecoderSpec, opset: int, path: Path) -> None:
+    # Traced on a non-empty past with padding, so no axis is specialised to 0 or 1.
+    batch, new, past = 2, 3, 4
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, spec.vocab_size, (batch, new), generator=generator)
+    mask = torch.ones((batch, past + new), dtype=torch.int64)
+    mask[1, :2] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, past:]
+    pasts = [
+        torch.randn(batch, spec.num_kv_heads, past, spec.head_dim, generator=generator)
+        for _ in spec.past_names()
+    ]
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module,
+            (ids, mask, positions, *pasts),
+            str(path),
+            input_names=spec.input_names(),
+            output_names=spec.output_names(),
+            dynamic_axes=_dynamic_axes(spec),
+            opset_version=opset,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+
+
+def check_decoder_parity(
+    source: LoadedSource, session: CachedSession, prompts: list[list[int]], new_tokens: int, atol: float
+) -> DecoderParity:
+    """Prompt logits within ``atol`` and identical greedy tokens on every prompt (see module docstring)."""
+    worst = 0.0
+    for index, prompt in enumerate(prompts):
+        expected, torch_logits = torch_greedy(source.model, prompt, new_tokens)
+        ids = np.asarray([prompt], dtype=np.int64)
+        onnx_logits, _ = session.prompt(ids, np.ones_like(ids))
+        diff = float(np.max(np.abs(onnx_logits[0] - torch_logits)))
+        worst = max(worst, diff)
+        text = source.tokenizer.decode(prompt)
+        if not diff <= atol:
+            raise ParityError(
+                f"export parity failed on prompt {index} ({text!r}): prompt logits differ from PyTorch by "
+                f"{diff:.3g} (tolerance {atol:.1g}); try another --opset or raise --atol"
+            )
+        got = session.greedy(prompt, new_tokens)
+        if got != expected:
+            first = next(i for i, (a, b) in enumerate(zip(got, expected, strict=True)) if a != b)
+            raise ParityError(
+                f"export parity failed on prompt {index} ({text!r}): greedy token {first} is {got[first]} "
+                f"from ONNX but {expected[first]} from PyTorch"
+            )
+    return DecoderParity(len(prompts), new_tokens, worst, len(prompts) * new_tokens)
+
+
+def _io_specs(model: onnx.ModelProto) -> tuple[list[IOSpec], list[IOSpec]]:
+    def spec(value: onnx.ValueInfoProto) -> IOSpec:
+        ttype = value.type.tensor_type
+        dims: list[str | int] = [d.dim_param if d.dim_param else int(d.dim_value) for d in ttype.shape.dim]
+        return IOSpec(
+            name=value.name, dtype=onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type).name, shape=dims
+        )
+
+    return [spec(v) for v in model.graph.input], [spec(v) for v in model.graph.output]
+
+
+def _check_graph(traced: Path) -> onnx.ModelProto:
+    model = load_onnx(traced)
+    try:
+        if model.ByteSize() < TWO_GB:
+            onnx.checker.check_model(model, full_check=False)
+        else:
+            onnx.checker.check_model(str(traced))
+    except Exception as exc:
+        raise UserError(f"the exported graph fails the ONNX checker: {str(exc).splitlines()[0]}") from exc
+    return model
+
+
+def export_decoder(
+    source: LoadedSource,
+    out: Path,
+    opset: int,
+    atol: float,
+    overwrite: bool = False,
+    prompts: str | None = None,
+    new_tokens: int = 32,
+    params: dict[str, Any] | None = None,
+) -> tuple[ModelArtifact, DecoderParity, float]:
+    """Export ``source`` (a loaded causal LM) to an artifact folder; see the module docstring."""
+    import tempfile
+
+    from trimformer.exporters.torch_export import write_side_files
+
+    if new_tokens < 1:
+        raise UserError(f"parity new tokens must be at least 1, got {new_tokens}")
+    started = time.perf_counter()
+    source.eval()
+    spec = DecoderSpec.from_dict(source.config["trimformer_decoder"], str(source.folder))
+    token_ids = parity_prompts(source, prompts, len(PARITY_PROMPTS), new_tokens)
+    with atomic_output_dir(Path(out), overwrite=overwrite) as tmp, tempfile.TemporaryDirectory() as scratch:
+        traced = Path(scratch) / MODEL_FILE
+        try:
+            _trace(CachedDecoder(source.model, spec).eval(), spec, opset, traced)
+        except Exception as exc:
+            raise UserError(f"torch.onnx.export failed at opset {opset}: {str(exc).splitlines()[0]}") from exc
+        model = _check_graph(traced)
+        save_onnx(model, tmp / MODEL_FILE)
+        del model
+        session = CachedSession(cpu_session(tmp / MODEL_FILE), spec)
+        parity = check_decoder_parity(source, session, token_ids, new_tokens, atol)
+        del session
+        write_side_files(source, tmp)
+        inputs, outputs = _io_specs(onnx.load(str(tmp / MODEL_FILE), load_external_data=False))
+        meta = ArtifactMeta(
+            task=source.task,
+            architecture=source.architecture,
+            inputs=inputs,
+            outputs=outputs,
+            tokenizer=TokenizerSpec(
+                max_length=source.max_length, pad_token_id=source.pad_token_id, uses_token_type_ids=False
+            ),
+            opset=opset,
+            source_hash=source.files_hash,
+            extras={
+                DECODER_EXTRAS_KEY: spec.to_extras(),
+                "generation": source.config.get("trimformer_generation", {}),
+            },
+        )
+        meta.lineage.append(
+            LineageStep(
+                step="export",
+                params={
+                    "opset": opset,
+                    "atol": atol,
+                    "exporter": "torchscript",
+                    "kv_cache": True,
+                    **(params or {}),
+                },
+                input_hash=source.files_hash,
+                output_hash=ModelArtifact(tmp, meta).model_hash(),
+                trimformer=__version__,
+                seconds=round(time.perf_counter() - started, 3),
+                stats={"parity": parity.to_dict()},
+            )
+        )
+        write_meta(tmp, meta)
+    logger.info("exported %s with a KV cache to %s (%s)", source.architecture, out, parity.to_dict())
+    return ModelArtifact.open(out), parity, time.perf_counter() - started

@@ -1,0 +1,93 @@
+"""One onnxruntime session of a causal-LM graph, stepped with its KV cache.
+
+:class:`CachedSession` runs the prompt once (an empty past), then each new token alone, feeding the
+previous step's presents back as pasts, so the prompt is never recomputed. Rows of a batch are
+left-padded: positions count real tokens only, and the attention mask grows by one column a step.
+The export's greedy-token parity, the Generator and decoder validation all step through it.
+
+Imports: onnxruntime, numpy and the task's graph contract only (no torch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnxruntime as ort
+
+from trimformer.formats.decoder import DecoderSpec
+
+__all__ = ["CacheState", "CachedSession", "left_pad"]
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token rows of different lengths as ``(ids, mask)``, padded on the left."""
+    width = max((len(r) for r in rows), default=0)
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    for index, row in enumerate(rows):
+        if len(row):
+            ids[index, width - len(row) :] = row
+            mask[index, width - len(row) :] = 1
+    return ids, mask
+
+
+@dataclass
+class CacheState:
+    """What the next step needs: the presents, the mask over every token so far, the next positions."""
+
+    past: dict[str, np.ndarray]
+    mask: np.ndarray  # [batch, tokens so far]
+    next_positions: np.ndarray  # [batch, 1]
+
+    @property
+    def length(self) -> int:
+        return int(self.mask.shape[1])
+
+
+class CachedSession:
+    """A causal-LM session and its graph contract (see the module docstring)."""
+
+    def __init__(self, session: ort.InferenceSession, spec: DecoderSpec) -> None:
+        self.session = session
+        self.spec = spec
+        self._past_names = spec.past_names()
+        self._present_names = spec.present_names()
+        self._outputs = ["logits", *self._present_names]
+
+    def empty_past(self, batch: int) -> dict[str, np.ndarray]:
+        shape = (batch, self.spec.num_kv_heads, 0, self.spec.head_dim)
+        return {name: np.zeros(shape, dtype=np.float32) for name in self._past_names}
+
+    def _run(
+        self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: dict[str, np.ndarray]
+    ) -> tuple[np.ndarray, CacheState]:
+        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, **past}
+        logits, *presents = self.session.run(self._outputs, feeds)
+        present = {past_name: value for past_name, value in zip(self._past_names, presents, strict=True)}
+        state = CacheState(present, mask, positions[:, -1:] + 1)
+        return logits, state
+
+    def prompt(self, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, CacheState]:
+        """All prompt tokens in one pass; returns every position's logits and the cache."""
+        positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None).astype(np.int64)
+        return self._run(ids, mask.astype(np.int64), positions, self.empty_past(ids.shape[0]))
+
+    def step(self, next_ids: np.ndarray, state: CacheState) -> tuple[np.ndarray, CacheState]:
+        """One new token per row (``next_ids`` [batch, 1]) on top of the cache."""
+        mask = np.concatenate([state.mask, np.ones((state.mask.shape[0], 1), dtype=np.int64)], axis=1)
+        return self._run(next_ids.astype(np.int64), mask, state.next_positions, state.past)
+
+    def greedy(self, prompt_ids: Sequence[int], new_tokens: int) -> list[int]:
+        """``new_tokens`` greedy tokens after one prompt (no stop token: parity compares them all)."""
+        ids = np.asarray([list(prompt_ids)], dtype=np.int64)
+        logits, state = self.prompt(ids, np.ones_like(ids))
+        out: list[int] = []
+        for _ in range(new_tokens):
+            token = int(np.argmax(logits[0, -1]))
+            out.append(token)
+            if len(out) == new_tokens:
+                break
+            logits, state = self.step(np.asarray([[token]], dtype=np.int64), state)
+        return out
