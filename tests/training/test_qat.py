@@ -28,6 +28,7 @@ from trimformer.passes.quantize.int8 import QuantizeConfig
 from trimformer.passes.quantize.training_ranges import carries_training_ranges
 from trimformer.pipeline.stages.quantize import REPORT_FILE
 from trimformer.progress import set_progress_enabled
+from trimformer.runtime.cpu import cpu_class
 from trimformer.sources import load_source
 from trimformer.training.distill.api import DISTILL_RECORD, DistillConfig, distill
 from trimformer.training.qat import (
@@ -44,9 +45,15 @@ set_progress_enabled(False)
 torch.set_num_threads(1)
 
 # Parity of the int8 graph with the fake-quantized PyTorch student (docs/QAT.md): logits within
-# this absolute tolerance (measured about 5e-5 on logits of magnitude ~2), labels agreeing on at
-# least 99.5 % of rows.
-PARITY_ATOL = 2e-3
+# this absolute tolerance (measured about 5e-5 on logits of magnitude ~2 with VNNI), labels
+# agreeing on at least 99.5 % of rows. Without VNNI onnxruntime sums u8 x s8 products in int16
+# pairs, which saturates on some full-range 8-bit weights (measured 4.8e-3 on an AMD Zen 2), so
+# the bound there is the one docs/QAT.md states for AVX2.
+EXACT_INT8 = cpu_class() in ("x86-vnni", "arm64")
+PARITY_ATOL = 2e-3 if EXACT_INT8 else 1e-2
+# How much closer the int8 graph is to the fake-quantized student than the float graph is
+# (measured 2.5x on the Zen 2, where saturation eats part of what QAT simulated).
+CLOSER_BY = 5.0 if EXACT_INT8 else 2.0
 PARITY_AGREEMENT = 0.995
 STEPS, QAT_STEPS = 8, 4
 
@@ -263,7 +270,7 @@ def test_parity_int8_graph_equals_the_fake_quantized_student(flow: dict[str, Pat
     assert agreement >= PARITY_AGREEMENT, agreement
     # What was trained is what ships: the int8 graph is far closer to the fake-quantized student
     # than the float graph is.
-    assert float(np.abs(ref - flt).max()) > 5 * diff
+    assert float(np.abs(ref - flt).max()) > CLOSER_BY * diff
 
 
 def test_recipe_quantize_stage_uses_training_ranges_when_carried(flow: dict[str, Path]) -> None:

@@ -16,7 +16,11 @@ from trimformer.cli.options import data_columns, model_argument, overwrite_optio
 @click.option("--out", required=True, type=click.Path(), help="Artifact folder to write.")
 @click.option("--calibration", default=None, help="Calibration data (.csv, .tsv, .jsonl or builtin:tweets).")
 @click.option(
-    "--preset", default="cpu-vnni", show_default=True, help="Target: cpu-vnni, cpu-avx2, arm64, tensorrt."
+    "--preset",
+    default="auto",
+    show_default=True,
+    help="Target: cpu-vnni, cpu-avx2, arm64, tensorrt, or auto (this CPU's: cpu-vnni with VNNI, "
+    "cpu-avx2 on other x86, arm64 on ARM).",
 )
 @click.option(
     "--method", default="minmax", show_default=True, help="Calibration: minmax, entropy, percentile."

@@ -26,6 +26,7 @@ from trimformer.passes.base import PassConfig, apply_pass
 from trimformer.passes.fuse.fusion import FuseConfig
 from trimformer.passes.prune.structured import PruneConfig
 from trimformer.passes.quantize.int8 import QuantizeConfig
+from trimformer.passes.quantize.presets import AUTO_PRESET
 from trimformer.passes.quantize.training_ranges import (
     carries_training_ranges,
     check_training_options,
@@ -42,6 +43,7 @@ from trimformer.pipeline.stages.params import (
 from trimformer.pipeline.stages.prune import PruneStageConfig, run_prune
 from trimformer.pipeline.stages.quantize import QuantizeStageConfig, run_fuse, run_quantize
 from trimformer.pipeline.stages.result import StageResult
+from trimformer.runtime.cpu import cpu_class
 
 __all__ = ["Stage", "StageContext", "StageResult", "build_plan", "variant_stages"]
 
@@ -250,7 +252,9 @@ def _training_ranges_fit(model: Path | str, config: Any) -> bool:
         return False
     try:
         check_training_options(config)
-        check_training_settings(config.resolved(), {}, config.preset)
+        # Resolved as a ranges-from-training run: "auto" keeps the 8-bit weights QAT trained.
+        trained = config.model_copy(update={"ranges_from_training": True})
+        check_training_settings(trained.resolved(), {}, config.preset)
     except UserError as exc:
         logger.warning("the model carries QAT ranges but the quantize settings differ (%s); calibrating", exc)
         return False
@@ -420,6 +424,9 @@ def _pass_stages(plan: _Planner, current: _Ref, torch_model: _Ref | None) -> lis
             refs["source"] = torch_model
         inputs, external = plan.wire(refs)
         params: dict[str, Any] = {"pass": spec.name, "config": spec.params, "seed": recipe.seed}
+        if spec.params.get("preset", AUTO_PRESET) == AUTO_PRESET and spec.name == "quantize":
+            # "auto" resolves by CPU: a cached result from another CPU class is not this one's.
+            params["cpu_class"] = cpu_class()
         if recipe.data is not None:
             params["data"] = _data_params(recipe)
         stage = Stage(

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import platform
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -27,6 +26,7 @@ from trimformer.data import TextDataset, load_dataset, map_labels
 from trimformer.errors import GateFailed, UserError
 from trimformer.fsutil import atomic_output_dir
 from trimformer.progress import progress_bar
+from trimformer.runtime.cpu import cpu_class, cpu_name
 from trimformer.runtime.encoding import TextEncoder
 from trimformer.runtime.session import resolve_provider
 from trimformer.validation.latency import PeakMemory, summarize, time_calls
@@ -204,20 +204,14 @@ def _env() -> dict[str, str]:
     import onnx
     import onnxruntime
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     return {
         "onnxruntime": onnxruntime.__version__,
         "onnx": onnx.__version__,
         "torch": _version("torch"),
         "trimformer": __version__,
         "cpu": cpu,
+        "cpu_class": cpu_class(),
     }
 
 

@@ -17,6 +17,7 @@ from trimformer.cli.commands import cli
 from trimformer.exporters import random_feeds
 from trimformer.passes.quantize.calibrate import load_ranges
 from trimformer.passes.quantize.int8 import RANGES_FILE, QuantizeConfig
+from trimformer.passes.quantize.presets import host_preset
 from trimformer.pipeline.stages.quantize import REPORT_FILE, QuantizeStageConfig, run_quantize
 
 
@@ -62,7 +63,9 @@ def test_each_calibration_method_on_tiny_bert(
     ranges = load_ranges(out / RANGES_FILE).data
     assert ranges and all(np.all(r.range_value[0] <= r.range_value[1]) for r in ranges.values())
     step = ModelArtifact.open(out).meta.lineage[-1]
-    assert step.step == "quantize" and step.params["method"] == method and step.params["preset"] == "cpu-vnni"
+    assert step.step == "quantize" and step.params["method"] == method and step.params["preset"] == "auto"
+    # "auto" is recorded as given and resolved for this CPU in the settings used.
+    assert summary["settings"]["preset"] == host_preset()
     assert "float_nodes" in step.stats and "float_ops" in step.stats
 
 

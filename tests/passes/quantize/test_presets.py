@@ -6,9 +6,10 @@ import dataclasses
 
 import pytest
 
+import trimformer.passes.quantize.presets as presets_module
 from trimformer.errors import UserError
 from trimformer.passes.quantize.int8 import QuantizeConfig
-from trimformer.passes.quantize.presets import PRESETS, QuantizerSettings
+from trimformer.passes.quantize.presets import PRESETS, QuantizerSettings, host_preset
 
 REPORT_KEYS = {
     "preset",
@@ -41,7 +42,20 @@ def test_config_overrides_the_preset() -> None:
     settings = QuantizeConfig(preset="cpu-avx2", per_channel=False, smooth_alpha=0.0).resolved()
     assert isinstance(settings, QuantizerSettings)
     assert settings == dataclasses.replace(PRESETS["cpu-avx2"], per_channel=False, smooth_alpha=0.0)
-    assert QuantizeConfig().resolved() == PRESETS["cpu-vnni"]
+    assert QuantizeConfig().resolved() == PRESETS[host_preset()]
+
+
+@pytest.mark.parametrize(
+    ("cpu", "preset", "trained"),
+    [("x86-vnni", "cpu-vnni", "cpu-vnni"), ("x86-avx2", "cpu-avx2", "cpu-vnni"), ("arm64", "arm64", "arm64")],
+)
+def test_auto_resolves_by_cpu_class_and_keeps_what_qat_trained(
+    monkeypatch: pytest.MonkeyPatch, cpu: str, preset: str, trained: str
+) -> None:
+    monkeypatch.setattr(presets_module, "cpu_class", lambda: cpu)
+    assert QuantizeConfig().resolved().preset == preset
+    # A QAT student was trained for full 8-bit weights; 7-bit ones would not compute what it learned.
+    assert presets_module.get_preset("auto", trained_for_full_range=True).preset == trained
 
 
 def test_qdq_format_turns_off_the_integer_only_parts() -> None:

@@ -45,8 +45,10 @@ from trimformer.passes.quantize.graph import (
     quantized_ops,
 )
 from trimformer.passes.quantize.presets import (
+    AUTO_PRESET,
     FORMATS,
     METHODS,
+    PRESET_NAMES,
     PRESETS,
     QuantizerSettings,
     check_choice,
@@ -68,7 +70,8 @@ RANGES_FILE = "calibration_ranges.json"
 
 
 class QuantizeConfig(PassConfig):
-    preset: str = "cpu-vnni"
+    # "auto": the preset of the CPU it runs on (presets.host_preset).
+    preset: str = AUTO_PRESET
     method: str = "minmax"
     # None: the preset's.
     format: str | None = None
@@ -99,7 +102,7 @@ class QuantizeConfig(PassConfig):
     @field_validator("preset", "method", "format")
     @classmethod
     def _known_choice(cls, value: str | None, info: ValidationInfo) -> str | None:
-        known = {"preset": tuple(PRESETS), "method": METHODS, "format": FORMATS}[info.field_name or ""]
+        known = {"preset": PRESET_NAMES, "method": METHODS, "format": FORMATS}[info.field_name or ""]
         if value is not None:
             try:
                 check_choice(str(info.field_name), value, known)
@@ -119,7 +122,7 @@ class QuantizeConfig(PassConfig):
     def check(self) -> QuantizerSettings:
         """The preset, after validating again (``model_copy`` skips validation); a UserError."""
         type(self)(**self.model_dump())
-        return get_preset(self.preset)
+        return get_preset(self.preset, trained_for_full_range=self.ranges_from_training)
 
     def resolved(self) -> QuantizerSettings:
         """The effective settings: the preset's, overridden by what was given."""

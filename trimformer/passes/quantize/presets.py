@@ -14,12 +14,26 @@ the measurements behind each choice are in docs/QUANTIZATION.md. Formats:
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
 from trimformer.errors import UserError
+from trimformer.runtime.cpu import cpu_class
 
-__all__ = ["FORMATS", "METHODS", "PRESETS", "QuantizerSettings", "check_choice", "get_preset"]
+__all__ = [
+    "AUTO_PRESET",
+    "FORMATS",
+    "METHODS",
+    "PRESETS",
+    "PRESET_NAMES",
+    "QuantizerSettings",
+    "check_choice",
+    "get_preset",
+    "host_preset",
+]
+
+logger = logging.getLogger(__name__)
 
 Format = Literal["qoperator", "qdq"]
 FORMATS: tuple[str, ...] = ("qoperator", "qdq")
@@ -137,6 +151,30 @@ def check_choice(kind: str, value: str, known: tuple[str, ...] | list[str]) -> s
     return value
 
 
-def get_preset(name: str) -> QuantizerSettings:
-    check_choice("preset", name, tuple(PRESETS))
+# The default: the preset of the CPU this runs on, resolved when the settings are read.
+AUTO_PRESET = "auto"
+PRESET_NAMES = (*PRESETS, AUTO_PRESET)
+# CPU class -> preset. Plain x86 without AVX2 takes 7-bit weights as well: its kernels widen in
+# 16 bits too.
+_HOST_PRESETS = {"x86-vnni": "cpu-vnni", "x86-avx2": "cpu-avx2", "x86": "cpu-avx2", "arm64": "arm64"}
+
+
+def host_preset(trained_for_full_range: bool = False) -> str:
+    """The preset ``auto`` stands for on this CPU. A QAT student (``trained_for_full_range``) keeps
+    the full 8-bit weights it was trained with: 7 bits would not compute what was trained."""
+    name = _HOST_PRESETS.get(cpu_class(), "cpu-vnni")
+    if trained_for_full_range and name == "cpu-avx2":
+        logger.warning(
+            "this CPU has no VNNI: onnxruntime sums u8 x s8 products in int16 and may saturate, so the "
+            "int8 graph of a QAT student can differ slightly from the trained model (docs/QAT.md)"
+        )
+        return "cpu-vnni"
+    return name
+
+
+def get_preset(name: str, trained_for_full_range: bool = False) -> QuantizerSettings:
+    """A preset by name; ``auto`` resolves to :func:`host_preset`."""
+    check_choice("preset", name, PRESET_NAMES)
+    if name == AUTO_PRESET:
+        name = host_preset(trained_for_full_range)
     return PRESETS[name]
