@@ -501,6 +501,30 @@ CASES: dict[str, tuple[Case, str]] = {
         lambda t, fx: ["train", "--data", str(fx["csv"]), "--out", str(t / OUT)],
         "missing MODEL",
     ),
+    "generate: encoder model": (
+        lambda t, fx: ["generate", str(fx["onnx"]), "--prompt", "hi"],
+        "is a sequence-classification model; generation takes a causal language model",
+    ),
+    "generate: no new tokens": (
+        lambda t, fx: ["generate", str(fx["llama_onnx"]), "--prompt", "hi", "--max-new-tokens", "0"],
+        "max_new_tokens must be at least 1",
+    ),
+    "generate: top-p out of range": (
+        lambda t, fx: ["generate", str(fx["llama_onnx"]), "--prompt", "hi", "--top-p", "1.2"],
+        r"top_p must be in \(0, 1\]",
+    ),
+    "generate: negative temperature": (
+        lambda t, fx: ["generate", str(fx["llama_onnx"]), "--prompt", "hi", "--temperature", "-1"],
+        "temperature must be 0",
+    ),
+    "generate: prompt longer than the context": (
+        lambda t, fx: ["generate", str(fx["llama_onnx"]), "--prompt", "the car is good " * 60],
+        "leaves no room in the model's context of 128 tokens",
+    ),
+    "generate: streaming a batch": (
+        lambda t, fx: ["generate", str(fx["llama_onnx"]), "--prompt", "a", "--prompt", "b", "--stream"],
+        "give one --prompt",
+    ),
     "package: output exists": (
         lambda t, fx: ["package", str(fx["onnx"]), "--out", str((t / OUT).mkdir() or t / OUT)],
         "exists",
@@ -510,9 +534,15 @@ CASES: dict[str, tuple[Case, str]] = {
 
 @pytest.fixture(scope="module")
 def fx(tiny_bert: Path, tiny_bert_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from trimformer.exporters import export_model
+
+    llama = make_causal_lm(tmp_path_factory.mktemp("llama") / "llama")
+    llama_onnx = tmp_path_factory.mktemp("llama_onnx") / "llama"
+    export_model(llama, llama_onnx, parity_tokens=2)
     return {
         "bert": tiny_bert,
-        "llama": make_causal_lm(tmp_path_factory.mktemp("llama") / "llama"),
+        "llama": llama,
+        "llama_onnx": llama_onnx,
         "onnx": tiny_bert_onnx,
         "csv": make_csv(tmp_path_factory.mktemp("d") / "d.csv", 60),
     }

@@ -31,6 +31,7 @@ ALL_COMMANDS = [
     "validate",
     "package",
     "verify",
+    "generate",
     "run",
 ]
 
@@ -46,6 +47,7 @@ INPUT_COMMANDS: dict[str, tuple[tuple[str, ...], list[str]]] = {
     "validate": (("--model",), ["--data", "DATA"]),
     "package": (("--model",), ["--out", "OUT"]),
     "verify": (("--bundle",), []),
+    "generate": (("--model",), ["--prompt", "hi"]),
 }
 
 FORMS = [(name, alias) for name, (aliases, _) in INPUT_COMMANDS.items() for alias in (None, *aliases)]

@@ -12,6 +12,7 @@ import click
 from trimformer.cli.distill import distill_command
 from trimformer.cli.export import export_command
 from trimformer.cli.fuse import fuse_command
+from trimformer.cli.generate import generate_command
 from trimformer.cli.main import cli
 from trimformer.cli.optimize import optimize_command
 from trimformer.cli.package import package_command
@@ -35,6 +36,7 @@ COMMANDS: tuple[click.Command, ...] = (
     validate_command,
     package_command,
     verify_command,
+    generate_command,
     run_command,
 )
 

@@ -81,12 +81,13 @@ def cli(state: State, debug: bool, as_json: bool, quiet: bool) -> None:
 
     \b
     Stages, in pipeline order; each reads a model or artifact folder and writes a new one:
-      train, distill                  PyTorch: fine-tune a teacher, distil a smaller student
+      train, distill                  PyTorch: fine-tune a teacher (or train a causal LM), distil a student
       export                          PyTorch -> ONNX artifact, parity-checked
       fuse, prune, quantize, optimize ONNX passes, each checked against its input
       validate                        accuracy, fidelity, latency and gates with onnxruntime
       package                         artifact -> self-verifying bundle and .tar.gz
-    Around them: verify rechecks a bundle; run does every stage of a recipe, cached.
+    Around them: verify rechecks a bundle; generate continues prompts with a causal LM;
+    run does every stage of a recipe, cached.
 
     Every stage takes its input as the first argument or with --model (distill also
     --teacher); verify takes BUNDLE or --bundle.
