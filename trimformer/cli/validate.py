@@ -35,6 +35,39 @@ from trimformer.errors import GateFailed
 @click.option(
     "--min-speedup", type=float, default=None, help="Gate: p50 speed-up over the reference, every shape."
 )
+@click.option(
+    "--perplexity-context",
+    type=int,
+    default=None,
+    help="Causal LMs: perplexity window [default: min(512, context)].",
+)
+@click.option(
+    "--perplexity-tokens", type=int, default=16384, show_default=True, help="Causal LMs: test tokens scored."
+)
+@click.option(
+    "--prompts", type=int, default=20, show_default=True, help="Causal LMs: prompts for token agreement."
+)
+@click.option(
+    "--new-tokens", type=int, default=32, show_default=True, help="Causal LMs: greedy tokens per prompt."
+)
+@click.option(
+    "--max-perplexity-increase",
+    type=float,
+    default=None,
+    help="Gate (causal LMs): percent of perplexity gained.",
+)
+@click.option(
+    "--min-token-agreement",
+    type=float,
+    default=None,
+    help="Gate (causal LMs): share of greedy tokens agreeing.",
+)
+@click.option(
+    "--min-decode-speedup",
+    type=float,
+    default=None,
+    help="Gate (causal LMs): decode tokens/s over the reference's.",
+)
 @click.option("--out", default=None, type=click.Path(), help="Report folder [default: MODEL/report].")
 @data_columns
 @pass_state
@@ -47,21 +80,42 @@ def validate_command(
     trt_cache: str | None,
     trt_fp16: bool,
     trt_int8: bool,
+    perplexity_context: int | None,
+    perplexity_tokens: int,
+    prompts: int,
+    new_tokens: int,
+    max_perplexity_increase: float | None,
+    min_token_agreement: float | None,
+    min_decode_speedup: float | None,
     **kwargs: object,
 ) -> None:
-    """Validate MODEL (an artifact folder) with onnxruntime; exit 1 when a gate fails.
+    """Validate MODEL (an artifact folder) with onnxruntime; exit 1 when a gate fails. A causal LM
+    is measured by perplexity, greedy-token agreement and KL against --reference, prompt latency
+    and decode tokens/s (docs/DECODERS.md).
 
     \b
     Example:
       trimformer validate work/teacher-onnx --data builtin:tweets --reference work/teacher \\
           --max-accuracy-drop 1.0
+      trimformer validate work/lm-onnx --data builtin:tweets --reference work/lm --min-token-agreement 0.99
     """
     from trimformer.pipeline.stages.validate import run_validate
+    from trimformer.validation.decoder import DecoderValidateConfig
     from trimformer.validation.runners import ProviderOptions
     from trimformer.validation.validate import ValidateConfig, parse_grid
 
+    decoder = DecoderValidateConfig(
+        perplexity_context=perplexity_context,
+        perplexity_tokens=perplexity_tokens,
+        prompts=prompts,
+        new_tokens=new_tokens,
+        max_perplexity_increase=max_perplexity_increase,
+        min_token_agreement=min_token_agreement,
+        min_decode_speedup=min_decode_speedup,
+    )
     config = ValidateConfig(
         model=model,
+        decoder=decoder,
         grid=parse_grid(grid),
         providers=tuple(p.strip() for p in providers.split(",") if p.strip()) if providers else (),
         provider_options=ProviderOptions(device_id, trt_cache, trt_fp16, trt_int8),

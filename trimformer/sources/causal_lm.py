@@ -15,6 +15,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tokenizers import Tokenizer
 from torch import nn
@@ -28,7 +29,7 @@ from trimformer.sources.base import LoadedSource, SourceIO
 from trimformer.sources.families import FamilySpec, family_of
 from trimformer.sources.hf import WEIGHT_FILES, load_state_dict_safely, read_config
 
-__all__ = ["GENERATION_CONFIG", "CausalLMLogits", "decoder_spec", "load_causal_lm"]
+__all__ = ["GENERATION_CONFIG", "CausalLMLogits", "TorchDecoder", "decoder_spec", "load_causal_lm"]
 
 logger = logging.getLogger(__name__)
 
@@ -170,3 +171,41 @@ def load_causal_lm(folder: Path) -> LoadedSource:
         config=config_dict,
         files_hash="sha256:" + hash_files([folder / "config.json", *weight_files], folder),
     )
+
+
+class TorchDecoder:
+    """A loaded causal LM stepped with its own cache, numpy in and out: validation's PyTorch
+    reference (the ``DecoderRunner`` protocol of trimformer.validation.decoder)."""
+
+    def __init__(self, source: LoadedSource, threads: int) -> None:
+        self.source = source
+        self.name = str(source.folder)
+        self.spec = DecoderSpec.from_dict(source.config["trimformer_decoder"], self.name)
+        self.threads = threads
+
+    def _run(
+        self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: Any
+    ) -> tuple[np.ndarray, Any]:
+        previous = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            with torch.inference_mode():
+                out = self.source.model(
+                    input_ids=torch.from_numpy(ids),
+                    attention_mask=torch.from_numpy(mask),
+                    position_ids=torch.from_numpy(positions),
+                    past_key_values=past,
+                    use_cache=True,
+                )
+        finally:
+            torch.set_num_threads(previous)
+        return out.logits.float().numpy(), (out.past_key_values, mask, positions[:, -1:] + 1)
+
+    def prompt(self, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, Any]:
+        positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None).astype(np.int64)
+        return self._run(ids, mask.astype(np.int64), positions, None)
+
+    def step(self, next_ids: np.ndarray, state: Any) -> tuple[np.ndarray, Any]:
+        past, mask, positions = state
+        mask = np.concatenate([mask, np.ones((mask.shape[0], 1), dtype=np.int64)], axis=1)
+        return self._run(next_ids.astype(np.int64), mask, positions, past)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["format_cell", "render_validation_markdown"]
+__all__ = ["format_cell", "render_decoder_markdown", "render_validation_markdown"]
 
 
 def format_cell(value: Any, digits: int = 4) -> str:
@@ -67,4 +67,47 @@ def render_validation_markdown(report: dict[str, Any]) -> str:
         f"trimformer {env['trimformer']}, CPU: {env['cpu']}",
         "",
     ]
+    return "\n".join(lines)
+
+
+_DECODER_ROWS = (
+    ("perplexity", "perplexity"),
+    ("prompt latency, 1x128 (ms)", "prompt_latency_ms"),
+    ("time to first token (ms)", "time_to_first_token_ms"),
+    ("peak memory (MB)", "peak_memory_mb"),
+    ("size (MB)", "size_mb"),
+)
+
+
+def render_decoder_markdown(report: dict[str, Any]) -> str:
+    """A causal LM's report: perplexity, speed and memory beside the reference's, then fidelity and gates."""
+    ref = report.get("reference")
+    lines = [
+        f"# Validation: {report['model']} (causal LM)",
+        "",
+        f"Perplexity over {report['perplexity_tokens']} test tokens, sliding window of "
+        f"{report['perplexity_context']} tokens; CPU: {report['env']['cpu']}, {report['threads']} threads.",
+        "",
+        "| measure | model | reference |",
+        "|---|---|---|",
+    ]
+    for label, key in _DECODER_ROWS:
+        lines.append(
+            f"| {label} | {format_cell(report.get(key))} | {format_cell(ref.get(key) if ref else None)} |"
+        )
+    for ctx, value in report["decode_tokens_per_s"].items():
+        theirs = ref["decode_tokens_per_s"].get(ctx) if ref else None
+        lines.append(
+            f"| decode tokens/s, context {ctx} | {format_cell(value, 2)} | {format_cell(theirs, 2)} |"
+        )
+    if ref:
+        lines += [
+            "",
+            f"Greedy-token agreement with the reference: {report['token_agreement']:.4f} over "
+            f"{report['tokens']} tokens of {report['prompts']} prompts; mean KL {report['kl']:.6f}; perplexity "
+            f"{report['perplexity_increase_pct']:+.2f} %; decode speed-up "
+            + ", ".join(f"{v:.2f}x at {c}" for c, v in report["decode_speedup"].items()),
+        ]
+    gates = report["gates"]
+    lines += ["", "Gates: " + ("passed" if gates["passed"] else "FAILED: " + "; ".join(gates["failed"])), ""]
     return "\n".join(lines)

@@ -24,14 +24,21 @@ from trimformer import __version__
 from trimformer.artifact import ModelArtifact
 from trimformer.data import TextDataset, load_dataset, map_labels
 from trimformer.errors import GateFailed, UserError
+from trimformer.formats.tasks import CAUSAL_LM
 from trimformer.fsutil import atomic_output_dir
 from trimformer.progress import progress_bar
 from trimformer.runtime.cpu import cpu_class, cpu_name
 from trimformer.runtime.encoding import TextEncoder
 from trimformer.runtime.session import resolve_provider
+from trimformer.validation.decoder import (
+    DecoderOpener,
+    DecoderValidateConfig,
+    decoder_texts,
+    validate_decoder,
+)
 from trimformer.validation.latency import PeakMemory, summarize, time_calls
 from trimformer.validation.reference import ReferenceOpener, artifact_encoder, load_reference
-from trimformer.validation.report_md import render_validation_markdown
+from trimformer.validation.report_md import render_decoder_markdown, render_validation_markdown
 from trimformer.validation.runners import ModelRunner, OrtRunner, ProviderOptions, default_threads
 
 __all__ = ["DEFAULT_GRID", "ValidateConfig", "parse_grid", "validate"]
@@ -89,6 +96,8 @@ class ValidateConfig:
     label_column: str | None = None
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    # Causal LMs: perplexity window, prompts, decode runs and their gates.
+    decoder: DecoderValidateConfig = field(default_factory=DecoderValidateConfig)
 
     def validate(self) -> None:
         if self.threads is not None and self.threads < 1:
@@ -354,7 +363,36 @@ def _combined_report(
     return report
 
 
-def validate(config: ValidateConfig, open_reference: ReferenceOpener | None = None) -> dict[str, Any]:
+def _validate_decoder(
+    config: ValidateConfig, artifact: ModelArtifact, threads: int, opener: DecoderOpener | None
+) -> dict[str, Any]:
+    if config.max_accuracy_drop is not None or config.min_speedup is not None:
+        raise UserError(
+            "--max-accuracy-drop and --min-speedup are encoder gates; a causal LM takes "
+            "--max-perplexity-increase, --min-token-agreement and --min-decode-speedup"
+        )
+    if config.provider != "cpu" or config.providers:
+        raise UserError("causal LMs are validated on the cpu provider for now; drop --provider/--providers")
+    texts = decoder_texts(config.data, config.split, config.seed, config.text_column, config.limit)
+    report = validate_decoder(artifact, texts, config.decoder, config.reference, threads, opener)
+    report["model_hash"] = artifact.model_hash()
+    report["threads"] = threads
+    report["env"] = _env()
+    out_dir = Path(config.out) if config.out else artifact.path / "report"
+    with atomic_output_dir(out_dir, overwrite=config.overwrite) as tmp:
+        (tmp / REPORT_JSON).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        (tmp / REPORT_MD).write_text(render_decoder_markdown(report), encoding="utf-8")
+    report["report_dir"] = str(out_dir)
+    if not report["gates"]["passed"]:
+        raise GateFailed("validation gate failed: " + "; ".join(report["gates"]["failed"]))
+    return report
+
+
+def validate(
+    config: ValidateConfig,
+    open_reference: ReferenceOpener | None = None,
+    open_decoder: DecoderOpener | None = None,
+) -> dict[str, Any]:
     """Measure the model (and reference), write report.json and report.md; raise GateFailed on a miss.
 
     A reference that is not an artifact folder is opened by ``open_reference`` (the CLI and recipes
@@ -363,6 +401,8 @@ def validate(config: ValidateConfig, open_reference: ReferenceOpener | None = No
     config.validate()
     artifact = ModelArtifact.open(config.model)
     threads = config.threads or default_threads()
+    if artifact.task == CAUSAL_LM:
+        return _validate_decoder(config, artifact, threads, open_decoder)
     dataset, targets = _load_data(config, artifact)
     max_length = artifact.meta.tokenizer.max_length
     for _, seq in config.grid:

@@ -11,11 +11,12 @@ from __future__ import annotations
 from typing import Any
 
 from trimformer.data import Encoder
+from trimformer.validation.decoder import DecoderRunner
 from trimformer.validation.reference import Reference
 from trimformer.validation.runners import model_size_mb
 from trimformer.validation.validate import ValidateConfig, validate
 
-__all__ = ["open_source_reference", "run_validate"]
+__all__ = ["open_decoder_reference", "open_source_reference", "run_validate"]
 
 
 def open_source_reference(spec: str, threads: int) -> Reference:
@@ -31,6 +32,15 @@ def open_source_reference(spec: str, threads: int) -> Reference:
     )
 
 
+def open_decoder_reference(spec: str, threads: int) -> DecoderRunner:
+    """A causal-LM PyTorch folder as a decoder reference, stepped with its own KV cache."""
+    from trimformer.formats.tasks import CAUSAL_LM
+    from trimformer.sources import load_source
+    from trimformer.sources.causal_lm import TorchDecoder
+
+    return TorchDecoder(load_source(spec, task=CAUSAL_LM), threads)
+
+
 def run_validate(config: ValidateConfig) -> dict[str, Any]:
     """:func:`trimformer.validation.validate.validate` with PyTorch references allowed."""
-    return validate(config, open_reference=open_source_reference)
+    return validate(config, open_reference=open_source_reference, open_decoder=open_decoder_reference)
