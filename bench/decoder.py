@@ -188,6 +188,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--export-only", action="store_true", help="Measure the export alone.")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         folder, onnx_out = Path(scratch) / "smollm-135m-shape", Path(scratch) / "onnx"
@@ -201,6 +202,9 @@ def main() -> None:
             "export": _export(folder, onnx_out, params * 4),
         }
         print(json.dumps(result["export"], indent=2), flush=True)
+        if args.export_only:
+            print(json.dumps(result, indent=2))
+            return
         result["decode"] = _decode_speed(folder, onnx_out, args.threads, args.rounds, args.steps)
         print(json.dumps(result["decode"], indent=2), flush=True)
         result["step_growth"] = _step_growth(onnx_out, args.threads)

@@ -525,6 +525,34 @@ CASES: dict[str, tuple[Case, str]] = {
         lambda t, fx: ["generate", str(fx["llama_onnx"]), "--prompt", "a", "--prompt", "b", "--stream"],
         "give one --prompt",
     ),
+    "quantize: causal LM": (
+        lambda t, fx: [
+            "quantize",
+            str(fx["llama_onnx"]),
+            "--calibration",
+            str(fx["csv"]),
+            "--out",
+            str(t / OUT),
+        ],
+        "works on encoder graphs and .* is a causal-lm model with a KV cache",
+    ),
+    "prune: causal LM": (
+        lambda t, fx: [
+            "prune",
+            str(fx["llama_onnx"]),
+            "--calibration",
+            str(fx["csv"]),
+            "--heads",
+            "0.5",
+            "--out",
+            str(t / OUT),
+        ],
+        "works on encoder graphs and .* is a causal-lm model with a KV cache",
+    ),
+    "fuse: causal LM": (
+        lambda t, fx: ["fuse", str(fx["llama_onnx"]), "--out", str(t / OUT)],
+        "the fuse pass works on encoder graphs",
+    ),
     "package: output exists": (
         lambda t, fx: ["package", str(fx["onnx"]), "--out", str((t / OUT).mkdir() or t / OUT)],
         "exists",

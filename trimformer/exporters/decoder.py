@@ -41,7 +41,6 @@ from trimformer.errors import ParityError, UserError
 from trimformer.exporters.decoder_module import CachedDecoder
 from trimformer.formats.decoder import DECODER_EXTRAS_KEY, DecoderSpec
 from trimformer.fsutil import atomic_output_dir
-from trimformer.onnx_io import TWO_GB, load_onnx, save_onnx
 from trimformer.runtime.decoding import CachedSession
 from trimformer.runtime.session import cpu_session
 from trimformer.sources import LoadedSource
@@ -203,27 +202,25 @@ def check_decoder_parity(
     return DecoderParity(len(prompts), new_tokens, worst, len(prompts) * new_tokens)
 
 
-def _io_specs(model: onnx.ModelProto) -> tuple[list[IOSpec], list[IOSpec]]:
-    def spec(value: onnx.ValueInfoProto) -> IOSpec:
-        ttype = value.type.tensor_type
-        dims: list[str | int] = [d.dim_param if d.dim_param else int(d.dim_value) for d in ttype.shape.dim]
+def _io_specs(session: Any) -> tuple[list[IOSpec], list[IOSpec]]:
+    """Graph inputs and outputs as onnxruntime reads them (no second copy of the weights in Python)."""
+
+    def spec(arg: Any) -> IOSpec:
+        dtype = {"tensor(float)": "float32", "tensor(int64)": "int64", "tensor(float16)": "float16"}[arg.type]
         return IOSpec(
-            name=value.name, dtype=onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type).name, shape=dims
+            name=arg.name, dtype=dtype, shape=[d if isinstance(d, int) else str(d) for d in arg.shape]
         )
 
-    return [spec(v) for v in model.graph.input], [spec(v) for v in model.graph.output]
+    return [spec(a) for a in session.get_inputs()], [spec(a) for a in session.get_outputs()]
 
 
-def _check_graph(traced: Path) -> onnx.ModelProto:
-    model = load_onnx(traced)
+def _check_graph(path: Path) -> None:
+    """The ONNX checker on the file itself: loading the graph into Python would hold a second copy
+    of every weight next to the PyTorch model's (the export's peak memory)."""
     try:
-        if model.ByteSize() < TWO_GB:
-            onnx.checker.check_model(model, full_check=False)
-        else:
-            onnx.checker.check_model(str(traced))
+        onnx.checker.check_model(str(path), full_check=False)
     except Exception as exc:
         raise UserError(f"the exported graph fails the ONNX checker: {str(exc).splitlines()[0]}") from exc
-    return model
 
 
 def export_decoder(
@@ -237,8 +234,6 @@ def export_decoder(
     params: dict[str, Any] | None = None,
 ) -> tuple[ModelArtifact, DecoderParity, float]:
     """Export ``source`` (a loaded causal LM) to an artifact folder; see the module docstring."""
-    import tempfile
-
     from trimformer.exporters.torch_export import write_side_files
 
     if new_tokens < 1:
@@ -247,20 +242,18 @@ def export_decoder(
     source.eval()
     spec = DecoderSpec.from_dict(source.config["trimformer_decoder"], str(source.folder))
     token_ids = parity_prompts(source, prompts, len(PARITY_PROMPTS), new_tokens)
-    with atomic_output_dir(Path(out), overwrite=overwrite) as tmp, tempfile.TemporaryDirectory() as scratch:
-        traced = Path(scratch) / MODEL_FILE
+    with atomic_output_dir(Path(out), overwrite=overwrite) as tmp:
+        traced = tmp / MODEL_FILE
         try:
             _trace(CachedDecoder(source.model, spec).eval(), spec, opset, traced)
         except Exception as exc:
             raise UserError(f"torch.onnx.export failed at opset {opset}: {str(exc).splitlines()[0]}") from exc
-        model = _check_graph(traced)
-        save_onnx(model, tmp / MODEL_FILE)
-        del model
-        session = CachedSession(cpu_session(tmp / MODEL_FILE), spec)
-        parity = check_decoder_parity(source, session, token_ids, new_tokens, atol)
+        _check_graph(traced)
+        session = cpu_session(traced)
+        inputs, outputs = _io_specs(session)
+        parity = check_decoder_parity(source, CachedSession(session, spec), token_ids, new_tokens, atol)
         del session
         write_side_files(source, tmp)
-        inputs, outputs = _io_specs(onnx.load(str(tmp / MODEL_FILE), load_external_data=False))
         meta = ArtifactMeta(
             task=source.task,
             architecture=source.architecture,

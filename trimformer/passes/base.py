@@ -36,6 +36,7 @@ from pydantic.fields import FieldInfo
 
 from trimformer.artifact import ModelArtifact
 from trimformer.errors import TrimformerError, UserError
+from trimformer.formats.tasks import ENCODER_TASKS
 from trimformer.onnx_io import probe_onnxruntime
 
 __all__ = [
@@ -228,6 +229,16 @@ def get_pass(name: str) -> tuple[type[PassConfig], PassFactory]:
     return PASS_REGISTRY[name]
 
 
+def refuse_decoder(artifact: ModelArtifact, what: str) -> None:
+    """Today's passes know encoder blocks only; a KV-cache graph gets one line, not a crash deep in
+    a block finder or onnxruntime's BERT fusion."""
+    if artifact.task not in ENCODER_TASKS:
+        raise UserError(
+            f"{what} works on encoder graphs and {artifact.path} is a {artifact.task} model "
+            "with a KV cache; decoder passes (weight-only int4/int8, decoder fusion) are not in this version"
+        )
+
+
 def apply_pass(
     artifact: ModelArtifact,
     name: str,
@@ -244,6 +255,7 @@ def apply_pass(
     renamed into place.
     """
     _, factory = get_pass(name)
+    refuse_decoder(artifact, f"the {name} pass")
     proto = artifact.load_model()
     # Passes run onnxruntime on their input (calibration, checks): a graph that would crash it
     # natively is caught in a child process first.

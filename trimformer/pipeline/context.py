@@ -25,7 +25,7 @@ from trimformer.data.calibration import DatasetFeeds
 from trimformer.data.tokenize import iter_batches
 from trimformer.errors import UserError
 from trimformer.formats.qat_ranges import QAT_RANGES_FILE, read_training_ranges
-from trimformer.passes.base import CalibrationFeeds, PassContext
+from trimformer.passes.base import CalibrationFeeds, PassContext, refuse_decoder
 from trimformer.pipeline.stages.params import EvalSplit, PassStageParams, calibration_split, eval_split
 from trimformer.runtime.encoding import TextEncoder
 from trimformer.runtime.session import cpu_session
@@ -202,6 +202,7 @@ def build_pass_context(
     calibration_set: TextDataset | None = None,
 ) -> PassContext:
     """A PassContext for a pass on ``artifact``; ``calibration_set`` reuses rows already read."""
+    refuse_decoder(artifact, "trimformer's prune, quantize and fuse passes")
     ctx = PassContext(
         seed=request.seed,
         scratch=scratch,

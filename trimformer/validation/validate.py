@@ -379,9 +379,14 @@ def _validate_decoder(
     report["threads"] = threads
     report["env"] = _env()
     out_dir = Path(config.out) if config.out else artifact.path / "report"
-    with atomic_output_dir(out_dir, overwrite=config.overwrite) as tmp:
+    return _write_report(report, out_dir, config.overwrite, render_decoder_markdown(report))
+
+
+def _write_report(report: dict[str, Any], out_dir: Path, overwrite: bool, markdown: str) -> dict[str, Any]:
+    """report.json and report.md, written together; then the gates' verdict (GateFailed on a miss)."""
+    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
         (tmp / REPORT_JSON).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        (tmp / REPORT_MD).write_text(render_decoder_markdown(report), encoding="utf-8")
+        (tmp / REPORT_MD).write_text(markdown, encoding="utf-8")
     report["report_dir"] = str(out_dir)
     if not report["gates"]["passed"]:
         raise GateFailed("validation gate failed: " + "; ".join(report["gates"]["failed"]))
@@ -422,10 +427,4 @@ def validate(
     for one, outputs in measured:
         _compare(one, outputs, ref_report, ref_outputs, artifact.task)
     report = _combined_report(measured, artifact, config)
-    with atomic_output_dir(out_dir, overwrite=config.overwrite) as tmp:
-        (tmp / REPORT_JSON).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        (tmp / REPORT_MD).write_text(render_validation_markdown(report), encoding="utf-8")
-    report["report_dir"] = str(out_dir)
-    if not report["gates"]["passed"]:
-        raise GateFailed("validation gate failed: " + "; ".join(report["gates"]["failed"]))
-    return report
+    return _write_report(report, out_dir, config.overwrite, render_validation_markdown(report))

@@ -26,7 +26,7 @@ from trimformer.errors import UserError
 from trimformer.formats.pruning_record import RECORD_FILE
 from trimformer.fsutil import check_output_dir
 from trimformer.onnx_io import probe_onnxruntime
-from trimformer.passes.base import PassContext, PassReport
+from trimformer.passes.base import PassContext, PassReport, refuse_decoder
 from trimformer.passes.graph import EncoderLayout, find_blocks
 from trimformer.passes.prune.structured import PruneConfig, PrunePass
 from trimformer.pipeline.context import (
@@ -188,6 +188,7 @@ def _check_inputs(config: PruneStageConfig) -> None:
 
 def _open_unpruned(config: PruneStageConfig) -> tuple[ModelArtifact, ir.Model, EncoderLayout]:
     artifact = ModelArtifact.open(config.model)
+    refuse_decoder(artifact, "the prune pass")
     if "pruning" in artifact.meta.extras:
         raise UserError(
             f"{config.model} is already pruned; prune the unpruned artifact with a larger budget instead"
