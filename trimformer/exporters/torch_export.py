@@ -123,6 +123,25 @@ def write_side_files(source: LoadedSource, folder: Path) -> None:
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
+def _export_causal_lm(
+    source: LoadedSource,
+    out: Path,
+    opset: int,
+    atol: float,
+    overwrite: bool,
+    params: dict[str, Any] | None,
+    prompts: str | None,
+    parity_tokens: int,
+) -> ExportResult:
+    from trimformer.exporters.decoder import export_decoder
+
+    artifact, parity, seconds = export_decoder(
+        source, out, opset, atol, overwrite, prompts, parity_tokens, params
+    )
+    logits = ParityResult({"logits@prompts": parity.logits_max_abs_diff})
+    return ExportResult(artifact, logits, seconds, {"greedy_parity": parity.to_dict()})
+
+
 # Parity tolerance per task when none is given: a decoder's logits are compared over its whole
 # vocabulary and grow with training, so they get a looser absolute bound (tokens must be equal).
 DEFAULT_ATOL = {CAUSAL_LM: 1e-3}
@@ -147,13 +166,7 @@ def export_source(
     if atol <= 0:
         raise UserError(f"--atol must be positive, got {atol}")
     if source.task == CAUSAL_LM:
-        from trimformer.exporters.decoder import export_decoder
-
-        artifact, decoder_parity, seconds = export_decoder(
-            source, Path(out), opset, atol, overwrite, prompts, parity_tokens, params
-        )
-        logits = ParityResult({"logits@prompts": decoder_parity.logits_max_abs_diff})
-        return ExportResult(artifact, logits, seconds, {"greedy_parity": decoder_parity.to_dict()})
+        return _export_causal_lm(source, Path(out), opset, atol, overwrite, params, prompts, parity_tokens)
     if prompts is not None:
         raise UserError("--prompts is for causal language models; an encoder's parity uses random inputs")
     started = time.perf_counter()
