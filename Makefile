@@ -75,7 +75,7 @@ $(TEACHER_ONNX)/model.onnx: $(TEACHER)/trimformer_train.json
 
 # --- the built-in causal language model (no hub here: trained on the tweets' train split) -----
 # A byte-level BPE tokenizer and a 3.9 M-parameter Llama-layout model with grouped-query
-# attention; cached (a rerun returns at once), resumable when interrupted. About 8 minutes on 2 cores.
+# attention; cached (a rerun returns at once), resumable when interrupted. 7 minutes on a 2-core Zen 2.
 LM := $(WORK)/lm
 
 lm: $(LM)/trimformer_train.json
