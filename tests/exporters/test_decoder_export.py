@@ -8,6 +8,7 @@ import onnx
 import pytest
 import torch
 
+import trimformer.exporters.decoder as decoder_export
 from tests.builders import make_causal_lm
 from trimformer.artifact import ModelArtifact
 from trimformer.errors import ParityError
@@ -78,14 +79,14 @@ def test_a_token_mismatch_names_the_prompt_and_position(
     folder, out = exported
     source = load_source(folder)
     session = _session(out)
-    real = session.greedy
+    real = decoder_export.greedy_tokens
 
-    def off_by_one(prompt: list[int], new_tokens: int) -> list[int]:
-        tokens = real(prompt, new_tokens)
+    def off_by_one(stepper, prompt: list[int], new_tokens: int):  # type: ignore[no-untyped-def]
+        tokens, logits = real(stepper, prompt, new_tokens)
         tokens[5] = (tokens[5] + 1) % 100
-        return tokens
+        return tokens, logits
 
-    monkeypatch.setattr(session, "greedy", off_by_one)
+    monkeypatch.setattr(decoder_export, "greedy_tokens", off_by_one)
     prompts = [source.tokenizer.encode("the car").ids]
     with pytest.raises(
         ParityError, match=r"prompt 0 \('the car'\): greedy token 5 is \d+ from ONNX but \d+ from PyTorch"

@@ -37,11 +37,12 @@ from trimformer.artifact import (
     TokenizerSpec,
     write_meta,
 )
+from trimformer.data.prompts import first_halves
 from trimformer.errors import ParityError, UserError
 from trimformer.exporters.decoder_module import CachedDecoder
 from trimformer.formats.decoder import DECODER_EXTRAS_KEY, DecoderSpec
 from trimformer.fsutil import atomic_output_dir
-from trimformer.runtime.decoding import CachedSession
+from trimformer.runtime.decoding import CachedSession, greedy_tokens
 from trimformer.runtime.session import cpu_session
 from trimformer.sources import LoadedSource
 
@@ -97,22 +98,15 @@ class DecoderParity:
 
 def parity_prompts(source: LoadedSource, data: str | None, count: int, reserve: int) -> list[list[int]]:
     """Token ids of ``count`` prompts, each leaving ``reserve`` positions of the context free."""
-    if data is None:
-        texts = list(PARITY_PROMPTS)
+    longest = max(1, min(64, source.max_length - reserve))
+    if data is None:  # the built-in prompts are prompts already, not texts to halve
+        encoded = (source.tokenizer.encode(text).ids for text in PARITY_PROMPTS)
+        prompts = [ids[:longest] for ids in encoded if ids][:count]
     else:
         from trimformer.data import load_dataset
 
         texts = load_dataset(data, split="auto" if not data.startswith("builtin:") else "test").texts
-    longest = max(1, min(64, source.max_length - reserve))
-    prompts: list[list[int]] = []
-    for text in texts:
-        ids = source.tokenizer.encode(text).ids
-        if data is not None:  # a held-out text: its first half is the prompt
-            ids = ids[: max(2, len(ids) // 2)]
-        if ids:
-            prompts.append(ids[:longest])
-        if len(prompts) == count:
-            break
+        prompts = first_halves(source.tokenizer, texts, count, longest)
     if len(prompts) < min(count, MIN_PROMPTS):
         raise UserError(
             f"only {len(prompts)} non-empty prompts in {data}; parity needs at least {MIN_PROMPTS}"
@@ -182,9 +176,8 @@ def check_decoder_parity(
     worst = 0.0
     for index, prompt in enumerate(prompts):
         expected, torch_logits = torch_greedy(source.model, prompt, new_tokens)
-        ids = np.asarray([prompt], dtype=np.int64)
-        onnx_logits, _ = session.prompt(ids, np.ones_like(ids))
-        diff = float(np.max(np.abs(onnx_logits[0] - torch_logits)))
+        got, onnx_logits = greedy_tokens(session, prompt, new_tokens)
+        diff = float(np.max(np.abs(onnx_logits - torch_logits)))
         worst = max(worst, diff)
         text = source.tokenizer.decode(prompt)
         if not diff <= atol:
@@ -192,7 +185,6 @@ def check_decoder_parity(
                 f"export parity failed on prompt {index} ({text!r}): prompt logits differ from PyTorch by "
                 f"{diff:.3g} (tolerance {atol:.1g}); try another --opset or raise --atol"
             )
-        got = session.greedy(prompt, new_tokens)
         if got != expected:
             first = next(i for i, (a, b) in enumerate(zip(got, expected, strict=True)) if a != b)
             raise ParityError(

@@ -31,7 +31,7 @@ def _attention_bias(
     elsewhere (later keys, padding, keys beyond the sliding window)."""
     total = attention_mask.shape[1]
     keys = torch.arange(total, device=attention_mask.device)
-    queries = keys[total - new_tokens :] if isinstance(total, int) else keys[-new_tokens:]
+    queries = keys[total - new_tokens :]
     allowed = keys[None, :] <= queries[:, None]
     if window is not None:
         allowed = allowed & (keys[None, :] > queries[:, None] - window)

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 import onnxruntime as ort
 
 from trimformer.formats.decoder import DecoderSpec
 
-__all__ = ["CacheState", "CachedSession", "left_pad"]
+__all__ = ["CacheState", "CachedSession", "Stepper", "greedy_tokens", "left_pad"]
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -81,13 +82,28 @@ class CachedSession:
 
     def greedy(self, prompt_ids: Sequence[int], new_tokens: int) -> list[int]:
         """``new_tokens`` greedy tokens after one prompt (no stop token: parity compares them all)."""
-        ids = np.asarray([list(prompt_ids)], dtype=np.int64)
-        logits, state = self.prompt(ids, np.ones_like(ids))
-        out: list[int] = []
-        for _ in range(new_tokens):
-            token = int(np.argmax(logits[0, -1]))
-            out.append(token)
-            if len(out) == new_tokens:
-                break
-            logits, state = self.step(np.asarray([[token]], dtype=np.int64), state)
-        return out
+        return greedy_tokens(self, prompt_ids, new_tokens)[0]
+
+
+class Stepper(Protocol):
+    """Anything with a prompt pass and cached steps, numpy in and out (ONNX or PyTorch)."""
+
+    def prompt(self, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, Any]: ...
+
+    def step(self, next_ids: np.ndarray, state: Any) -> tuple[np.ndarray, Any]: ...
+
+
+def greedy_tokens(
+    stepper: Stepper, prompt_ids: Sequence[int], new_tokens: int
+) -> tuple[list[int], np.ndarray]:
+    """Greedy tokens after one prompt and the prompt pass's logits [prompt, vocab]: the one greedy
+    loop that export parity, validation and ``CachedSession.greedy`` share."""
+    ids = np.asarray([list(prompt_ids)], dtype=np.int64)
+    logits, state = stepper.prompt(ids, np.ones_like(ids))
+    prompt_logits = np.asarray(logits[0])
+    tokens: list[int] = []
+    while True:
+        tokens.append(int(np.argmax(logits[0, -1])))
+        if len(tokens) == new_tokens:
+            return tokens, prompt_logits
+        logits, state = stepper.step(np.asarray([[tokens[-1]]], dtype=np.int64), state)

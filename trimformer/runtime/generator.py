@@ -158,6 +158,9 @@ class Generator:
             started = time.perf_counter()
             logits, state = self.session.step(chosen, state)
             step_seconds.append(time.perf_counter() - started)
+        if not settings.stop_strings and on_text is None:
+            for row in rows:
+                row.text = self.tokenizer.decode(row.tokens)
         return [
             Generation(row.prompt, row.text, row.tokens, len(row.prompt_ids), row.finish or "length",
                        prompt_seconds, step_seconds)
@@ -199,8 +202,9 @@ class Generator:
                 row.finish = "stop"
             else:
                 row.tokens.append(token)
-                row.text = self.tokenizer.decode(row.tokens)
-                self._apply_stop_strings(row, settings.stop_strings)
+                if settings.stop_strings or on_text is not None:  # else the text is decoded once, at the end
+                    row.text = self.tokenizer.decode(row.tokens)
+                    self._apply_stop_strings(row, settings.stop_strings)
             if not row.finish and (len(row.tokens) >= settings.max_new_tokens or context_full):
                 row.finish = "length"
             if on_text is not None:

@@ -34,9 +34,10 @@ import numpy as np
 
 from trimformer.artifact import ModelArtifact
 from trimformer.data import load_dataset
+from trimformer.data.prompts import first_halves
 from trimformer.errors import UserError
 from trimformer.formats.decoder import DecoderSpec
-from trimformer.runtime.decoding import CachedSession
+from trimformer.runtime.decoding import CachedSession, greedy_tokens
 from trimformer.runtime.session import cpu_session
 from trimformer.validation.latency import PeakMemory
 
@@ -165,24 +166,13 @@ def perplexity(runner: DecoderRunner, stream: np.ndarray, window: int) -> float:
     return float(np.exp(total / max(count, 1)))
 
 
-def _greedy(runner: DecoderRunner, prompt: list[int], new_tokens: int) -> list[int]:
-    ids = np.asarray([prompt], dtype=np.int64)
-    logits, state = runner.prompt(ids, np.ones_like(ids))
-    tokens: list[int] = []
-    while True:
-        tokens.append(int(np.argmax(logits[0, -1])))
-        if len(tokens) == new_tokens:
-            return tokens
-        logits, state = runner.step(np.asarray([[tokens[-1]]], dtype=np.int64), state)
-
-
 def fidelity(
     model: DecoderRunner, reference: DecoderRunner, prompts: list[list[int]], new_tokens: int
 ) -> dict[str, float]:
     """Top-1 agreement and mean KL(reference || model) on the reference's greedy continuations."""
     agree, kl, count = 0, 0.0, 0
     for prompt in prompts:
-        continuation = _greedy(reference, prompt, new_tokens)
+        continuation, _ = greedy_tokens(reference, prompt, new_tokens)
         ids = np.asarray(prompt + continuation, dtype=np.int64)
         # Positions that predict the continuation's tokens.
         span = slice(len(prompt) - 1, len(ids) - 1)
@@ -233,17 +223,10 @@ def speed(runner: DecoderRunner, runs: int, steps: int = 32, seed: int = 0) -> d
 
 
 def prompt_token_rows(tokenizer: Any, texts: list[str], count: int, longest: int) -> list[list[int]]:
-    """Prompts from held-out texts: each text's first half (at least 2 tokens, at most ``longest``)."""
-    rows = []
-    for text in texts:
-        ids = tokenizer.encode(text).ids
-        ids = ids[: min(longest, max(2, len(ids) // 2))]
-        if len(ids) >= 2:
-            rows.append(ids)
-        if len(rows) == count:
-            break
+    """Prompts from held-out texts (:func:`trimformer.data.prompts.first_halves`); none is an error."""
+    rows = first_halves(tokenizer, texts, count, longest)
     if not rows:
-        raise UserError("the validation texts give no prompts of at least 2 tokens")
+        raise UserError("the validation texts give no prompts; give texts with at least one token")
     return rows
 
 
