@@ -120,3 +120,16 @@ def test_top_p_keeps_the_nucleus_and_the_penalty_demotes_seen_tokens() -> None:
     assert drawn == {0, 1}
     penalised = GenerationSettings(repetition_penalty=10.0)
     assert next_token(np.array([2.0, 1.9, -1.0]), np.array([0]), penalised, rng) == 1
+
+
+def test_artifact_without_a_decoder_description_is_one_line(llama: tuple[Path, Path], tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(llama[1], broken)
+    meta = json.loads((broken / "trimformer.json").read_text())
+    del meta["extras"]["decoder"]
+    (broken / "trimformer.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="has no usable decoder description \\(KeyError: 'decoder'\\)"):
+        Generator(broken)

@@ -95,6 +95,17 @@ class Generator:
         if not self.path.exists():
             raise UserError(f"model path {self.path} does not exist")
         self.digest: str | None = None
+        try:
+            self._load(providers, threads, expected_digest)
+        except (KeyError, TypeError, OSError) as exc:
+            # A trimformer.json (or manifest) written by hand or cut short: one line, not a traceback.
+            raise UserError(
+                f"{self.path} has no usable decoder description ({type(exc).__name__}: {exc}); re-export the model"
+            ) from exc
+        self.providers = providers
+        logger.info("loaded decoder %s (%s, %d layers)", self.path, self.spec.family, self.spec.num_layers)
+
+    def _load(self, providers: list[str], threads: int | None, expected_digest: str | None) -> None:
         with contextlib.ExitStack() as stack:
             if self.path.is_file() or (self.path / MANIFEST).is_file():
                 verified = stack.enter_context(open_verified(self.path, expected_digest))
@@ -115,8 +126,6 @@ class Generator:
             self.pad_token_id = int(meta["tokenizer"]["pad_token_id"])
             self.generation_defaults: dict[str, Any] = dict(meta["extras"].get("generation") or {})
             self.session = CachedSession(make_session(model, providers, threads, label="decoder"), self.spec)
-        self.providers = providers
-        logger.info("loaded decoder %s (%s, %d layers)", self.path, self.spec.family, self.spec.num_layers)
 
     def _check_task(self, meta: dict[str, Any]) -> None:
         task = meta.get("task")
