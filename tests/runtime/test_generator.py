@@ -133,3 +133,16 @@ def test_artifact_without_a_decoder_description_is_one_line(llama: tuple[Path, P
     (broken / "trimformer.json").write_text(json.dumps(meta))
     with pytest.raises(UserError, match="has no usable decoder description \\(KeyError: 'decoder'\\)"):
         Generator(broken)
+
+
+def test_settings_from_a_table_and_from_a_hugging_face_generation_config() -> None:
+    settings = GenerationSettings.from_dict({"top_k": 5, "temperature": 1, "stop_strings": ["\n"]}, "recipe")
+    assert settings.top_k == 5 and settings.temperature == 1.0 and settings.stop_strings == ("\n",)
+    assert GenerationSettings.from_dict(settings.to_dict(), "again") == settings
+    for bad in ({"top_k": 1.5}, {"seed": "x"}, {"stop_strings": "\n"}, {"temperature": True}):
+        with pytest.raises(UserError, match="is not a valid value"):
+            GenerationSettings.from_dict(bad, "recipe")
+    hf = GenerationSettings.from_hf_config({"do_sample": True, "top_p": 0.9, "max_new_tokens": 20})
+    # Sampling fields HF leaves out take HF's defaults (temperature 1, top_k 50).
+    assert (hf.temperature, hf.top_k, hf.top_p, hf.max_new_tokens) == (1.0, 50, 0.9, 20)
+    assert GenerationSettings.from_hf_config({"temperature": 0.6, "eos_token_id": 2}).greedy

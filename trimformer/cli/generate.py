@@ -13,11 +13,26 @@ from trimformer.cli.options import model_argument
 @click.command("generate")
 @model_argument(help="Causal-LM artifact folder, or a bundle folder or .tar.gz.")
 @click.option("--prompt", "prompts", multiple=True, required=True, help="Prompt text; repeat for a batch.")
-@click.option("--max-new-tokens", type=int, default=64, show_default=True)
-@click.option("--temperature", type=float, default=0.0, show_default=True, help="0: greedy; more: sampling.")
-@click.option("--top-k", type=int, default=0, show_default=True, help="Sample from the k likeliest (0: all).")
-@click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling mass, in (0, 1].")
-@click.option("--repetition-penalty", type=float, default=1.0, show_default=True)
+@click.option("--max-new-tokens", type=int, default=None, help="[default: the model's, else 64]")
+@click.option(
+    "--temperature",
+    type=float,
+    default=None,
+    help="0: greedy; more: sampling. [default: the model's, else 0]",
+)
+@click.option(
+    "--top-k",
+    type=int,
+    default=None,
+    help="Sample from the k likeliest (0: all). [default: the model's, else 0]",
+)
+@click.option(
+    "--top-p",
+    type=float,
+    default=None,
+    help="Nucleus sampling mass, in (0, 1]. [default: the model's, else 1]",
+)
+@click.option("--repetition-penalty", type=float, default=None, help="[default: the model's, else 1]")
 @click.option(
     "--stop", "stop_strings", multiple=True, help="Stop at this text (cut from the output); repeatable."
 )
@@ -45,10 +60,16 @@ def generate_command(
     from trimformer.errors import UserError
     from trimformer.runtime.generator import GenerationSettings, Generator
 
-    generation = GenerationSettings(stop_strings=stop_strings, **settings)  # type: ignore[arg-type]
+    # Given options override the model's own defaults (a bundle's generation settings, or the
+    # artifact's generation_config.json); they are checked before the model is loaded.
+    given = {key: value for key, value in settings.items() if value is not None}
+    if stop_strings:
+        given["stop_strings"] = list(stop_strings)
+    GenerationSettings.from_dict(given, "options")
     if stream and len(prompts) > 1:
         raise UserError("--stream prints one prompt's text as it comes; give one --prompt")
     generator = Generator(model, provider=provider, threads=threads)
+    generation = GenerationSettings.from_dict({**generator.default_settings.to_dict(), **given}, "options")
 
     def write(_: int, text: str) -> None:
         sys.stdout.write(text)

@@ -2,13 +2,34 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import click
 
 from trimformer.cli.main import State, emit, pass_state
 from trimformer.cli.options import model_argument, overwrite_option
 from trimformer.errors import UserError
+
+
+def _generation_options(pairs: tuple[str, ...]) -> dict[str, Any] | None:
+    """``--generation key=value`` pairs; a value is read as JSON (numbers, lists), else as text."""
+    from trimformer.runtime.sampling import GenerationSettings
+
+    if not pairs:
+        return None
+    values: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--generation takes KEY=VALUE (for example temperature=0.7), got {pair!r}")
+        try:
+            values[key.strip()] = json.loads(raw)
+        except ValueError:
+            values[key.strip()] = raw
+    GenerationSettings.from_dict(values, "--generation")
+    return values
 
 
 def _read_recipe(path: str | None) -> str | None:
@@ -34,6 +55,14 @@ def _read_recipe(path: str | None) -> str | None:
 @click.option(
     "--ort", "ort_format", is_flag=True, help="Add an ORT-format copy (model.ort) for minimal builds."
 )
+@click.option(
+    "--generation",
+    "generation",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A causal LM's default generation setting (max_new_tokens, temperature, top_k, top_p, "
+    "repetition_penalty, stop_strings, stop_tokens, seed); repeatable.",
+)
 @overwrite_option
 @pass_state
 def package_command(
@@ -43,6 +72,7 @@ def package_command(
     report: str | None,
     recipe: str | None,
     ort_format: bool,
+    generation: tuple[str, ...],
     overwrite: bool,
 ) -> None:
     """Package MODEL (an artifact folder) into a self-verifying bundle folder and OUT.tar.gz.
@@ -55,6 +85,7 @@ def package_command(
     """
     from trimformer.packaging.package import package_artifact
 
+    generation_settings = _generation_options(generation)
     result = package_artifact(
         model,
         out,
@@ -62,6 +93,7 @@ def package_command(
         recipe_text=_read_recipe(recipe),
         ort_format=ort_format,
         overwrite=overwrite,
+        generation=generation_settings,
     )
     info = result.to_dict()
     note = "" if info["validated"] else " (no --report: the manifest carries no metrics)"

@@ -35,6 +35,16 @@ _METRICS = (
     "throughput_per_s",
     "natural_latency_ms",
     "speedup",
+    # causal LMs (trimformer.validation.decoder)
+    "perplexity",
+    "perplexity_context",
+    "perplexity_increase_pct",
+    "token_agreement",
+    "kl",
+    "prompt_latency_ms",
+    "time_to_first_token_ms",
+    "decode_tokens_per_s",
+    "decode_speedup",
 )
 
 
@@ -109,7 +119,10 @@ def validation_facts(report_path: Path, artifact: ModelArtifact) -> dict[str, An
         raise UserError(
             f"{report_path} is not valid JSON ({exc}); pass the report.json `trimformer validate` wrote"
         ) from exc
-    if not isinstance(report, dict) or "latency_ms" not in report or "provider" not in report:
+    is_report = isinstance(report, dict) and (
+        "provider" in report and ("latency_ms" in report or "perplexity" in report)
+    )
+    if not is_report:
         raise UserError(
             f"{report_path} is not a trimformer validation report; pass the report.json of `trimformer validate`"
         )
@@ -152,6 +165,7 @@ def validation_facts(report_path: Path, artifact: ModelArtifact) -> dict[str, An
             "accuracy": reference.get("accuracy"),
             "size_mb": reference.get("size_mb"),
             "latency_ms": reference.get("latency_ms"),
+            **{k: reference[k] for k in ("perplexity", "decode_tokens_per_s") if k in reference},
         },
     }
 

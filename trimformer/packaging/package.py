@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,8 @@ import onnxruntime as ort
 from trimformer import __version__
 from trimformer.artifact import ARTIFACT_META, MODEL_FILE, ModelArtifact
 from trimformer.errors import UserError
+from trimformer.formats.decoder import DECODER_EXTRAS_KEY, DecoderSpec
+from trimformer.formats.tasks import CAUSAL_LM
 from trimformer.fsutil import atomic_output_dir, check_output_dir, sha256_bytes, sha256_file
 from trimformer.packaging.manifest import lineage_facts, model_facts, validation_facts
 from trimformer.packaging.ort_format import ORT_CONFIG_FILE, ORT_FILE, convert_to_ort
@@ -39,8 +42,11 @@ from trimformer.runtime.bundle import (
     MANIFEST_DIGEST,
     digest_line,
 )
+from trimformer.runtime.decoder_smoke import record_decoder_smoke
 from trimformer.runtime.encoding import KNOWN_INPUTS, TextEncoder
+from trimformer.runtime.generator import Generator
 from trimformer.runtime.predictor import SMOKE_TEXTS, smoke_difference
+from trimformer.runtime.sampling import GenerationSettings
 from trimformer.runtime.session import make_session
 from trimformer.runtime.verify import verify_bundle
 
@@ -181,7 +187,27 @@ def _run_smoke(model: bytes | Path, encoder: TextEncoder, output: str, label: st
     return np.asarray(values)
 
 
+def _check_decoder_io(artifact: ModelArtifact, facts: dict[str, Any]) -> None:
+    """A causal LM must carry its cache contract, and its graph must have exactly that io."""
+    extras = artifact.meta.extras.get(DECODER_EXTRAS_KEY)
+    if not isinstance(extras, dict):
+        raise UserError(f"{artifact.path} is a causal LM without its decoder description; re-export it")
+    spec = DecoderSpec.from_dict(extras, str(artifact.path))
+    wanted_inputs = ["input_ids", "attention_mask", "position_ids", *spec.past_names()]
+    wanted_outputs = ["logits", *spec.present_names()]
+    inputs = [io["name"] for io in facts["inputs"]]
+    outputs = [io["name"] for io in facts["outputs"]]
+    if sorted(inputs) != sorted(wanted_inputs) or sorted(outputs) != sorted(wanted_outputs):
+        raise UserError(
+            f"{artifact.model_path} does not have the KV-cache io its trimformer.json describes "
+            f"({len(spec.past_names())} past inputs, logits and presents); re-export it"
+        )
+
+
 def _check_io(artifact: ModelArtifact, facts: dict[str, Any]) -> None:
+    if artifact.task == CAUSAL_LM:
+        _check_decoder_io(artifact, facts)
+        return
     unknown = [io["name"] for io in facts["inputs"] if io["name"] not in KNOWN_INPUTS]
     if unknown:
         raise UserError(
@@ -254,6 +280,8 @@ class _Facts:
     lineage: dict[str, Any]
     validation: dict[str, Any] | None
     recipe_text: str | None
+    # A causal LM's default generation settings (the Generator starts from them); None for encoders.
+    generation: GenerationSettings | None = None
 
 
 def _manifest(
@@ -294,6 +322,7 @@ def _manifest(
         if recipe is None
         else {"sha256": sha256_bytes(recipe.encode("utf-8")), "text": recipe},
         "lineage": facts.lineage,
+        **({} if facts.generation is None else {"generation": facts.generation.to_dict()}),
     }
 
 
@@ -304,6 +333,14 @@ def _write_bundle(
     service would; returns the manifest and its bytes."""
     external, tokenizer_files = _copy_files(artifact, tmp)
     facts.model["external_data"] = external
+    if artifact.task == CAUSAL_LM:
+        # The copied folder is an artifact the Generator opens as is; it walks the smoke prompts.
+        generator = Generator(tmp)
+        smoke = record_decoder_smoke(
+            generator.session, generator.encode, _SMOKE_ATOL[bool(facts.model["quantized"])]
+        )
+        del generator
+        return _finish_bundle(artifact, tmp, facts, tokenizer_files, smoke, None)
     tok = artifact.meta.tokenizer
     encoder = TextEncoder(
         (tmp / tok.file).read_text(encoding="utf-8"),
@@ -314,6 +351,18 @@ def _write_bundle(
     model_input: bytes | Path = tmp / MODEL_FILE if external else (tmp / MODEL_FILE).read_bytes()
     smoke, atol = _smoke(model_input, encoder, facts.model)
     ort_facts = _ort_copy(tmp, encoder, smoke, atol) if ort_format else None
+    return _finish_bundle(artifact, tmp, facts, tokenizer_files, smoke, ort_facts)
+
+
+def _finish_bundle(
+    artifact: ModelArtifact,
+    tmp: Path,
+    facts: _Facts,
+    tokenizer_files: list[str],
+    smoke: dict[str, Any],
+    ort_facts: dict[str, Any] | None,
+) -> tuple[dict[str, Any], bytes]:
+    """The manifest and its digest over what ``tmp`` holds, then the check a service runs."""
     manifest = _manifest(artifact, facts, tokenizer_files, _file_table(tmp), smoke, ort_facts)
     manifest_bytes = (json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode()
     (tmp / MANIFEST).write_bytes(manifest_bytes)
@@ -336,13 +385,30 @@ def _write_archive(
     return archive_sha
 
 
-def _gather_facts(artifact: ModelArtifact, report: str | Path | None, recipe_text: str | None) -> _Facts:
+def _generation(artifact: ModelArtifact, overrides: Mapping[str, Any] | None) -> GenerationSettings | None:
+    """The artifact's generation_config.json defaults with ``overrides`` on top (causal LMs only)."""
+    if artifact.task != CAUSAL_LM:
+        if overrides:
+            raise UserError(
+                f"generation settings apply to causal language models; {artifact.path} is {artifact.task}"
+            )
+        return None
+    base = GenerationSettings.from_hf_config(artifact.meta.extras.get("generation") or {}).to_dict()
+    return GenerationSettings.from_dict({**base, **(overrides or {})}, "generation settings")
+
+
+def _gather_facts(
+    artifact: ModelArtifact,
+    report: str | Path | None,
+    recipe_text: str | None,
+    generation: Mapping[str, Any] | None,
+) -> _Facts:
     """Everything checked before a byte is written: io the runtime can feed, the report is this model's."""
     model = model_facts(artifact.load_model(load_weights=False), [])
     _check_io(artifact, model)
     lineage = lineage_facts(artifact)
     validation = validation_facts(Path(report), artifact) if report is not None else None
-    return _Facts(model, lineage, validation, recipe_text)
+    return _Facts(model, lineage, validation, recipe_text, _generation(artifact, generation))
 
 
 def package_artifact(
@@ -352,13 +418,17 @@ def package_artifact(
     recipe_text: str | None = None,
     ort_format: bool = False,
     overwrite: bool = False,
+    generation: Mapping[str, Any] | None = None,
 ) -> PackageResult:
-    """Write the bundle folder ``out`` and ``<out>.tar.gz``; see the module docstring."""
+    """Write the bundle folder ``out`` and ``<out>.tar.gz``; see the module docstring.
+    ``generation`` overrides a causal LM's default generation settings (GenerationSettings keys)."""
     artifact = ModelArtifact.open(artifact_dir)
     out = Path(out)
     archive = archive_path_for(out)
     _check_destinations(artifact, out, archive, overwrite)
-    facts = _gather_facts(artifact, report, recipe_text)
+    facts = _gather_facts(artifact, report, recipe_text, generation)
+    if ort_format and artifact.task == CAUSAL_LM:
+        raise UserError("--ort is not supported for causal language models yet; package it without --ort")
     if ort_format and len(artifact.model_files()) > 1:
         raise UserError(
             "--ort needs a model without external data (under 2 GB); package this one without --ort"

@@ -32,7 +32,8 @@ from tokenizers import Tokenizer
 from trimformer.errors import UserError
 from trimformer.formats.decoder import DECODER_EXTRAS_KEY, DecoderSpec
 from trimformer.formats.tasks import CAUSAL_LM
-from trimformer.runtime.bundle import MANIFEST, read_verified
+from trimformer.runtime.bundle import MANIFEST, BundleError, VerifiedBundle, read_verified
+from trimformer.runtime.decoder_smoke import check_decoder_smoke
 from trimformer.runtime.decoding import CachedSession, CacheState, left_pad
 from trimformer.runtime.predictor import open_verified
 from trimformer.runtime.sampling import GenerationSettings, next_token
@@ -83,7 +84,7 @@ class Generator:
 
     def __init__(
         self,
-        path: str | Path,
+        path: str | Path | VerifiedBundle,
         provider: str | list[str] = "cpu",
         threads: int | None = None,
         expected_digest: str | None = None,
@@ -91,12 +92,18 @@ class Generator:
         if threads is not None and threads < 1:
             raise UserError(f"threads must be at least 1, got {threads}")
         providers = resolve_providers(provider)
-        self.path = Path(path)
+        self.path = path.name if isinstance(path, VerifiedBundle) else Path(path)
         if not self.path.exists():
             raise UserError(f"model path {self.path} does not exist")
         self.digest: str | None = None
+        self.smoke_max_abs_diff: float | None = None
         try:
-            self._load(providers, threads, expected_digest)
+            with contextlib.ExitStack() as stack:
+                verified = self._verified(path, expected_digest, stack)
+                if verified is None:
+                    self._load_folder(providers, threads)
+                else:
+                    self._load_bundle(verified, providers, threads)
         except (KeyError, TypeError, OSError) as exc:
             # A trimformer.json (or manifest) written by hand or cut short: one line, not a traceback.
             raise UserError(
@@ -105,27 +112,60 @@ class Generator:
         self.providers = providers
         logger.info("loaded decoder %s (%s, %d layers)", self.path, self.spec.family, self.spec.num_layers)
 
-    def _load(self, providers: list[str], threads: int | None, expected_digest: str | None) -> None:
-        with contextlib.ExitStack() as stack:
-            if self.path.is_file() or (self.path / MANIFEST).is_file():
-                verified = stack.enter_context(open_verified(self.path, expected_digest))
-                self.digest = verified.digest
-                meta = json.loads(read_verified(verified, ARTIFACT_META))
-                self._check_task(meta)
-                tokenizer_bytes = read_verified(verified, meta["tokenizer"]["file"])
-                model: bytes | Path = read_verified(verified, verified.manifest["model"]["file"])
-            else:
-                meta = _read_meta(self.path)
-                self._check_task(meta)
-                tokenizer_bytes = (self.path / meta["tokenizer"]["file"]).read_bytes()
-                model = self.path / "model.onnx"
-            self.spec = DecoderSpec.from_dict(meta["extras"][DECODER_EXTRAS_KEY], str(self.path))
-            self.tokenizer = Tokenizer.from_str(tokenizer_bytes.decode("utf-8"))
-            self.tokenizer.no_truncation()
-            self.tokenizer.no_padding()
-            self.pad_token_id = int(meta["tokenizer"]["pad_token_id"])
-            self.generation_defaults: dict[str, Any] = dict(meta["extras"].get("generation") or {})
-            self.session = CachedSession(make_session(model, providers, threads, label="decoder"), self.spec)
+    def _verified(
+        self, path: str | Path | VerifiedBundle, expected_digest: str | None, stack: contextlib.ExitStack
+    ) -> VerifiedBundle | None:
+        """The checked bundle to load from, or None for an artifact folder."""
+        if isinstance(path, VerifiedBundle):
+            if expected_digest is not None and expected_digest.removeprefix("sha256:") != path.digest[7:]:
+                raise BundleError(f"bundle {path.name} is not the expected one ({path.digest})")
+            return path
+        if self.path.is_file() or (self.path / MANIFEST).is_file():
+            return stack.enter_context(open_verified(self.path, expected_digest))
+        return None
+
+    def _load_folder(self, providers: list[str], threads: int | None) -> None:
+        meta = _read_meta(self.path)
+        self._check_task(meta)
+        tokenizer = (self.path / meta["tokenizer"]["file"]).read_bytes()
+        self._setup(meta, tokenizer, self.path / "model.onnx", providers, threads)
+        self.default_settings = GenerationSettings.from_hf_config(meta["extras"].get("generation") or {})
+
+    def _load_bundle(self, verified: VerifiedBundle, providers: list[str], threads: int | None) -> None:
+        self.digest = verified.digest
+        manifest = verified.manifest
+        meta = json.loads(read_verified(verified, ARTIFACT_META))
+        self._check_task(meta)
+        tokenizer = read_verified(verified, meta["tokenizer"]["file"])
+        model_spec = manifest["model"]
+        # Over 2 GB, onnxruntime reads the weights from the (verified) folder itself.
+        model: bytes | Path = (
+            verified.folder / model_spec["file"]
+            if model_spec.get("external_data")
+            else read_verified(verified, model_spec["file"])
+        )
+        self._setup(meta, tokenizer, model, providers, threads)
+        self.default_settings = GenerationSettings.from_dict(
+            manifest.get("generation") or {}, f"bundle {verified.name} manifest"
+        )
+        self.smoke_max_abs_diff = check_decoder_smoke(
+            self.session, self.encode, manifest.get("smoke"), str(verified.name)
+        )
+
+    def _setup(
+        self,
+        meta: dict[str, Any],
+        tokenizer: bytes,
+        model: bytes | Path,
+        providers: list[str],
+        threads: int | None,
+    ) -> None:
+        self.spec = DecoderSpec.from_dict(meta["extras"][DECODER_EXTRAS_KEY], str(self.path))
+        self.tokenizer = Tokenizer.from_str(tokenizer.decode("utf-8"))
+        self.tokenizer.no_truncation()
+        self.tokenizer.no_padding()
+        self.pad_token_id = int(meta["tokenizer"]["pad_token_id"])
+        self.session = CachedSession(make_session(model, providers, threads, label="decoder"), self.spec)
 
     def _check_task(self, meta: dict[str, Any]) -> None:
         task = meta.get("task")
@@ -147,12 +187,14 @@ class Generator:
         on_text: StreamCallback | None = None,
         **overrides: Any,
     ) -> list[Generation]:
-        """Generate for each prompt (one string, or a list as one left-padded batch)."""
-        settings = replace(settings or GenerationSettings(), **overrides)
+        """Generate for each prompt (one string, or a list as one left-padded batch); ``settings``
+        default to the bundle's (or the artifact's generation_config.json), ``overrides`` change
+        single fields."""
+        settings = replace(settings or self.default_settings, **overrides)
         texts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not texts:
             return []
-        rows = [_Row(text, self._encode(text)) for text in texts]
+        rows = [_Row(text, self.encode(text)) for text in texts]
         ids, mask = left_pad([row.prompt_ids for row in rows], self.pad_token_id)
         rng = np.random.default_rng(settings.seed)
         stops = set(self.eos_token_ids) | set(settings.stop_tokens)
@@ -176,7 +218,8 @@ class Generator:
             for row in rows
         ]  # fmt: skip
 
-    def _encode(self, text: str) -> list[int]:
+    def encode(self, text: str) -> list[int]:
+        """A prompt's token ids, as generation feeds them (refused if it fills the context)."""
         if not isinstance(text, str):
             raise TypeError(f"prompts must be strings, got {type(text).__name__}")
         ids = self.tokenizer.encode(text).ids

@@ -22,6 +22,7 @@ import numpy as np
 import onnxruntime as ort
 
 from trimformer.errors import UserError
+from trimformer.formats.tasks import CAUSAL_LM
 from trimformer.formats.tasks import TASKS as TASK_REGISTRY
 from trimformer.runtime.archive import (
     canonical_archive_problem,
@@ -152,6 +153,10 @@ class Predictor:
         self.manifest: dict[str, Any] = manifest
         self.digest: str = verified.digest
         task = manifest.get("task")
+        if task == CAUSAL_LM:
+            raise BundleError(
+                f"bundle {self.path} holds a causal language model; open it with Generator or `trimformer generate`"
+            )
         if task not in TASKS:
             raise BundleError(f"bundle {self.path} has an unknown task {task!r}; this runtime knows {TASKS}")
         self.task: str = task

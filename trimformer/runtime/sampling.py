@@ -7,7 +7,9 @@ generator. Temperature 0 is greedy (argmax after the penalty). numpy only.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 import numpy as np
 
@@ -46,6 +48,74 @@ class GenerationSettings:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], where: str) -> GenerationSettings:
+        """Settings from a recipe table, a package option or a bundle manifest: every key known and
+        every value of its type, checked here (``where`` names the source in the message)."""
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise UserError(f"{where}: unknown generation settings {unknown}; known: {sorted(known)}")
+        parsed: dict[str, Any] = {}
+        for key, value in values.items():
+            try:
+                parsed[key] = _coerce(key, value)
+            except (TypeError, ValueError):
+                raise UserError(
+                    f"{where}: generation setting {key} = {value!r} is not a valid value"
+                ) from None
+        return cls(**parsed)
+
+    @classmethod
+    def from_hf_config(cls, config: Mapping[str, Any]) -> GenerationSettings:
+        """The defaults a Hugging Face ``generation_config.json`` asks for (greedy unless do_sample;
+        HF's own defaults for sampling fields it leaves out)."""
+        values: dict[str, Any] = {}
+        if config.get("max_new_tokens"):
+            values["max_new_tokens"] = config["max_new_tokens"]
+        if config.get("repetition_penalty") is not None:
+            values["repetition_penalty"] = config["repetition_penalty"]
+        if config.get("do_sample"):
+            values["temperature"] = config.get("temperature", 1.0)
+            values["top_k"] = config.get("top_k", 50)
+            values["top_p"] = config.get("top_p", 1.0)
+        stops = config.get("stop_strings")
+        if stops:
+            values["stop_strings"] = [stops] if isinstance(stops, str) else stops
+        return cls.from_dict(values, "generation_config.json")
+
+    def to_dict(self) -> dict[str, Any]:
+        values = asdict(self)
+        values["stop_strings"] = list(self.stop_strings)
+        values["stop_tokens"] = list(self.stop_tokens)
+        return values
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """One setting's value as its field's type; bools are refused where numbers are meant."""
+    if isinstance(value, bool):
+        raise TypeError(key)
+    if key in ("stop_strings", "stop_tokens"):
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            raise TypeError(key)
+        kind = str if key == "stop_strings" else int
+        if not all(isinstance(v, kind) and not isinstance(v, bool) for v in value):
+            raise TypeError(key)
+        return tuple(value)
+    if key == "seed":
+        if value is None:
+            return None
+        if not isinstance(value, int):
+            raise TypeError(key)
+        return value
+    if key in ("max_new_tokens", "top_k"):
+        if not isinstance(value, int):
+            raise TypeError(key)
+        return value
+    if not isinstance(value, (int, float)):
+        raise TypeError(key)
+    return float(value)
 
 
 def _penalise(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:

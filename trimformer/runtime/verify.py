@@ -9,7 +9,8 @@ What is checked, in order (any failure raises a BundleError, a UserError, and no
 3. an archive again: its gzip header and whole tar stream must be the canonical re-creation;
 4. the model loads in onnxruntime from the verified bytes and, on the smoke texts recorded at
    packaging time, gives the recorded outputs within the recorded tolerance; the same for the
-   ORT-format copy when the bundle has one.
+   ORT-format copy when the bundle has one. A causal-LM bundle loads in the Generator instead, which
+   replays the greedy smoke tokens (:mod:`trimformer.runtime.decoder_smoke`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ from typing import Any
 
 import onnxruntime as ort
 
+from trimformer.formats.tasks import CAUSAL_LM
 from trimformer.runtime.archive import archive_sidecar, is_archive_path
+from trimformer.runtime.bundle import VerifiedBundle
+from trimformer.runtime.generator import Generator
 from trimformer.runtime.predictor import Predictor, open_verified
 
 __all__ = ["verify_bundle"]
@@ -33,6 +37,8 @@ def verify_bundle(
     # open_verified checks the sidecar itself; this only reports whether there was one.
     sidecar_checked = path.is_file() and is_archive_path(path) and archive_sidecar(path).is_file()
     with open_verified(path, expected_digest) as verified:
+        if verified.manifest.get("task") == CAUSAL_LM:
+            return _verify_decoder(path, verified, provider, sidecar_checked)
         predictor = Predictor(verified, provider=provider)
         ort_predictor = (
             Predictor(verified, model_format="ort") if verified.manifest.get("ort_format") else None
@@ -53,4 +59,32 @@ def verify_bundle(
         "ort_format": None
         if ort_predictor is None
         else {"file": manifest["ort_format"]["file"], "smoke_max_abs_diff": ort_predictor.smoke_max_abs_diff},
+    }
+
+
+def _verify_decoder(
+    path: Path, verified: VerifiedBundle, provider: str | list[str], sidecar_checked: bool
+) -> dict[str, Any]:
+    """A causal-LM bundle: the Generator loads it and replays its greedy smoke tokens."""
+    generator = Generator(verified, provider=provider)
+    manifest = verified.manifest
+    smoke = manifest["smoke"]
+    return {
+        "bundle": str(path),
+        "ok": True,
+        "digest": verified.digest,
+        "archive": path.is_file(),
+        "archive_sha256_checked": bool(sidecar_checked),
+        "files": len(manifest["files"]) + 2,
+        "task": CAUSAL_LM,
+        "labels": [],
+        "onnxruntime": ort.__version__,
+        "providers": generator.providers,
+        "smoke": {
+            "texts": len(smoke["prompts"]),
+            "tokens": sum(len(row) for row in smoke["tokens"]),
+            "max_abs_diff": generator.smoke_max_abs_diff,
+        },
+        "generation": generator.default_settings.to_dict(),
+        "ort_format": None,
     }

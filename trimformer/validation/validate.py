@@ -376,6 +376,7 @@ def _validate_decoder(
     texts = decoder_texts(config.data, config.split, config.seed, config.text_column, config.limit)
     report = validate_decoder(artifact, texts, config.decoder, config.reference, threads, opener)
     report["model_hash"] = artifact.model_hash()
+    report["provider"] = "cpu"
     report["threads"] = threads
     report["env"] = _env()
     out_dir = Path(config.out) if config.out else artifact.path / "report"
