@@ -20,6 +20,7 @@ from typing import Any
 
 from trimformer.artifact import ModelArtifact
 from trimformer.errors import GateFailed, UserError
+from trimformer.formats.tasks import CAUSAL_LM
 from trimformer.fsutil import sha256_bytes
 from trimformer.packaging.package import package_artifact
 from trimformer.passes.base import PassConfig, apply_pass
@@ -120,7 +121,7 @@ def _run_train(ctx: StageContext) -> StageResult:
     params = {**_columns(recipe), **recipe.model.train.params}
     result = train(
         TrainConfig(
-            model=str(ctx.inputs.get("model") or recipe.resolve(recipe.model.source)),
+            model=str(ctx.inputs.get("model") or recipe.source),
             data=recipe.train_data,
             out=str(ctx.out),
             seed=recipe.seed,
@@ -129,6 +130,37 @@ def _run_train(ctx: StageContext) -> StageResult:
     )
     return StageResult(
         {"best_dev_accuracy": result.best_dev_accuracy, "best_step": result.best_step, "steps": result.steps}
+    )
+
+
+def _run_train_lm(ctx: StageContext) -> StageResult:
+    """A causal LM trained (from scratch, or on from model.source); a killed run resumes."""
+    from trimformer.training.lm import LMConfig, LMShape, train_causal_lm
+
+    recipe = ctx.recipe
+    assert recipe.model.train is not None
+    params: dict[str, Any] = {"text_column": _columns(recipe).get("text_column"), **recipe.model.train.params}
+    shape = LMShape(**params.pop("shape", {}))
+    if ctx.resume_dir is not None:
+        params["checkpoint_dir"] = str(ctx.resume_dir)
+    source = ctx.inputs.get("model")
+    result = train_causal_lm(
+        LMConfig(
+            model=None if source is None else str(source),
+            data=recipe.train_data,
+            out=str(ctx.out),
+            seed=recipe.seed,
+            shape=shape,
+            **params,
+        )
+    )
+    return StageResult(
+        {
+            "dev_perplexity": result.dev_perplexity,
+            "unigram_dev_perplexity": result.unigram_dev_perplexity,
+            "best_step": result.best_step,
+            "steps": result.steps,
+        }
     )
 
 
@@ -161,12 +193,20 @@ def _run_export(ctx: StageContext) -> StageResult:
     from trimformer.exporters import export_model
 
     recipe = ctx.recipe
+    section = recipe.export
+    decoder: dict[str, Any] = {}
+    if recipe.is_causal_lm:
+        prompts = section.prompts or (recipe.data.source if recipe.data is not None else None)
+        decoder = {"prompts": None if prompts is None else recipe.resolve(prompts)}
+        if section.parity_tokens is not None:
+            decoder["parity_tokens"] = section.parity_tokens
     result = export_model(
         ctx.inputs["model"],
         ctx.out,
         task=recipe.model.task,
-        opset=recipe.export.opset,
-        atol=recipe.export.atol,
+        opset=section.opset,
+        atol=section.atol,
+        **decoder,
     )
     return StageResult({"opset": result.artifact.meta.opset, "size_bytes": result.artifact.size_bytes()})
 
@@ -299,6 +339,8 @@ def _run_validate(ctx: StageContext) -> StageResult:
         "seed": recipe.seed,
         **_columns(recipe),
     }
+    if recipe.is_causal_lm:
+        common["decoder"] = _decoder_settings(section, same)
     gates: dict[str, Any] = {}
     for provider in section.providers:
         folder = ctx.out / provider
@@ -335,6 +377,20 @@ def _run_validate(ctx: StageContext) -> StageResult:
     return StageResult({"gates": gates, "passed": all(g["passed"] for g in gates.values())})
 
 
+def _decoder_settings(section: Any, same: bool) -> Any:
+    """[validate]'s causal-LM keys as the decoder validation's config (unset: its defaults)."""
+    from trimformer.validation.decoder import DecoderValidateConfig
+
+    keys = ("perplexity_context", "perplexity_tokens", "prompts", "new_tokens")
+    values = {key: getattr(section, key) for key in keys if getattr(section, key) is not None}
+    if "runs" in section.model_fields_set:
+        values["runs"] = section.runs
+    if not same:
+        gates = ("max_perplexity_increase", "min_token_agreement", "min_decode_speedup")
+        values.update({key: getattr(section.gates, key) for key in gates})
+    return DecoderValidateConfig(**values)
+
+
 def _run_package(ctx: StageContext) -> StageResult:
     recipe = ctx.recipe
     assert recipe.package is not None and recipe.validate_ is not None
@@ -346,6 +402,7 @@ def _run_package(ctx: StageContext) -> StageResult:
         recipe_text=recipe.text,
         ort_format=recipe.package.ort_format,
         overwrite=False,
+        generation=recipe.package.generation,
     )
     return StageResult({"archive": Path(result.archive).name if result.archive else None})
 
@@ -370,7 +427,8 @@ class _Planner:
     def __init__(self, recipe: Recipe) -> None:
         self.recipe = recipe
         self.stages: list[Stage] = []
-        self.source = recipe.resolve(recipe.model.source)
+        # None: a causal LM that the train stage creates.
+        self.source = recipe.source
         self.data_ext = {"data": recipe.resolve(recipe.data.source)} if recipe.data is not None else {}
 
     def add(self, stage: Stage) -> _Ref:
@@ -391,11 +449,28 @@ class _Planner:
         return self.add(Stage(name, "export", params, _run_export, inputs, external, artifact=True))
 
 
+def _train_lm(plan: _Planner) -> _Ref:
+    recipe = plan.recipe
+    if recipe.model.train is None:
+        assert plan.source is not None
+        return ("external", plan.source)
+    params = {"seed": recipe.seed, "task": CAUSAL_LM, **_columns(recipe), **recipe.model.train.params}
+    external = {"train_data": recipe.train_data}
+    if plan.source is not None:
+        external["model"] = plan.source
+    return plan.add(Stage("train", "train", params, _run_train_lm, external=external))
+
+
 def _train_and_distill(plan: _Planner) -> tuple[_Ref | None, _Ref | None]:
     """The torch stages: (the torch model to export, the reference stage for the gates)."""
     recipe = plan.recipe
     if recipe.model_is_artifact:
         return None, None
+    if recipe.is_causal_lm:
+        # The PyTorch model is the reference the exported decoder's gates compare with.
+        trained = _train_lm(plan)
+        return trained, trained
+    assert plan.source is not None
     torch_model: _Ref = ("external", plan.source)
     if recipe.model.train is not None:
         params = {"seed": recipe.seed, **_columns(recipe), **recipe.model.train.params}
@@ -467,7 +542,11 @@ def build_plan(recipe: Recipe) -> list[Stage]:
     """The ordered stages of a recipe (train, distill, export, passes, validate, package)."""
     plan = _Planner(recipe)
     torch_model, reference = _train_and_distill(plan)
-    current: _Ref = ("external", plan.source) if torch_model is None else plan.export("export", torch_model)
+    if torch_model is None:
+        assert plan.source is not None
+        current: _Ref = ("external", plan.source)
+    else:
+        current = plan.export("export", torch_model)
     variants = _pass_stages(plan, current, torch_model)
     _validate_and_package(plan, variants[-1], reference or current, variants)
     return plan.stages

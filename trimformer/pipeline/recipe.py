@@ -3,14 +3,18 @@
 ::
 
     seed = 0
-    [model]      source = "builtin:minilm" | model folder | exported artifact folder
-    [model.train]   optional fine-tune first (the keys of TrainConfig)
+    [model]      source = "builtin:minilm" | model folder | exported artifact folder;
+                 task = "causal-lm" for a decoder (source may then be left out: [model.train]
+                 trains a new one)
+    [model.train]   optional fine-tune first (the keys of TrainConfig; of LMConfig for a causal LM)
     [data]       source = "builtin:tweets" | .csv/.tsv/.jsonl, columns, calibration and eval sizes
     [distill]    optional teacher -> student (the keys of DistillConfig)
-    [export]     opset, atol
+    [export]     opset, atol (default: the task's), a causal LM's parity_tokens and prompts
     [[passes]]   name = "prune", then that pass's own parameters; in order
-    [validate]   providers, grid, gates
-    [package]    bundle options (needs [validate]: a bundle carries the metrics it was validated with)
+    [validate]   providers, grid, gates; a causal LM's perplexity_context, perplexity_tokens,
+                 prompts, new_tokens, runs and its own gates
+    [package]    bundle options (needs [validate]: a bundle carries the metrics it was validated with);
+                 a causal LM's default generation settings (``generation = {...}``)
 
 Everything is checked before anything runs: unknown keys, wrong types, missing files, unknown
 passes (against the registry), each pass's parameters (with the pass's own config class and its
@@ -42,7 +46,7 @@ from pydantic import (
 import trimformer.passes  # noqa: F401  (importing the package registers every pass)
 from trimformer.errors import UserError
 from trimformer.formats.onnx_ops import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
-from trimformer.formats.tasks import TASK_NAMES
+from trimformer.formats.tasks import CAUSAL_LM, TASK_NAMES
 from trimformer.passes.base import PASS_REGISTRY, ConfigError, PassConfig, describe_error
 from trimformer.pipeline.stages.params import StageParams, stage_params_class
 
@@ -98,7 +102,8 @@ class TrainSpec(_Strict):
 
 
 class ModelSection(_Strict):
-    source: str
+    # None only for a causal LM that [model.train] trains from scratch (checked in _check_files).
+    source: str | None = None
     task: str | None = None
 
     @field_validator("task")
@@ -127,7 +132,12 @@ class DataSection(_Strict):
 
 class ExportSection(_Strict):
     opset: int = Field(default=EXPORT_DEFAULT_OPSET, ge=EXPORT_MIN_OPSET, le=EXPORT_MAX_OPSET)
-    atol: float = Field(default=1e-4, gt=0)
+    # None: the exporter's default for the task (1e-4 for encoders, 1e-3 for a causal LM's logits).
+    atol: float | None = Field(default=None, gt=0)
+    # A causal LM's greedy-token parity: new tokens per prompt, and the texts the prompts come
+    # from (default: the recipe's [data] source).
+    parity_tokens: int | None = Field(default=None, ge=1)
+    prompts: str | None = None
 
 
 class PassSpec(_Strict):
@@ -147,6 +157,14 @@ class PassSpec(_Strict):
 class Gates(_Strict):
     max_accuracy_drop: float | None = Field(default=None, ge=0)
     min_speedup: float | None = Field(default=None, gt=0)
+    # A causal LM's gates (trimformer.validation.decoder), against the PyTorch model it came from.
+    max_perplexity_increase: float | None = Field(default=None, ge=0)
+    min_token_agreement: float | None = Field(default=None, ge=0, le=1)
+    min_decode_speedup: float | None = Field(default=None, gt=0)
+
+
+ENCODER_GATES = ("max_accuracy_drop", "min_speedup")
+DECODER_GATES = ("max_perplexity_increase", "min_token_agreement", "min_decode_speedup")
 
 
 class ValidateSection(_Strict):
@@ -162,6 +180,11 @@ class ValidateSection(_Strict):
     natural_samples: int = Field(default=100, ge=1)
     # Measure every intermediate model too, for the report's accuracy/latency plot.
     variants: bool = True
+    # A causal LM's measurements (trimformer.validation.decoder.DecoderValidateConfig).
+    perplexity_context: int | None = Field(default=None, ge=2)
+    perplexity_tokens: int | None = Field(default=None, ge=2)
+    prompts: int | None = Field(default=None, ge=1)
+    new_tokens: int | None = Field(default=None, ge=1)
     gates: Gates = Field(default_factory=lambda: Gates())
 
     @field_validator("grid", mode="before")
@@ -177,6 +200,20 @@ class ValidateSection(_Strict):
 
 class PackageSection(_Strict):
     ort_format: bool = False
+    # A causal LM's default generation settings (GenerationSettings keys), checked when read.
+    generation: dict[str, Any] | None = None
+
+    @field_validator("generation")
+    @classmethod
+    def _settings(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            from trimformer.runtime.sampling import GenerationSettings
+
+            try:
+                GenerationSettings.from_dict(value, "generation")
+            except UserError as exc:
+                raise ValueError(str(exc).removeprefix("generation: ")) from None
+        return value
 
 
 class Recipe(_Strict):
@@ -197,6 +234,7 @@ class Recipe(_Strict):
     _path: Path | None = PrivateAttr(None)
     _text: str = PrivateAttr("")
     _model_is_artifact: bool = PrivateAttr(False)
+    _source_task: str | None = PrivateAttr(None)
 
     @property
     def path(self) -> Path | None:
@@ -222,6 +260,16 @@ class Recipe(_Strict):
             return spec
         path = Path(spec).expanduser()
         return str(path if path.is_absolute() else (self.folder / path))
+
+    @property
+    def is_causal_lm(self) -> bool:
+        """task = "causal-lm", or no task and model.source holds a decoder (seen when checked)."""
+        return (self.model.task or self._source_task) == CAUSAL_LM
+
+    @property
+    def source(self) -> str | None:
+        """model.source resolved, or None for a causal LM trained from scratch."""
+        return None if self.model.source is None else self.resolve(self.model.source)
 
     @property
     def train_data(self) -> str:
@@ -423,7 +471,16 @@ def _check_files(recipe: Recipe) -> list[tuple[str, str]]:
 
     problems = []
     source = recipe.model.source
-    if source.startswith("builtin:"):
+    if source is None:
+        if not (recipe.is_causal_lm and recipe.model.train is not None):
+            problems.append(
+                (
+                    "model.source",
+                    "missing required key; only a causal LM trained from scratch "
+                    '(task = "causal-lm" with a [model.train] table) may leave it out',
+                )
+            )
+    elif source.startswith("builtin:"):
         if source not in BUILTIN_MODELS:
             problems.append(
                 ("model.source", f"unknown built-in model {source!r}; known: {', '.join(BUILTIN_MODELS)}")
@@ -443,9 +500,12 @@ def _check_files(recipe: Recipe) -> list[tuple[str, str]]:
             recipe._model_is_artifact = (folder / "model.onnx").is_file() and (
                 folder / "trimformer.json"
             ).is_file()
+            recipe._source_task = _folder_task(folder)
     data_specs = []
     if recipe.data is not None:
         data_specs.append(("data.source", recipe.data.source))
+    if recipe.export.prompts is not None:
+        data_specs.append(("export.prompts", recipe.export.prompts))
     if recipe.model.train is not None and recipe.model.train.data:
         data_specs.append(("model.train.data", recipe.model.train.data))
     for key, spec in data_specs:
@@ -467,6 +527,25 @@ def _check_files(recipe: Recipe) -> list[tuple[str, str]]:
     return problems
 
 
+def _folder_task(folder: Path) -> str | None:
+    """causal-lm when the folder holds a decoder (an artifact's task, or a decoder family's
+    config.json); None when it cannot tell (loading decides then)."""
+    import json
+
+    from trimformer.sources.families import DECODER_FAMILIES
+
+    for name, key in (("trimformer.json", "task"), ("config.json", "model_type")):
+        try:
+            value = json.loads((folder / name).read_text(encoding="utf-8")).get(key)
+        except (OSError, ValueError, AttributeError):
+            continue
+        if value == CAUSAL_LM or value in DECODER_FAMILIES:
+            return CAUSAL_LM
+        if value is not None:
+            return None
+    return None
+
+
 def _check_table(table: dict[str, Any], cls: type, where: str) -> list[tuple[str, str]]:
     model = dataclass_model(cls, _RUNNER_KEYS)
     problems = []
@@ -482,7 +561,17 @@ def _check_table(table: dict[str, Any], cls: type, where: str) -> list[tuple[str
 
 def _check_stage_tables(recipe: Recipe) -> list[tuple[str, str]]:
     problems = []
-    if recipe.model.train is not None:
+    if recipe.model.train is not None and recipe.is_causal_lm:
+        from trimformer.training.lm import LMConfig, LMShape
+
+        params = dict(recipe.model.train.params)
+        shape = params.pop("shape", {})
+        problems += _check_table(params, LMConfig, "model.train")
+        if not isinstance(shape, dict):
+            problems.append(("model.train.shape", "must be a table (hidden_size, layers, heads, ...)"))
+        else:
+            problems += _check_table(shape, LMShape, "model.train.shape")
+    elif recipe.model.train is not None:
         from trimformer.training.finetune import TrainConfig
 
         problems += _check_table(recipe.model.train.params, TrainConfig, "model.train")
@@ -545,8 +634,57 @@ def _check_validate(recipe: Recipe) -> list[tuple[str, str]]:
     return problems
 
 
+def _check_task_sections(recipe: Recipe) -> list[tuple[str, str]]:
+    """What a causal LM cannot take (encoder passes and gates, distillation, ...), and the reverse."""
+    problems: list[tuple[str, str]] = []
+    gates = recipe.validate_.gates if recipe.validate_ else Gates()
+    validate = recipe.validate_ or ValidateSection()
+    if recipe.is_causal_lm:
+        if recipe.distill is not None:
+            problems.append(
+                ("distill", "distillation is for encoders; a causal LM recipe trains, exports and validates")
+            )
+        problems += [
+            (
+                f"passes[{i}]",
+                f"the {spec.name} pass works on encoder graphs; decoder passes are not in this version",
+            )
+            for i, spec in enumerate(recipe.passes)
+        ]
+        problems += [
+            (f"validate.gates.{name}", "an encoder gate; a causal LM takes " + ", ".join(DECODER_GATES))
+            for name in ENCODER_GATES
+            if getattr(gates, name) is not None
+        ]
+        if recipe.model_is_artifact and any(getattr(gates, name) is not None for name in DECODER_GATES):
+            problems.append(
+                (
+                    "validate.gates",
+                    "a causal LM's gates compare with its PyTorch model; give model.source as that folder",
+                )
+            )
+        if validate.providers != ["cpu"]:
+            problems.append(
+                ("validate.providers", 'causal LMs are validated on the cpu provider for now; use ["cpu"]')
+            )
+        return problems
+    decoder_only = [f"validate.gates.{name}" for name in DECODER_GATES if getattr(gates, name) is not None]
+    decoder_only += [
+        f"validate.{key}"
+        for key in ("perplexity_context", "perplexity_tokens", "prompts", "new_tokens")
+        if getattr(validate, key) is not None
+    ]
+    decoder_only += [
+        f"export.{key}" for key in ("parity_tokens", "prompts") if getattr(recipe.export, key) is not None
+    ]
+    if recipe.package is not None and recipe.package.generation is not None:
+        decoder_only.append("package.generation")
+    problems += [(key, 'only for a causal LM (task = "causal-lm")') for key in decoder_only]
+    return problems
+
+
 def _check_order(recipe: Recipe) -> list[tuple[str, str]]:
-    problems = []
+    problems = _check_task_sections(recipe)
     needs_data = [
         name
         for name, present in (
@@ -589,7 +727,13 @@ def _check_order(recipe: Recipe) -> list[tuple[str, str]]:
             ("package", "needs a [validate] section: a bundle ships the metrics it was validated with")
         )
     gates = recipe.validate_.gates if recipe.validate_ else None
-    if gates and gates.min_speedup is not None and not recipe.passes and recipe.distill is None:
+    if (
+        gates
+        and gates.min_speedup is not None
+        and not recipe.passes
+        and recipe.distill is None
+        and not recipe.is_causal_lm
+    ):
         problems.append(
             (
                 "validate.gates.min_speedup",

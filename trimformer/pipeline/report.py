@@ -57,7 +57,49 @@ def _variant_row(name: str, role: str, report: dict[str, Any]) -> dict[str, Any]
         "natural_latency_ms": report.get("natural_latency_ms"),
         "agreement": report.get("agreement"),
         "speedup": report.get("speedup"),
+        # A causal LM's measurements (trimformer.validation.decoder); absent for encoders.
+        **{key: report[key] for key in _DECODER_KEYS if key in report},
     }
+
+
+_DECODER_KEYS = (
+    "perplexity",
+    "perplexity_context",
+    "token_agreement",
+    "kl",
+    "prompt_latency_ms",
+    "time_to_first_token_ms",
+    "decode_tokens_per_s",
+)
+
+
+def _decoder_table(info: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    contexts = list(info["variants"][-1].get("decode_tokens_per_s", {}))
+    context = info["variants"][-1].get("perplexity_context")
+    head = [
+        "variant",
+        "role",
+        f"perplexity ({context}-token window)",
+        "token agreement",
+        "KL",
+        "size (MB)",
+        "prompt 1x128 (ms)",
+        *[f"decode tokens/s @{c}" for c in contexts],
+    ]
+    rows = [
+        [
+            r["name"],
+            r["role"],
+            _fmt(r.get("perplexity")),
+            _fmt(r.get("token_agreement"), 4),
+            _fmt(r.get("kl"), 4),
+            _fmt(r["size_mb"]),
+            _fmt(r.get("prompt_latency_ms")),
+            *[_fmt(r.get("decode_tokens_per_s", {}).get(c), 1) for c in contexts],
+        ]
+        for r in info["variants"]
+    ]
+    return head, rows
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[bool]:
@@ -258,6 +300,27 @@ def _pareto_plot(plt: Any, provider: str, shape: str, scored: list[dict[str, Any
     return _png(fig)
 
 
+def _decode_plot(plt: Any, provider: str, rows: list[dict[str, Any]]) -> bytes:
+    """A causal LM's decode tokens/s per variant, one bar group per cache length."""
+    contexts = list(rows[-1]["decode_tokens_per_s"])
+    fig, ax = plt.subplots(figsize=(1.8 * len(contexts) * max(1, len(rows)) / 2 + 3, 3.8))
+    width = 0.8 / len(rows)
+    for index, row in enumerate(rows):
+        values = [row["decode_tokens_per_s"].get(c, 0.0) for c in contexts]
+        positions = [i + index * width for i in range(len(contexts))]
+        bars = ax.bar(positions, values, width, label=f"{row['name']} ({row['role']})")
+        ax.bar_label(bars, fmt="%.0f", fontsize=8)
+    ax.set_xticks(
+        [i + width * (len(rows) - 1) / 2 for i in range(len(contexts))],
+        [f"{c}-token cache" for c in contexts],
+    )
+    ax.set_ylabel(f"decode tokens/s, batch 1 ({provider})")
+    ax.set_title("Decode speed (higher is better)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    return _png(fig)
+
+
 def _latency_plot(plt: Any, provider: str, rows: list[dict[str, Any]]) -> bytes:
     """p50 to p99 latency of every variant, one panel per measured shape."""
     shapes = list(rows[-1]["latency_ms"])
@@ -327,6 +390,9 @@ def _plots(report: dict[str, Any]) -> dict[str, bytes]:
             plots[f"pareto-{provider}.png"] = _pareto_plot(plt, provider, shape, scored)
         if rows:
             plots[f"latency-{provider}.png"] = _latency_plot(plt, provider, rows)
+        decoding = [r for r in info["variants"] if r.get("decode_tokens_per_s")]
+        if decoding:
+            plots[f"decode-{provider}.png"] = _decode_plot(plt, provider, decoding)
     for entry in report["pruning"]:
         png = _pruning_plot(plt, entry)
         if png is not None:
@@ -340,6 +406,8 @@ def _fmt(value: Any, digits: int = 2) -> str:
 
 
 def _variant_table(info: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    if info["variants"] and "perplexity" in info["variants"][-1]:
+        return _decoder_table(info)
     shapes = list(info["variants"][-1]["latency_ms"]) if info["variants"] else []
     head = ["variant", "role", "accuracy (%)", "size (MB)", *[f"p50 {s} (ms)" for s in shapes], "Pareto"]
     rows = []

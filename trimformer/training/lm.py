@@ -82,6 +82,9 @@ class LMConfig:
     text_column: str | None = None
     save_every: int = 100
     overwrite: bool = False
+    # Where the resumable checkpoint lives; None: `.<out>.checkpoint` beside ``out`` (a recipe
+    # stage writes into a temporary folder, so it names one that survives a killed run).
+    checkpoint_dir: str | None = None
 
     def validate(self) -> None:
         refuse_failed(
@@ -95,7 +98,8 @@ class LMConfig:
 
     def fingerprint(self) -> str:
         """What must match for a checkpoint to be continued."""
-        keep = {k: v for k, v in asdict(self).items() if k not in ("out", "overwrite", "save_every")}
+        ignored = ("out", "overwrite", "save_every", "checkpoint_dir")
+        keep = {k: v for k, v in asdict(self).items() if k not in ignored}
         return sha256_bytes(json.dumps(keep, sort_keys=True, default=str).encode())
 
 
@@ -241,7 +245,9 @@ class _Checkpoint:
 
     def __init__(self, config: LMConfig) -> None:
         out = Path(config.out)
-        self.folder = out.parent / f".{out.name}.checkpoint"
+        self.folder = (
+            Path(config.checkpoint_dir) if config.checkpoint_dir else out.parent / f".{out.name}.checkpoint"
+        )
         self.path = self.folder / CHECKPOINT_FILE
         self.fingerprint = config.fingerprint()
 
