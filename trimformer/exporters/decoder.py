@@ -40,6 +40,7 @@ from trimformer.artifact import (
 from trimformer.data.prompts import first_halves
 from trimformer.errors import ParityError, UserError
 from trimformer.exporters.decoder_module import CachedDecoder
+from trimformer.exporters.streamed import write_with_weights
 from trimformer.formats.decoder import DECODER_EXTRAS_KEY, DecoderSpec
 from trimformer.fsutil import atomic_output_dir
 from trimformer.runtime.decoding import CachedSession, greedy_tokens
@@ -142,7 +143,9 @@ def _dynamic_axes(spec: DecoderSpec) -> dict[str, dict[int, str]]:
     return axes
 
 
-def _trace(module: CachedDecoder, spec: DecoderSpec, opset: int, path: Path) -> None:
+def _trace(module: CachedDecoder, spec: DecoderSpec, opset: int, path: Path) -> dict[str, Any]:
+    """Trace the graph alone (the weights as inputs), then write it with the module's tensors one
+    at a time (:mod:`trimformer.exporters.streamed`): the export holds no copy of the weights."""
     # Traced on a non-empty past with padding, so no axis is specialised to 0 or 1.
     batch, new, past = 2, 3, 4
     generator = torch.Generator().manual_seed(0)
@@ -154,19 +157,26 @@ def _trace(module: CachedDecoder, spec: DecoderSpec, opset: int, path: Path) -> 
         torch.randn(batch, spec.num_kv_heads, past, spec.head_dim, generator=generator)
         for _ in spec.past_names()
     ]
-    with torch.inference_mode(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            module,
-            (ids, mask, positions, *pasts),
-            str(path),
-            input_names=spec.input_names(),
-            output_names=spec.output_names(),
-            dynamic_axes=_dynamic_axes(spec),
-            opset_version=opset,
-            do_constant_folding=True,
-            dynamo=False,
-        )
+    graph_only = path.with_name(f".{path.name}.graph")
+    try:
+        with torch.inference_mode(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                module,
+                (ids, mask, positions, *pasts),
+                str(graph_only),
+                input_names=spec.input_names(),
+                output_names=spec.output_names(),
+                dynamic_axes=_dynamic_axes(spec),
+                opset_version=opset,
+                export_params=False,
+                do_constant_folding=False,
+                dynamo=False,
+            )
+        weights = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+        return write_with_weights(graph_only, weights, path)
+    finally:
+        graph_only.unlink(missing_ok=True)
 
 
 def check_decoder_parity(
@@ -237,7 +247,7 @@ def export_decoder(
     with atomic_output_dir(Path(out), overwrite=overwrite) as tmp:
         traced = tmp / MODEL_FILE
         try:
-            _trace(CachedDecoder(source.model, spec).eval(), spec, opset, traced)
+            written = _trace(CachedDecoder(source.model, spec).eval(), spec, opset, traced)
         except Exception as exc:
             raise UserError(f"torch.onnx.export failed at opset {opset}: {str(exc).splitlines()[0]}") from exc
         _check_graph(traced)
@@ -275,7 +285,7 @@ def export_decoder(
                 output_hash=ModelArtifact(tmp, meta).model_hash(),
                 trimformer=__version__,
                 seconds=round(time.perf_counter() - started, 3),
-                stats={"parity": parity.to_dict()},
+                stats={"parity": parity.to_dict(), "weights": written},
             )
         )
         write_meta(tmp, meta)
