@@ -157,7 +157,8 @@ class ModelArtifact:
         files = self.model_files()
         if len(files) == 1:
             return "sha256:" + sha256_file(files[0])
-        return "sha256:" + hash_files(files, self.path)
+        # External-data paths come back resolved; so must the root, or a relative folder breaks.
+        return "sha256:" + hash_files([p.resolve() for p in files], self.path.resolve())
 
     def side_files(self) -> list[Path]:
         """Everything in the folder except the model and the metadata (tokenizer, config, ...)."""

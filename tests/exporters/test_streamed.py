@@ -1,6 +1,6 @@
 """The streamed weight writer: a traced graph plus the module's tensors gives the same model as a
-normal export, with the Linear transposes folded, a tied weight stored once, and external data past
-the protobuf limit."""
+normal export, with the Linear transposes folded, a tied weight stored once, the weights as aligned
+external data (the decoder export's choice) or inline in the protobuf."""
 
 from __future__ import annotations
 
@@ -58,7 +58,11 @@ def test_streamed_model_equals_pytorch_and_stores_each_weight_once(tmp_path: Pat
     # Weights are initializers now, not graph inputs, and every Linear weight was folded.
     assert [i.name for i in model.graph.input] == spec.input_names()
     stored = {t.name: t for t in model.graph.initializer}
-    assert len(stored) == written["initializers"] and not written["external"]
+    assert len(stored) == written["initializers"] and written["external"]
+    assert (tmp_path / streamed.EXTERNAL_DATA_FILE).is_file()
+    raw = onnx.load(str(path), load_external_data=False).graph.initializer
+    offsets = [int(e.value) for t in raw for e in t.external_data if e.key == "offset"]
+    assert len(offsets) == len(stored) and all(offset % 4096 == 0 for offset in offsets)
     # Never more than the module's own tensors (the exporter also merges weights of equal value).
     assert written["bytes"] <= sum(p.numel() * 4 for p in module.parameters())
     embedding = module.model.get_input_embeddings().weight
@@ -74,15 +78,28 @@ def test_streamed_model_equals_pytorch_and_stores_each_weight_once(tmp_path: Pat
         np.testing.assert_array_equal(onnx.numpy_helper.to_array(q), weight.T)
 
 
-def test_past_the_protobuf_limit_the_bytes_go_to_aligned_external_data(
+def test_below_the_protobuf_limit_the_weights_can_stay_inline(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(streamed, "_INLINE_LIMIT", 0)
+    def inline(graph: Path, weights: dict, out: Path, external: bool | None = None) -> dict:
+        return streamed.write_with_weights(graph, weights, out, external=None)
+
+    monkeypatch.setattr(decoder_export, "write_with_weights", inline)
     path, written, module, spec = _export(tmp_path, "llama")
-    assert written["external"] and (tmp_path / streamed.EXTERNAL_DATA_FILE).is_file()
-    model = onnx.load(str(path), load_external_data=False)
-    offsets = [int(e.value) for t in model.graph.initializer for e in t.external_data if e.key == "offset"]
-    assert len(offsets) == written["initializers"] and all(offset % 4096 == 0 for offset in offsets)
+    assert not written["external"] and not (tmp_path / streamed.EXTERNAL_DATA_FILE).exists()
+    assert len(onnx.load(str(path)).graph.initializer) == written["initializers"]
     feeds = _feeds(spec)
     logits = ort.InferenceSession(str(path)).run(["logits"], feeds)[0]
     assert np.abs(logits - _torch_logits(module, feeds)).max() < 1e-4
+
+
+def test_a_relative_output_folder_exports_and_hashes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from trimformer.artifact import ModelArtifact
+    from trimformer.exporters import export_model
+
+    folder = make_causal_lm(tmp_path / "src", context=64)
+    monkeypatch.chdir(tmp_path)
+    export_model(folder, Path("out"), parity_tokens=2)
+    relative, absolute = ModelArtifact.open("out"), ModelArtifact.open(tmp_path / "out")
+    assert [p.name for p in relative.model_files()] == ["model.onnx", streamed.EXTERNAL_DATA_FILE]
+    assert relative.model_hash() == absolute.model_hash() == relative.meta.lineage[-1].output_hash

@@ -3,6 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 
 from tests.builders import make_causal_lm
@@ -40,13 +41,15 @@ def test_greedy_batch_equals_pytorch_row_by_row(llama: tuple[Path, Path]) -> Non
 def test_cache_is_kept_so_the_prompt_runs_once(llama: tuple[Path, Path]) -> None:
     generator = Generator(llama[1])
     shapes: list[tuple[int, ...]] = []
-    real_run = generator.session.session.run
+    real_run = generator.session.session.run_with_ort_values
 
     def recording(names, feeds):  # type: ignore[no-untyped-def]
-        shapes.append(feeds["input_ids"].shape)
+        shapes.append(tuple(feeds["input_ids"].shape()))
+        # The cache goes back in as onnxruntime values, never through numpy.
+        assert all(isinstance(feeds[name], ort.OrtValue) for name in generator.spec.past_names())
         return real_run(names, feeds)
 
-    generator.session.session.run = recording  # type: ignore[method-assign]
+    generator.session.session.run_with_ort_values = recording  # type: ignore[method-assign]
     result = generator.generate(["my new phone is the best"], max_new_tokens=6, stop_tokens=())
     prompt_len = result[0].prompt_tokens
     assert shapes[0] == (1, prompt_len) and all(shape == (1, 1) for shape in shapes[1:])

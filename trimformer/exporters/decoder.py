@@ -174,7 +174,9 @@ def _trace(module: CachedDecoder, spec: DecoderSpec, opset: int, path: Path) -> 
                 dynamo=False,
             )
         weights = {**dict(module.named_parameters()), **dict(module.named_buffers())}
-        return write_with_weights(graph_only, weights, path)
+        # External data: onnxruntime maps it rather than copying it out of a parsed protobuf, and
+        # reading the graph (hashes, io, packaging) never loads the weights.
+        return write_with_weights(graph_only, weights, path, external=True)
     finally:
         graph_only.unlink(missing_ok=True)
 

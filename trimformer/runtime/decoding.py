@@ -36,9 +36,13 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np
 
 @dataclass
 class CacheState:
-    """What the next step needs: the presents, the mask over every token so far, the next positions."""
+    """What the next step needs: the presents, the mask over every token so far, the next positions.
 
-    past: dict[str, np.ndarray]
+    The presents stay onnxruntime values: handed back as the next step's pasts without a copy into
+    numpy and back (each step would otherwise copy the whole cache twice more than the graph's own
+    concatenation, a cost that grows with the cache)."""
+
+    past: dict[str, ort.OrtValue]
     mask: np.ndarray  # [batch, tokens so far]
     next_positions: np.ndarray  # [batch, 1]
 
@@ -57,18 +61,24 @@ class CachedSession:
         self._present_names = spec.present_names()
         self._outputs = ["logits", *self._present_names]
 
-    def empty_past(self, batch: int) -> dict[str, np.ndarray]:
+    def empty_past(self, batch: int) -> dict[str, ort.OrtValue]:
         shape = (batch, self.spec.num_kv_heads, 0, self.spec.head_dim)
-        return {name: np.zeros(shape, dtype=np.float32) for name in self._past_names}
+        return {
+            name: ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=np.float32))
+            for name in self._past_names
+        }
 
     def _run(
-        self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: dict[str, np.ndarray]
+        self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: dict[str, ort.OrtValue]
     ) -> tuple[np.ndarray, CacheState]:
-        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, **past}
-        logits, *presents = self.session.run(self._outputs, feeds)
+        arrays = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+        feeds = {
+            name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for name, a in arrays.items()
+        }
+        logits, *presents = self.session.run_with_ort_values(self._outputs, {**feeds, **past})
         present = {past_name: value for past_name, value in zip(self._past_names, presents, strict=True)}
         state = CacheState(present, mask, positions[:, -1:] + 1)
-        return logits, state
+        return logits.numpy(), state
 
     def prompt(self, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, CacheState]:
         """All prompt tokens in one pass; returns every position's logits and the cache."""
