@@ -6,6 +6,7 @@
 #   make lm                the built-in causal LM (tokenizer + small Llama, trained here, cached)
 #   make bench             every variant side by side in one run -> docs/BENCHMARKS.md
 #   make pipeline RECIPE=recipes/int8.toml
+#   make serve [BUNDLE=dist/model.tar.gz] [PORT=8000]   a bundle over HTTP (default: the demo's bundle)
 #   make export|distill|prune|quantize|validate|package MODEL=dir OUT=dir [DATA=..] [ARGS="..."]
 
 PYTHON ?= python3
@@ -22,7 +23,7 @@ endif
 
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test lint format demo teacher lm bench bench-peers bench-load clean pipeline fuse
+.PHONY: install test lint format demo teacher lm bench bench-peers bench-load clean pipeline fuse serve
 
 install: $(STAMP)
 
@@ -53,6 +54,13 @@ format: $(STAMP)
 demo: $(STAMP)
 	$(TF) run recipes/edge-cpu.toml --workdir $(DEMO)/edge
 	@echo "report: $(DEMO)/edge/report/report.html"
+
+# --- serving: a bundle over HTTP (docs/SERVING.md) --------------------------------------------
+BUNDLE ?= $(firstword $(wildcard $(DEMO)/edge/stages/package-*/out/bundle.tar.gz))
+PORT ?= 8000
+serve: $(STAMP)
+	@test -n "$(BUNDLE)" || { echo "make serve: no BUNDLE given and no demo bundle yet (make demo, or BUNDLE=path)"; exit 2; }
+	$(TF) serve $(BUNDLE) --port $(PORT) $(ARGS)
 
 # --- recipes: the whole pipeline, cached and resumable by `trimformer run` -------------------
 pipeline: RECIPE ?= recipes/edge-cpu.toml

@@ -557,6 +557,33 @@ CASES: dict[str, tuple[Case, str]] = {
         lambda t, fx: ["package", str(fx["onnx"]), "--out", str((t / OUT).mkdir() or t / OUT)],
         "exists",
     ),
+    "package: unknown generation setting": (
+        lambda t, fx: [
+            "package",
+            str(fx["llama_onnx"]),
+            "--out",
+            str(t / OUT),
+            "--generation",
+            "temprature=1",
+        ],
+        r"unknown generation settings \['temprature'\]",
+    ),
+    "serve: tampered bundle": (
+        lambda t, fx: ["serve", str(_tampered_bundle(t, fx)), "--port", "0"],
+        "config.json",
+    ),
+    "serve: bundle missing": (
+        lambda t, fx: ["serve", str(t / "nope.tar.gz"), "--port", "0"],
+        "does not exist",
+    ),
+    "serve: no texts allowed": (
+        lambda t, fx: ["serve", str(t / "nope.tar.gz"), "--max-texts", "0"],
+        "--max-texts must be at least 1",
+    ),
+    "serve: zero threads": (
+        lambda t, fx: ["serve", str(_tampered_bundle(t, fx)), "--threads", "0"],
+        "--threads must be at least 1",
+    ),
 }
 
 

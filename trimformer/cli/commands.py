@@ -19,6 +19,7 @@ from trimformer.cli.package import package_command
 from trimformer.cli.prune import prune_command
 from trimformer.cli.quantize import quantize_command
 from trimformer.cli.run import run_command
+from trimformer.cli.serve import serve_command
 from trimformer.cli.train import train_command
 from trimformer.cli.validate import validate_command
 from trimformer.cli.verify import verify_command
@@ -37,6 +38,7 @@ COMMANDS: tuple[click.Command, ...] = (
     package_command,
     verify_command,
     generate_command,
+    serve_command,
     run_command,
 )
 

@@ -9,13 +9,27 @@ like validation, calibration and training, which use it through ``trimformer.dat
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from tokenizers import Tokenizer
 
-__all__ = ["KNOWN_INPUTS", "TextEncoder"]
+__all__ = ["KNOWN_INPUTS", "EncodedText", "TextEncoder"]
 
 KNOWN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+@dataclass(frozen=True)
+class EncodedText:
+    """One text's tokens, before batching: what a batcher groups by length."""
+
+    ids: tuple[int, ...]
+    type_ids: tuple[int, ...]
+    # The text was longer than the model's maximum length and was cut to it.
+    truncated: bool
+
+    def __len__(self) -> int:
+        return len(self.ids)
 
 
 class TextEncoder:
@@ -39,10 +53,18 @@ class TextEncoder:
     ) -> dict[str, np.ndarray]:
         """Feeds for ``texts`` (and their ``pairs``); ``pad_to`` fixes the width (benchmarks'
         fixed shapes), cutting rows longer than it."""
+        return self.collate(self.encode(texts, pairs), pad_to)
+
+    def encode(self, texts: Sequence[str], pairs: Sequence[str] | None = None) -> list[EncodedText]:
+        """Each text's tokens, truncated to the model's maximum length (and whether it was)."""
         if pairs is not None:
             encodings = self._tokenizer.encode_batch(list(zip(texts, pairs, strict=True)))
         else:
             encodings = self._tokenizer.encode_batch(list(texts))
+        return [EncodedText(tuple(e.ids), tuple(e.type_ids), bool(e.overflowing)) for e in encodings]
+
+    def collate(self, encodings: Sequence[EncodedText], pad_to: int | None = None) -> dict[str, np.ndarray]:
+        """Rows of encoded texts as one batch's feeds, padded to the longest row (or ``pad_to``)."""
         width = max(1, pad_to or max((len(e.ids) for e in encodings), default=1))
         ids = np.full((len(encodings), width), self.pad_token_id, dtype=np.int64)
         mask = np.zeros((len(encodings), width), dtype=np.int64)

@@ -38,7 +38,7 @@ from trimformer.runtime.bundle import (
     check_bundle_folder,
     read_verified,
 )
-from trimformer.runtime.encoding import KNOWN_INPUTS, TextEncoder
+from trimformer.runtime.encoding import KNOWN_INPUTS, EncodedText, TextEncoder
 from trimformer.runtime.session import make_session, resolve_providers
 
 __all__ = ["SMOKE_TEXTS", "Prediction", "Predictor", "open_verified", "smoke_difference"]
@@ -231,27 +231,40 @@ class Predictor:
                 raise TypeError(f"{what} must hold strings, got {type(item).__name__}")
         return items
 
-    def run(self, texts: Sequence[str], pairs: Sequence[str] | None = None) -> np.ndarray:
-        """The graph's raw output (logits or embeddings), one row per text, in batches."""
+    def encode(self, texts: Sequence[str], pairs: Sequence[str] | None = None) -> list[EncodedText]:
+        """Each text's tokens as the model takes them (the first step of :meth:`run`; a server
+        encodes each request, batches the rows by length, and calls :meth:`infer`)."""
         items = self._check_texts(texts, "texts")
         pair_items = None if pairs is None else self._check_texts(pairs, "pairs")
         if pair_items is not None and len(pair_items) != len(items):
             raise ValueError(f"got {len(items)} texts but {len(pair_items)} pairs")
-        chunks = []
-        for start in range(0, len(items), self.batch_size):
-            stop = start + self.batch_size
-            feeds = self._encoder(items[start:stop], None if pair_items is None else pair_items[start:stop])
-            chunks.append(self._session.run([self.output_name], feeds)[0])
-        if not chunks:
+        return self._encoder.encode(items, pair_items)
+
+    def infer(self, rows: Sequence[EncodedText]) -> np.ndarray:
+        """One session call on encoded rows (padded to the longest): the graph's output, a row each."""
+        if not rows:
             width = self.manifest["model"]["outputs"][0]["shape"][-1]
             return np.zeros((0, width if isinstance(width, int) else 0), dtype=np.float32)
-        return np.concatenate(chunks, axis=0)
+        return np.asarray(self._session.run([self.output_name], self._encoder.collate(rows))[0])
+
+    def run(self, texts: Sequence[str], pairs: Sequence[str] | None = None) -> np.ndarray:
+        """The graph's raw output (logits or embeddings), one row per text, in batches."""
+        rows = self.encode(texts, pairs)
+        chunks = [
+            self.infer(rows[start : start + self.batch_size])
+            for start in range(0, len(rows), self.batch_size)
+        ]
+        return np.concatenate(chunks, axis=0) if chunks else self.infer([])
 
     def predict(self, texts: Sequence[str], pairs: Sequence[str] | None = None) -> list[Prediction]:
         """Label, its probability and every label's probability, for each text."""
         if self.task != "sequence-classification":
             raise UserError(f"this bundle is a {self.task} model; call embed() instead of predict()")
-        logits = self.run(texts, pairs).astype(np.float64)
+        return self.predictions(self.run(texts, pairs))
+
+    def predictions(self, logits: np.ndarray) -> list[Prediction]:
+        """Logits rows -> labels with their probabilities (softmax in float64)."""
+        logits = np.asarray(logits, dtype=np.float64)
         shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
         probs = shifted / shifted.sum(axis=-1, keepdims=True)
         out = []

@@ -1,0 +1,55 @@
+"""``trimformer serve``: a bundle over HTTP (docs/SERVING.md)."""
+
+from __future__ import annotations
+
+import click
+
+from trimformer.cli.main import State, pass_state
+from trimformer.cli.options import input_argument
+
+
+@click.command("serve")
+@input_argument("bundle", "--bundle", help="Bundle folder or .tar.gz to serve.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option(
+    "--port", type=int, default=8000, show_default=True, help="Port to listen on (0: any free one)."
+)
+@click.option(
+    "--name", default=None, help="Model name in responses and URLs [default: the bundle's folder name]."
+)
+@click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads [default: all cores].")
+@click.option(
+    "--max-body-bytes", type=int, default=1 << 20, show_default=True, help="Larger request bodies get 413."
+)
+@click.option(
+    "--max-texts", type=int, default=64, show_default=True, help="More texts in one request get 400."
+)
+@click.option(
+    "--expect", "expected_digest", default=None, help="Refuse unless the bundle digest is this sha256."
+)
+@pass_state
+def serve_command(
+    state: State,
+    bundle: str,
+    host: str,
+    port: int,
+    name: str | None,
+    threads: int | None,
+    max_body_bytes: int,
+    max_texts: int,
+    expected_digest: str | None,
+) -> None:
+    """Serve BUNDLE over HTTP: health, POST /predict; verified before it listens.
+
+    SIGTERM finishes the requests in flight and exits 0.
+
+    \b
+    Example:
+      trimformer serve dist/sentiment.tar.gz --port 8000
+      curl -s localhost:8000/predict -d '{"texts": ["what a great day"]}'
+    """
+    from trimformer.serving.model import Limits
+    from trimformer.serving.server import ServeConfig, serve
+
+    limits = Limits(max_body_bytes=max_body_bytes, max_texts=max_texts)
+    serve(ServeConfig(bundle, host, port, name, threads, expected_digest, limits))

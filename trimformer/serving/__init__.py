@@ -1,0 +1,1 @@
+"""Serving a bundle over HTTP (`trimformer serve`): Starlette on uvicorn, the runtime's Predictor."""

@@ -1,0 +1,139 @@
+"""The HTTP application: health, ``POST /predict``, limits, and one error path.
+
+Starlette (ASGI) on uvicorn: a small, well-kept stack whose request handling we control byte by
+byte (the body limit is enforced while reading, not after), without KServe's model server and its
+dependency tree. Inference runs in a worker thread so the event loop keeps accepting requests.
+
+Endpoints (docs/SERVING.md):
+
+- ``GET /v2/health/live``: 200 while the process serves;
+- ``GET /v2/health/ready``: 200 once the model is loaded and its smoke check passed, else 503;
+- ``POST /predict`` with ``{"texts": [...]}``: labels and scores (or embeddings), a row per text,
+  each saying whether its text was truncated to the model's maximum length.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from trimformer.serving.errors import HTTPProblem, status_and_reason
+from trimformer.serving.model import Limits, ServedModel
+
+__all__ = ["build_app", "read_json"]
+
+access_log = logging.getLogger("trimformer.serving.access")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it passes ``limit`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise HTTPProblem(400, "Content-Length is not a number")
+        if int(declared) > limit:
+            raise HTTPProblem(413, f"the body has {declared} bytes; at most {limit} (--max-body-bytes)")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HTTPProblem(413, f"the body passes {limit} bytes (--max-body-bytes)")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def read_json(body: bytes) -> dict[str, Any]:
+    try:
+        payload = json.loads(body.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise HTTPProblem(400, "the body is not UTF-8") from None
+    except ValueError as exc:
+        raise HTTPProblem(400, f"the body is not valid JSON ({exc})") from None
+    if not isinstance(payload, dict):
+        raise HTTPProblem(400, "the body must be a JSON object")
+    return payload
+
+
+def _error(exc: BaseException) -> JSONResponse:
+    status, reason = status_and_reason(exc)
+    return JSONResponse({"error": reason}, status_code=status)
+
+
+def build_app(model: ServedModel, limits: Limits) -> Starlette:
+    """The ASGI app serving ``model`` (already loaded and verified) within ``limits``."""
+    state = {"ready": True}
+
+    async def live(_: Request) -> Response:
+        return JSONResponse({"live": True})
+
+    async def ready(_: Request) -> Response:
+        return JSONResponse({"ready": state["ready"]}, status_code=200 if state["ready"] else 503)
+
+    async def predict(request: Request) -> Response:
+        payload = read_json(await read_body(request, limits.max_body_bytes))
+        unknown = sorted(set(payload) - {"texts"})
+        if unknown:
+            raise HTTPProblem(400, f'unknown keys {unknown}; send {{"texts": [...]}}')
+        texts = model.check_texts(payload.get("texts"), limits)
+        rows = model.encode(texts)
+        outputs = await run_in_threadpool(model.infer, rows)
+        return JSONResponse(model.answer(rows, outputs))
+
+    routes = [
+        Route("/v2/health/live", live, methods=["GET"]),
+        Route("/v2/health/ready", ready, methods=["GET"]),
+        Route("/predict", predict, methods=["POST"]),
+    ]
+    app = Starlette(routes=routes)
+    app.add_middleware(_AccessLog)
+    app.state.model = model
+    app.state.readiness = state
+    return app
+
+
+class _AccessLog:
+    """One JSON line per request (method, path, status, milliseconds), and the error path: any
+    exception becomes its status and one-line reason, never a traceback in the response."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = {"code": 500, "sent": False}
+
+        async def tracking_send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status["code"], status["sent"] = message["status"], True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            if status["sent"]:
+                raise
+            response = _error(exc)
+            status["code"] = response.status_code
+            await response(scope, receive, send)
+        finally:
+            access_log.info(
+                json.dumps(
+                    {
+                        "method": scope.get("method"),
+                        "path": scope.get("path"),
+                        "status": status["code"],
+                        "ms": round((time.perf_counter() - started) * 1e3, 3),
+                    }
+                )
+            )
