@@ -148,6 +148,19 @@ DEFAULT_ATOL = {CAUSAL_LM: 1e-3}
 ENCODER_ATOL = 1e-4
 
 
+def _checked(traced: Path) -> onnx.ModelProto:
+    """The traced graph, through the ONNX checker (and shape inference below protobuf's limit)."""
+    model = load_onnx(traced)
+    try:
+        if model.ByteSize() < TWO_GB:
+            onnx.checker.check_model(model, full_check=False)
+            return onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+        onnx.checker.check_model(str(traced))
+    except Exception as exc:
+        raise UserError(f"the exported graph fails the ONNX checker: {str(exc).splitlines()[0]}") from exc
+    return model
+
+
 def export_source(
     source: LoadedSource,
     out: Path,
@@ -178,15 +191,7 @@ def export_source(
             _trace(source, config, traced)
         except Exception as exc:
             raise UserError(f"torch.onnx.export failed at opset {opset}: {str(exc).splitlines()[0]}") from exc
-        model = load_onnx(traced)
-        try:
-            if model.ByteSize() < TWO_GB:
-                onnx.checker.check_model(model, full_check=False)
-                model = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
-            else:
-                onnx.checker.check_model(str(traced))
-        except Exception as exc:
-            raise UserError(f"the exported graph fails the ONNX checker: {str(exc).splitlines()[0]}") from exc
+        model = _checked(traced)
         save_onnx(model, tmp / MODEL_FILE)
         session = cpu_session(tmp / MODEL_FILE)
         parity = check_parity(source, session, config.parity_shapes, config.atol, _vocab_size(source))

@@ -48,6 +48,12 @@ class TextEncoder:
         tokenizer.no_padding()
         self._tokenizer = tokenizer
 
+    @property
+    def vocab_size(self) -> int:
+        """Token ids the tokenizer can produce (added tokens included): the range a caller that
+        sends ids instead of texts must stay in."""
+        return int(self._tokenizer.get_vocab_size(with_added_tokens=True))
+
     def __call__(
         self, texts: Sequence[str], pairs: Sequence[str] | None = None, pad_to: int | None = None
     ) -> dict[str, np.ndarray]:

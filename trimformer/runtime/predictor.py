@@ -247,6 +247,33 @@ class Predictor:
             return np.zeros((0, width if isinstance(width, int) else 0), dtype=np.float32)
         return np.asarray(self._session.run([self.output_name], self._encoder.collate(rows))[0])
 
+    def run_ids(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """The graph on token ids a caller encoded itself: ``input_ids`` [batch, tokens] and
+        optionally ``attention_mask`` (default all ones) and ``token_type_ids`` (default zeros);
+        ids outside the tokenizer's range and rows past the maximum length are refused."""
+        unknown = sorted(set(feeds) - set(KNOWN_INPUTS))
+        if unknown or "input_ids" not in feeds:
+            raise ValueError(
+                f"token inputs are input_ids and optionally attention_mask, token_type_ids; got {sorted(feeds)}"
+            )
+        ids = np.asarray(feeds["input_ids"])
+        if ids.ndim != 2 or ids.dtype.kind not in "iu":
+            raise ValueError(
+                f"input_ids must be integers of shape [batch, tokens], got {ids.dtype} {list(ids.shape)}"
+            )
+        if ids.shape[1] > self.max_length:
+            raise ValueError(f"{ids.shape[1]} tokens per row; the model takes at most {self.max_length}")
+        if ids.size and (ids.min() < 0 or ids.max() >= self._encoder.vocab_size):
+            raise ValueError(f"input_ids must be in [0, {self._encoder.vocab_size})")
+        defaults = {"attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+        arrays: dict[str, np.ndarray] = {}
+        for name in self.input_names:
+            value = np.asarray(feeds.get(name, defaults.get(name, ids)), dtype=np.int64)
+            if value.shape != ids.shape:
+                raise ValueError(f"{name} has shape {list(value.shape)} but input_ids {list(ids.shape)}")
+            arrays[name] = value
+        return np.asarray(self._session.run([self.output_name], arrays)[0])
+
     def run(self, texts: Sequence[str], pairs: Sequence[str] | None = None) -> np.ndarray:
         """The graph's raw output (logits or embeddings), one row per text, in batches."""
         rows = self.encode(texts, pairs)

@@ -9,7 +9,11 @@ Endpoints (docs/SERVING.md):
 - ``GET /v2/health/live``: 200 while the process serves;
 - ``GET /v2/health/ready``: 200 once the model is loaded and its smoke check passed, else 503;
 - ``POST /predict`` with ``{"texts": [...]}``: labels and scores (or embeddings), a row per text,
-  each saying whether its text was truncated to the model's maximum length.
+  each saying whether its text was truncated to the model's maximum length;
+- the Open Inference Protocol (KServe v2, Triton): ``GET /v2`` (server metadata),
+  ``GET /v2/models/{name}[/versions/1]`` (model metadata), ``.../ready``, ``POST .../infer`` with a
+  ``BYTES`` input ``text`` or the graph's own token-id inputs, JSON or binary tensors
+  (:mod:`trimformer.serving.protocol`).
 """
 
 from __future__ import annotations
@@ -25,8 +29,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from trimformer import __version__
 from trimformer.serving.errors import HTTPProblem, status_and_reason
-from trimformer.serving.model import Limits, ServedModel
+from trimformer.serving.model import MODEL_VERSION, Limits, ServedModel
+from trimformer.serving.protocol import encode_response, parse_request
 
 __all__ = ["build_app", "read_json"]
 
@@ -92,11 +98,71 @@ def build_app(model: ServedModel, limits: Limits) -> Starlette:
         Route("/v2/health/ready", ready, methods=["GET"]),
         Route("/predict", predict, methods=["POST"]),
     ]
+    routes += _protocol_routes(model, limits, state)
     app = Starlette(routes=routes)
     app.add_middleware(_AccessLog)
     app.state.model = model
     app.state.readiness = state
     return app
+
+
+def _protocol_routes(model: ServedModel, limits: Limits, state: dict[str, bool]) -> list[Route]:
+    """The Open Inference Protocol's server and model endpoints."""
+
+    def check_model(request: Request) -> None:
+        name, version = request.path_params["name"], request.path_params.get("version", MODEL_VERSION)
+        if name != model.name:
+            raise HTTPProblem(404, f"unknown model {name!r}; this server serves {model.name!r}")
+        if version != MODEL_VERSION:
+            raise HTTPProblem(404, f"model {name!r} has version {MODEL_VERSION} only, not {version!r}")
+
+    async def server_metadata(_: Request) -> Response:
+        return JSONResponse(
+            {"name": "trimformer", "version": __version__, "extensions": ["binary_tensor_data"]}
+        )
+
+    async def model_metadata(request: Request) -> Response:
+        check_model(request)
+        return JSONResponse(model.metadata())
+
+    async def model_ready(request: Request) -> Response:
+        check_model(request)
+        return JSONResponse(
+            {"name": model.name, "ready": state["ready"]}, status_code=200 if state["ready"] else 503
+        )
+
+    async def infer(request: Request) -> Response:
+        check_model(request)
+        body = await read_body(request, limits.max_body_bytes)
+        parsed = parse_request(body, request.headers.get("inference-header-content-length"))
+        texts = model.texts_of(parsed, limits)
+        if texts is not None:
+            rows = model.encode(texts)
+            raw = await run_in_threadpool(model.infer, rows)
+            truncated = [row.truncated for row in rows]
+        else:
+            batch = len(parsed.inputs.get("input_ids", ()))
+            if batch > limits.max_texts:
+                raise HTTPProblem(
+                    400, f"{batch} rows in one request; at most {limits.max_texts} (--max-texts)"
+                )
+            raw = await run_in_threadpool(model.predictor.run_ids, parsed.inputs)
+            truncated = [False] * len(raw)
+        outputs = model.protocol_outputs(parsed, raw, truncated)
+        payload, header = encode_response(model.name, MODEL_VERSION, parsed, outputs)
+        if header is None:
+            return Response(payload, media_type="application/json")
+        headers = {"Inference-Header-Content-Length": str(header)}
+        return Response(payload, media_type="application/octet-stream", headers=headers)
+
+    routes = [Route("/v2", server_metadata, methods=["GET"])]
+    for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
+        routes += [
+            Route(prefix, model_metadata, methods=["GET"]),
+            Route(prefix + "/ready", model_ready, methods=["GET"]),
+            Route(prefix + "/infer", infer, methods=["POST"]),
+        ]
+    return routes
 
 
 class _AccessLog:

@@ -7,7 +7,7 @@ session runs, its softmax makes the labels. Requests are checked here (a list of
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,8 +17,14 @@ import numpy as np
 from trimformer.runtime import Predictor
 from trimformer.runtime.encoding import EncodedText
 from trimformer.serving.errors import HTTPProblem
+from trimformer.serving.protocol import InferRequest, Output, datatype_of
 
-__all__ = ["Limits", "ServedModel"]
+__all__ = ["MODEL_VERSION", "TEXT_INPUT", "Limits", "ServedModel"]
+
+# The protocol's version of the one model a server serves (a bundle is one version).
+MODEL_VERSION = "1"
+# The protocol input that takes texts; the graph's own inputs (token ids) are accepted too.
+TEXT_INPUT = "text"
 
 
 @dataclass(frozen=True)
@@ -78,6 +84,76 @@ class ServedModel:
             ]
             return {"model": self.name, "predictions": predictions}
         return {"model": self.name, "embeddings": np.asarray(outputs).tolist(), "truncated": truncated}
+
+    # -- the Open Inference Protocol ----------------------------------------------------------------
+    def _graph_tensors(self, what: str) -> list[dict[str, Any]]:
+        specs = self.predictor.manifest["model"][what]
+        return [
+            {
+                "name": spec["name"],
+                "datatype": datatype_of(spec["dtype"]),
+                "shape": [d if isinstance(d, int) else -1 for d in spec["shape"]],
+            }
+            for spec in specs
+        ]
+
+    def metadata(self) -> dict[str, Any]:
+        """``GET /v2/models/{name}``: the text input and the graph's own inputs and outputs."""
+        outputs = self._graph_tensors("outputs")
+        if self.task == "sequence-classification":
+            width = len(self.labels)
+            outputs += [
+                {"name": "label", "datatype": "BYTES", "shape": [-1]},
+                {"name": "scores", "datatype": "FP32", "shape": [-1, width]},
+            ]
+        outputs.append({"name": "truncated", "datatype": "BOOL", "shape": [-1]})
+        return {
+            "name": self.name,
+            "versions": [MODEL_VERSION],
+            "platform": "onnxruntime_onnx",
+            "inputs": [
+                {"name": TEXT_INPUT, "datatype": "BYTES", "shape": [-1]},
+                *self._graph_tensors("inputs"),
+            ],
+            "outputs": outputs,
+            "parameters": {"task": self.task, "digest": self.digest, "max_length": self.predictor.max_length},
+        }
+
+    def texts_of(self, request: InferRequest, limits: Limits) -> list[str] | None:
+        """The request's texts (a BYTES ``text`` input of shape [n] or [n, 1]), or None when it
+        sends token ids instead."""
+        array = request.inputs.get(TEXT_INPUT)
+        if array is None:
+            return None
+        extra = sorted(set(request.inputs) - {TEXT_INPUT})
+        if extra:
+            raise HTTPProblem(400, f"send either {TEXT_INPUT!r} or token ids, not both (also got {extra})")
+        if array.dtype != np.object_ or not (array.ndim == 1 or (array.ndim == 2 and array.shape[1] == 1)):
+            raise HTTPProblem(400, f"input {TEXT_INPUT} must be BYTES of shape [n] or [n, 1]")
+        try:
+            texts = [t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in array.reshape(-1)]
+        except UnicodeDecodeError:
+            raise HTTPProblem(400, f"input {TEXT_INPUT}: a text is not UTF-8") from None
+        return self.check_texts(texts, limits, TEXT_INPUT)
+
+    def protocol_outputs(self, request: InferRequest, raw: np.ndarray, truncated: list[bool]) -> list[Output]:
+        """Every output the request asked for (all of them when it named none)."""
+        graph_output = self.predictor.output_name
+        available: dict[str, Callable[[], np.ndarray]] = {graph_output: lambda: raw.astype(np.float32)}
+        if self.task == "sequence-classification":
+            predictions = self.predictor.predictions(raw)
+            available["label"] = lambda: np.asarray(
+                [p.label.encode() for p in predictions] + [b""], dtype=np.object_
+            )[:-1]
+            available["scores"] = lambda: np.asarray(
+                [[p.scores[label] for label in self.labels] for p in predictions], dtype=np.float32
+            ).reshape(len(predictions), len(self.labels))
+        available["truncated"] = lambda: np.asarray(truncated, dtype=np.bool_)
+        unknown = sorted(set(request.outputs) - set(available))
+        if unknown:
+            raise HTTPProblem(400, f"unknown outputs {unknown}; this model has {sorted(available)}")
+        names = list(request.outputs) or list(available)
+        return [Output(name, available[name]()) for name in names]
 
     def describe(self) -> dict[str, Any]:
         return {
