@@ -580,6 +580,14 @@ CASES: dict[str, tuple[Case, str]] = {
         lambda t, fx: ["serve", str(t / "nope.tar.gz"), "--max-texts", "0"],
         "--max-texts must be at least 1",
     ),
+    "serve: zero batch size": (
+        lambda t, fx: ["serve", str(t / "nope.tar.gz"), "--max-batch-size", "0"],
+        "--max-batch-size must be at least 1",
+    ),
+    "serve: zero workers": (
+        lambda t, fx: ["serve", str(t / "nope.tar.gz"), "--workers", "0"],
+        "--workers must be at least 1",
+    ),
     "serve: zero threads": (
         lambda t, fx: ["serve", str(_tampered_bundle(t, fx)), "--threads", "0"],
         "--threads must be at least 1",

@@ -27,6 +27,7 @@ from trimformer.exporters import export_model
 from trimformer.packaging.package import package_artifact
 from trimformer.runtime import Predictor
 from trimformer.serving.app import build_app
+from trimformer.serving.batcher import Batching
 from trimformer.serving.model import Limits, ServedModel
 from trimformer.serving.server import bind
 
@@ -46,10 +47,10 @@ def bundles(tiny_bert_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> d
 class Running:
     """A server in a thread on a free loopback port; stopped as uvicorn stops on SIGTERM."""
 
-    def __init__(self, bundle: Path, limits: Limits) -> None:
+    def __init__(self, bundle: Path, limits: Limits, batching: Batching | None = None) -> None:
         self.sock = bind("127.0.0.1", 0)
         self.port = self.sock.getsockname()[1]
-        app = build_app(ServedModel(bundle), limits)
+        app = build_app(ServedModel(bundle), limits, batching)
         self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.thread.start()

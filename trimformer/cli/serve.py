@@ -25,6 +25,25 @@ from trimformer.cli.options import input_argument
     "--max-texts", type=int, default=64, show_default=True, help="More texts in one request get 400."
 )
 @click.option(
+    "--max-batch-size", type=int, default=32, show_default=True, help="Most texts in one onnxruntime call."
+)
+@click.option(
+    "--max-queue-delay-ms",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="How long the oldest waiting request may wait for others (0: take what is queued).",
+)
+@click.option(
+    "--batching/--no-batching",
+    default=True,
+    show_default=True,
+    help="Gather concurrent requests into batches.",
+)
+@click.option(
+    "--workers", type=int, default=1, show_default=True, help="Server processes, each with its own session."
+)
+@click.option(
     "--expect", "expected_digest", default=None, help="Refuse unless the bundle digest is this sha256."
 )
 @pass_state
@@ -37,9 +56,14 @@ def serve_command(
     threads: int | None,
     max_body_bytes: int,
     max_texts: int,
+    max_batch_size: int,
+    max_queue_delay_ms: float,
+    batching: bool,
+    workers: int,
     expected_digest: str | None,
 ) -> None:
-    """Serve BUNDLE over HTTP: health, POST /predict; verified before it listens.
+    """Serve BUNDLE over HTTP: health, POST /predict, the Open Inference Protocol, /metrics;
+    verified before it listens; concurrent requests batched by token length.
 
     SIGTERM finishes the requests in flight and exits 0.
 
@@ -48,8 +72,10 @@ def serve_command(
       trimformer serve dist/sentiment.tar.gz --port 8000
       curl -s localhost:8000/predict -d '{"texts": ["what a great day"]}'
     """
+    from trimformer.serving.batcher import Batching
     from trimformer.serving.model import Limits
     from trimformer.serving.server import ServeConfig, serve
 
     limits = Limits(max_body_bytes=max_body_bytes, max_texts=max_texts)
-    serve(ServeConfig(bundle, host, port, name, threads, expected_digest, limits))
+    batches = Batching(batching, max_batch_size, max_queue_delay_ms)
+    serve(ServeConfig(bundle, host, port, name, threads, expected_digest, limits, batches, workers))

@@ -23,6 +23,8 @@ import logging
 import time
 from typing import Any
 
+import numpy as np
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -30,7 +32,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from trimformer import __version__
+from trimformer.runtime.encoding import EncodedText
+from trimformer.serving.batcher import Batcher, Batching
 from trimformer.serving.errors import HTTPProblem, status_and_reason
+from trimformer.serving.metrics import Metrics
 from trimformer.serving.model import MODEL_VERSION, Limits, ServedModel
 from trimformer.serving.protocol import encode_response, parse_request
 
@@ -73,9 +78,38 @@ def _error(exc: BaseException) -> JSONResponse:
     return JSONResponse({"error": reason}, status_code=status)
 
 
-def build_app(model: ServedModel, limits: Limits) -> Starlette:
+class _Runner:
+    """Encoded texts -> the model's outputs: through the batcher, or alone on a worker thread."""
+
+    def __init__(self, model: ServedModel, batching: Batching, metrics: Metrics) -> None:
+        self.model = model
+        self.metrics = metrics
+        self.batcher = (
+            Batcher(
+                lambda rows: model.infer(rows), batching.max_batch_size, batching.max_queue_delay_ms, metrics
+            )
+            if batching.enabled
+            else None
+        )
+
+    async def __call__(self, rows: list[EncodedText]) -> np.ndarray:
+        if self.batcher is not None:
+            return await self.batcher.submit(rows)
+        return await run_in_threadpool(self._alone, rows)
+
+    def _alone(self, rows: list[EncodedText]) -> np.ndarray:
+        started = time.perf_counter()
+        outputs = self.model.infer(rows)
+        self.metrics.inference_seconds.observe(time.perf_counter() - started)
+        self.metrics.batch_size.observe(len(rows))
+        return outputs
+
+
+def build_app(model: ServedModel, limits: Limits, batching: Batching | None = None) -> Starlette:
     """The ASGI app serving ``model`` (already loaded and verified) within ``limits``."""
     state = {"ready": True}
+    metrics = Metrics()
+    run = _Runner(model, batching or Batching(), metrics)
 
     async def live(_: Request) -> Response:
         return JSONResponse({"live": True})
@@ -90,23 +124,27 @@ def build_app(model: ServedModel, limits: Limits) -> Starlette:
             raise HTTPProblem(400, f'unknown keys {unknown}; send {{"texts": [...]}}')
         texts = model.check_texts(payload.get("texts"), limits)
         rows = model.encode(texts)
-        outputs = await run_in_threadpool(model.infer, rows)
-        return JSONResponse(model.answer(rows, outputs))
+        return JSONResponse(model.answer(rows, await run(rows)))
+
+    async def prometheus(_: Request) -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     routes = [
         Route("/v2/health/live", live, methods=["GET"]),
         Route("/v2/health/ready", ready, methods=["GET"]),
         Route("/predict", predict, methods=["POST"]),
+        Route("/metrics", prometheus, methods=["GET"]),
     ]
-    routes += _protocol_routes(model, limits, state)
+    routes += _protocol_routes(model, limits, state, run)
     app = Starlette(routes=routes)
-    app.add_middleware(_AccessLog)
+    app.add_middleware(_AccessLog, metrics=metrics)
     app.state.model = model
+    app.state.runner = run
     app.state.readiness = state
     return app
 
 
-def _protocol_routes(model: ServedModel, limits: Limits, state: dict[str, bool]) -> list[Route]:
+def _protocol_routes(model: ServedModel, limits: Limits, state: dict[str, bool], run: _Runner) -> list[Route]:
     """The Open Inference Protocol's server and model endpoints."""
 
     def check_model(request: Request) -> None:
@@ -138,7 +176,7 @@ def _protocol_routes(model: ServedModel, limits: Limits, state: dict[str, bool])
         texts = model.texts_of(parsed, limits)
         if texts is not None:
             rows = model.encode(texts)
-            raw = await run_in_threadpool(model.infer, rows)
+            raw = await run(rows)
             truncated = [row.truncated for row in rows]
         else:
             batch = len(parsed.inputs.get("input_ids", ()))
@@ -169,8 +207,9 @@ class _AccessLog:
     """One JSON line per request (method, path, status, milliseconds), and the error path: any
     exception becomes its status and one-line reason, never a traceback in the response."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, metrics: Metrics) -> None:
         self.app = app
+        self.metrics = metrics
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -178,6 +217,7 @@ class _AccessLog:
             return
         started = time.perf_counter()
         status = {"code": 500, "sent": False}
+        self.metrics.in_flight.inc()
 
         async def tracking_send(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
@@ -193,6 +233,8 @@ class _AccessLog:
             status["code"] = response.status_code
             await response(scope, receive, send)
         finally:
+            self.metrics.in_flight.dec()
+            self.metrics.request_done(scope.get("path", ""), int(status["code"]))
             access_log.info(
                 json.dumps(
                     {

@@ -9,20 +9,29 @@ graceful shutdown; SIGINT still ends as an interrupt).
 from __future__ import annotations
 
 import errno
+import inspect
+import json
 import logging
+import os
 import signal
 import socket
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import FrameType
 
 import uvicorn
+from starlette.applications import Starlette
+from uvicorn.supervisors import Multiprocess
 
 from trimformer.errors import UserError
 from trimformer.serving.app import build_app
+from trimformer.serving.batcher import Batching
 from trimformer.serving.model import Limits, ServedModel
 
-__all__ = ["ServeConfig", "bind", "serve"]
+__all__ = ["ServeConfig", "app_from_environment", "bind", "serve"]
+
+# How a worker process (--workers N) gets the parent's settings.
+ENV_CONFIG = "TRIMFORMER_SERVE_CONFIG"
 
 logger = logging.getLogger(__name__)
 
@@ -36,11 +45,15 @@ class ServeConfig:
     threads: int | None = None
     expected_digest: str | None = None
     limits: Limits = field(default_factory=Limits)
+    batching: Batching = field(default_factory=Batching)
+    workers: int = 1
     # Seconds a SIGTERM waits for requests in flight before closing them.
     graceful_seconds: int = 30
 
     def check(self) -> None:
-        problems = self.limits.check()
+        problems = self.limits.check() + self.batching.check()
+        if self.workers < 1:
+            problems.append(f"--workers must be at least 1, got {self.workers}")
         if not 0 <= self.port <= 65535:
             problems.append(f"--port must be in [0, 65535], got {self.port}")
         if self.threads is not None and self.threads < 1:
@@ -75,26 +88,56 @@ class _Server(uvicorn.Server):
             self._captured_signals.remove(sig)
 
 
+def _uvicorn_config(app: Starlette | str, config: ServeConfig) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        factory=isinstance(app, str),
+        workers=config.workers,
+        log_level="info",
+        access_log=False,  # trimformer.serving.access writes one JSON line per request
+        timeout_graceful_shutdown=config.graceful_seconds,
+        lifespan="off",
+    )
+
+
+def app_from_environment() -> Starlette:
+    """A worker process's app (--workers N): the parent's settings, its own model and session."""
+    values = json.loads(os.environ[ENV_CONFIG])
+    config = ServeConfig(
+        **{**values, "limits": Limits(**values["limits"]), "batching": Batching(**values["batching"])}
+    )
+    logging.getLogger("trimformer.serving").setLevel(logging.INFO)
+    model = ServedModel(config.bundle, config.name, config.threads, config.expected_digest)
+    return build_app(model, config.limits, config.batching)
+
+
 def serve(config: ServeConfig) -> None:
     """Check, bind, load and verify, then serve until SIGTERM (see the module docstring)."""
     config.check()
+    if config.workers > 1 and config.threads is None:
+        # Workers share the cores: each session gets its part instead of all of them.
+        config = replace(config, threads=max(1, (os.cpu_count() or 1) // config.workers))
     # A service's own lines (start, one JSON line per request) are its output, not chatter.
     logging.getLogger("trimformer.serving").setLevel(logging.INFO)
     sock = bind(config.host, config.port)
     try:
         model = ServedModel(config.bundle, config.name, config.threads, config.expected_digest)
-        app = build_app(model, config.limits)
-        server = _Server(
-            uvicorn.Config(
-                app,
-                log_level="info",
-                access_log=False,  # trimformer.serving.access writes one JSON line per request
-                timeout_graceful_shutdown=config.graceful_seconds,
-                lifespan="off",
-            )
-        )
         host, port = sock.getsockname()[:2]
         logger.info("serving %s (%s, %s) on http://%s:%d", model.name, model.task, model.digest, host, port)
-        server.run(sockets=[sock])
+        if config.workers == 1:
+            _Server(_uvicorn_config(build_app(model, config.limits, config.batching), config)).run(
+                sockets=[sock]
+            )
+            return
+        del model  # verified here, before listening; each worker loads its own
+        os.environ[ENV_CONFIG] = json.dumps(asdict(config))
+        uv_config = _uvicorn_config("trimformer.serving.server:app_from_environment", config)
+        # Older uvicorn releases take the workers' entry point; newer ones run their own Server.
+        target = (
+            {"target": _Server(uv_config).run}
+            if "target" in inspect.signature(Multiprocess).parameters
+            else {}
+        )
+        Multiprocess(uv_config, sockets=[sock], **target).run()
     finally:
         sock.close()
