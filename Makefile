@@ -7,6 +7,7 @@
 #   make bench             every variant side by side in one run -> docs/BENCHMARKS.md
 #   make pipeline RECIPE=recipes/int8.toml
 #   make serve [BUNDLE=dist/model.tar.gz] [PORT=8000]   a bundle over HTTP (default: the demo's bundle)
+#   make bench-serve       the server on the int8 tweets teacher: overhead, batching, a mixed load
 #   make export|distill|prune|quantize|validate|package MODEL=dir OUT=dir [DATA=..] [ARGS="..."]
 
 PYTHON ?= python3
@@ -23,7 +24,7 @@ endif
 
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test lint format demo teacher lm bench bench-peers bench-load clean pipeline fuse serve
+.PHONY: install test lint format demo teacher lm bench bench-peers bench-load bench-serve clean pipeline fuse serve
 
 install: $(STAMP)
 
@@ -117,6 +118,18 @@ $(WORK)/package/teacher/manifest.json: $(TEACHER_ONNX)/model.onnx
 
 bench-load: $(WORK)/package/teacher/manifest.json
 	$(PY) -m bench.load --bundle $(WORK)/package/teacher.tar.gz
+
+# The serving bench (docs/SERVING.md) on the int8 tweets teacher: trained, exported, quantized, packaged.
+TEACHER_INT8 := $(WORK)/teacher-int8
+
+$(TEACHER_INT8)/model.onnx: $(TEACHER_ONNX)/model.onnx
+	$(TF) quantize $(TEACHER_ONNX) --calibration builtin:tweets --out $(TEACHER_INT8) --overwrite
+
+$(WORK)/package/teacher-int8/manifest.json: $(TEACHER_INT8)/model.onnx
+	$(TF) package $(TEACHER_INT8) --out $(WORK)/package/teacher-int8 --overwrite
+
+bench-serve: $(WORK)/package/teacher-int8/manifest.json
+	$(PY) -m bench.serve --bundle $(WORK)/package/teacher-int8.tar.gz
 
 fuse: $(STAMP)
 	$(TF) fuse $(MODEL) --out $(OUT) --overwrite

@@ -32,6 +32,7 @@ ALL_COMMANDS = [
     "package",
     "verify",
     "generate",
+    "serve",
     "run",
 ]
 
@@ -48,6 +49,7 @@ INPUT_COMMANDS: dict[str, tuple[tuple[str, ...], list[str]]] = {
     "package": (("--model",), ["--out", "OUT"]),
     "verify": (("--bundle",), []),
     "generate": (("--model",), ["--prompt", "hi"]),
+    "serve": (("--bundle",), []),
 }
 
 FORMS = [(name, alias) for name, (aliases, _) in INPUT_COMMANDS.items() for alias in (None, *aliases)]

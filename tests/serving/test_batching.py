@@ -39,15 +39,16 @@ def test_rows_are_grouped_by_length_and_returned_in_each_requests_order() -> Non
         batcher = Batcher(infer, max_batch_size=3, max_queue_delay_ms=200, metrics=Metrics())
         try:
             return await asyncio.gather(
-                batcher.submit([_row(9), _row(1)]), batcher.submit([_row(5), _row(2)])
+                batcher.submit([_row(30), _row(10)]), batcher.submit([_row(31), _row(11)])
             )
         finally:
             batcher.close()
 
     first, second = asyncio.run(main())
-    # Both requests gathered (2 rows < 3), all four rows sorted by length, cut at max_batch_size.
-    assert calls == [[1, 2, 5], [9]]
-    assert first.ravel().tolist() == [9.0, 1.0] and second.ravel().tolist() == [5.0, 2.0]
+    # Both requests gathered (2 rows < 3), their rows sorted by length and cut where padding would
+    # grow: the short rows share a call, the long ones another.
+    assert sorted(calls) == [[10, 11], [30, 31]]
+    assert first.ravel().tolist() == [30.0, 10.0] and second.ravel().tolist() == [31.0, 11.0]
 
 
 def _metric(text: str, name: str) -> float:

@@ -87,7 +87,7 @@ def cli(state: State, debug: bool, as_json: bool, quiet: bool) -> None:
       validate                        accuracy, fidelity, latency and gates with onnxruntime
       package                         artifact -> self-verifying bundle and .tar.gz
     Around them: verify rechecks a bundle; generate continues prompts with a causal LM;
-    run does every stage of a recipe, cached.
+    serve answers over HTTP from a bundle; run does every stage of a recipe, cached.
 
     Every stage takes its input as the first argument or with --model (distill also
     --teacher); verify takes BUNDLE or --bundle.

@@ -23,6 +23,10 @@ from trimformer.serving.metrics import Metrics
 
 __all__ = ["Batcher", "Batching"]
 
+# A call pads every row to its longest; a new call starts where padding would pass this share of
+# the real tokens (sorted rows, so each new row is the longest so far).
+PADDING_BUDGET = 0.25
+
 Infer = Callable[[Sequence[EncodedText]], np.ndarray]
 
 
@@ -54,7 +58,7 @@ class _Pending:
 
 class Batcher:
     def __init__(
-        self, infer: Infer, max_batch_size: int, max_queue_delay_ms: float, metrics: Metrics
+        self, infer: Infer, max_batch_size: int, max_queue_delay_ms: float, metrics: Metrics, lanes: int = 2
     ) -> None:
         self.infer = infer
         self.max_batch_size = max_batch_size
@@ -62,8 +66,10 @@ class Batcher:
         self.metrics = metrics
         self._queue: asyncio.Queue[_Pending] | None = None
         self._task: asyncio.Task[None] | None = None
-        # One thread: one onnxruntime call at a time, in the order batches are formed.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trimformer-infer")
+        # Up to ``lanes`` calls in flight: while one runs, the next batch forms (and the event loop
+        # answers and parses requests), so the cores do not wait for Python between calls.
+        self.lanes = lanes
+        self._executor = ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="trimformer-infer")
 
     async def submit(self, rows: Sequence[EncodedText]) -> np.ndarray:
         """The model's output for ``rows`` (one row each, in order), run with whatever else is queued."""
@@ -91,33 +97,49 @@ class Batcher:
         return taken
 
     async def _loop(self, queue: asyncio.Queue[_Pending]) -> None:
-        loop = asyncio.get_running_loop()
+        free = asyncio.Semaphore(self.lanes)
+        running: set[asyncio.Task[None]] = set()
+
+        def finished(task: asyncio.Task[None]) -> None:
+            running.discard(task)
+            free.release()
+
         while True:
+            await free.acquire()
             taken = await self._gather(queue)
-            # (request, row) of every gathered text, shortest first.
-            order = sorted(
-                ((i, j) for i, item in enumerate(taken) for j in range(len(item.rows))),
-                key=lambda ij: len(taken[ij[0]].rows[ij[1]]),
-            )
-            results: list[list[np.ndarray | None]] = [[None] * len(item.rows) for item in taken]
-            started = time.perf_counter()
+            task = asyncio.get_running_loop().create_task(self._run(taken))
+            running.add(task)
+            task.add_done_callback(finished)
+
+    async def _run(self, taken: list[_Pending]) -> None:
+        """One gathering: its texts sorted by length, cut into calls, each request answered."""
+        loop = asyncio.get_running_loop()
+        # (request, row) of every gathered text, shortest first.
+        order = sorted(
+            ((i, j) for i, item in enumerate(taken) for j in range(len(item.rows))),
+            key=lambda ij: len(taken[ij[0]].rows[ij[1]]),
+        )
+        results: list[list[np.ndarray | None]] = [[None] * len(item.rows) for item in taken]
+        started = time.perf_counter()
+        for item in taken:
+            self.metrics.queue_seconds.observe(started - item.queued)
+        chunks = _by_length(order, lambda ij: len(taken[ij[0]].rows[ij[1]]), self.max_batch_size)
+        try:
+            calls = [
+                loop.run_in_executor(self._executor, self._timed, [taken[i].rows[j] for i, j in chunk])
+                for chunk in chunks
+            ]
+            for chunk, outputs in zip(chunks, await asyncio.gather(*calls), strict=True):
+                for (i, j), output in zip(chunk, outputs, strict=True):
+                    results[i][j] = output
+        except Exception as exc:
             for item in taken:
-                self.metrics.queue_seconds.observe(started - item.queued)
-            try:
-                for start in range(0, len(order), self.max_batch_size):
-                    chunk = order[start : start + self.max_batch_size]
-                    rows = [taken[i].rows[j] for i, j in chunk]
-                    outputs = await loop.run_in_executor(self._executor, self._timed, rows)
-                    for (i, j), output in zip(chunk, outputs, strict=True):
-                        results[i][j] = output
-            except Exception as exc:
-                for item in taken:
-                    if not item.future.done():
-                        item.future.set_exception(exc)
-                continue
-            for item, rows_out in zip(taken, results, strict=True):
                 if not item.future.done():
-                    item.future.set_result(np.stack(rows_out))  # type: ignore[arg-type]
+                    item.future.set_exception(exc)
+            return
+        for item, rows_out in zip(taken, results, strict=True):
+            if not item.future.done():
+                item.future.set_result(np.stack(rows_out))  # type: ignore[arg-type]
 
     def _timed(self, rows: Sequence[EncodedText]) -> np.ndarray:
         started = time.perf_counter()
@@ -130,3 +152,25 @@ class Batcher:
         if self._task is not None:
             self._task.cancel()
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _by_length(
+    order: list[tuple[int, int]], length: Callable[[tuple[int, int]], int], limit: int
+) -> list[list[tuple[int, int]]]:
+    """Rows sorted by length cut into calls of at most ``limit`` rows whose padding stays within
+    :data:`PADDING_BUDGET` of their real tokens."""
+    chunks: list[list[tuple[int, int]]] = []
+    current: list[tuple[int, int]] = []
+    real = 0
+    for key in order:
+        size = max(1, length(key))
+        if current and (
+            len(current) == limit or (len(current) + 1) * size > (1 + PADDING_BUDGET) * (real + size)
+        ):
+            chunks.append(current)
+            current, real = [], 0
+        current.append(key)
+        real += size
+    if current:
+        chunks.append(current)
+    return chunks
