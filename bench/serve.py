@@ -10,8 +10,9 @@ costs about a millisecond of Python per request, which the server would pay for)
 1. **overhead**: one client, one text per request, sequential: the server's p50 round trip against
    ``Predictor.predict`` on the same texts in this process, rounds interleaved;
 2. **batching**: 32 concurrent clients, one text per request, for ``--batch-seconds`` each round,
-   a server with batching against one started with ``--no-batching`` (both alive, rounds
-   interleaved): requests per second, p50 and p99;
+   a server with batching against one started with ``--no-batching`` and one batching with
+   ``--threads 1`` (all alive, rounds interleaved): requests per second, p50 and p99, and the
+   server's CPU milliseconds per request (2 cores' worth: how compute-bound it is);
 3. **load**: 64 concurrent clients for ``--load-seconds``, one request in ten malformed (bad JSON,
    too many texts, a body over the limit, wrong types) and the rest one to four texts: every valid
    answer is compared with the Predictor's labels (or embeddings), every malformed one must get its
@@ -184,18 +185,37 @@ async def _closed_loop(port: int, clients: int, seconds: float, texts: list[str]
     return {"requests": len(latencies), "per_s": len(latencies) / elapsed, "latencies": latencies}
 
 
+# The servers compared under 32 clients: the default, the same with batching off, and batching on
+# one intra-op thread per lane (a call per core instead of both cores on each call).
+BATCHING_SERVERS = {
+    "batching": (),
+    "no_batching": ("--no-batching",),
+    "batching_threads_1": ("--threads", "1"),
+}
+
+
+def _round(server: Server, texts: list[str], seconds: float) -> dict[str, Any]:
+    """One closed-loop round, with the server process's CPU time per request (both cores' worth)."""
+    process = psutil.Process(server.process.pid)
+    before = process.cpu_times()
+    run = asyncio.run(_closed_loop(server.port, 32, seconds, texts))
+    after = process.cpu_times()
+    cpu = after.user + after.system - before.user - before.system
+    return {**run, "cpu_ms_per_request": cpu / max(1, run["requests"]) * 1e3}
+
+
 def batching(bundle: str, texts: list[str], rounds: int, seconds: float) -> dict[str, Any]:
-    on, off = Server(bundle), Server(bundle, "--no-batching")
-    results: dict[str, list[dict[str, Any]]] = {"batching": [], "no_batching": []}
+    servers = {name: Server(bundle, *extra) for name, extra in BATCHING_SERVERS.items()}
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name in servers}
     try:
-        asyncio.run(_closed_loop(on.port, 32, 2.0, texts))  # warm-up
-        asyncio.run(_closed_loop(off.port, 32, 2.0, texts))
+        for server in servers.values():
+            asyncio.run(_closed_loop(server.port, 32, 2.0, texts))  # warm-up
         for _ in range(rounds):
-            for name, server in (("batching", on), ("no_batching", off)):
-                results[name].append(asyncio.run(_closed_loop(server.port, 32, seconds, texts)))
+            for name, server in servers.items():
+                results[name].append(_round(server, texts, seconds))
     finally:
-        on.stop()
-        off.stop()
+        for server in servers.values():
+            server.stop()
 
     def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
         latencies = [x for run in runs for x in run["latencies"]]
@@ -204,10 +224,14 @@ def batching(bundle: str, texts: list[str], rounds: int, seconds: float) -> dict
             "rounds_per_s": [round(run["per_s"], 1) for run in runs],
             "p50_ms": _pct(latencies, 50),
             "p99_ms": _pct(latencies, 99),
+            "server_cpu_ms_per_request": round(statistics.median(r["cpu_ms_per_request"] for r in runs), 2),
         }
 
-    out = {name: summary(runs) for name, runs in results.items()}
+    out: dict[str, Any] = {name: summary(runs) for name, runs in results.items()}
     out["speedup"] = round(out["batching"]["requests_per_s"] / out["no_batching"]["requests_per_s"], 3)
+    out["speedup_threads_1"] = round(
+        out["batching_threads_1"]["requests_per_s"] / out["no_batching"]["requests_per_s"], 3
+    )
     out["clients"] = 32
     return out
 

@@ -568,6 +568,14 @@ CASES: dict[str, tuple[Case, str]] = {
         ],
         r"unknown generation settings \['temprature'\]",
     ),
+    "package: a name that cannot go in a URL": (
+        lambda t, fx: ["package", str(fx["onnx"]), "--out", str(t / OUT), "--name", "my model"],
+        "model name 'my model' must be 1 to 128 letters",
+    ),
+    "serve: a name that cannot go in a URL": (
+        lambda t, fx: ["serve", str(t / "nope.tar.gz"), "--name", "a/b"],
+        "--name: model name 'a/b' must be",
+    ),
     "serve: tampered bundle": (
         lambda t, fx: ["serve", str(_tampered_bundle(t, fx)), "--port", "0"],
         "config.json",
@@ -583,6 +591,10 @@ CASES: dict[str, tuple[Case, str]] = {
     "serve: zero batch size": (
         lambda t, fx: ["serve", str(t / "nope.tar.gz"), "--max-batch-size", "0"],
         "--max-batch-size must be at least 1",
+    ),
+    "serve: zero token budget": (
+        lambda t, fx: ["serve", str(t / "nope.tar.gz"), "--max-batch-tokens", "0"],
+        "--max-batch-tokens must be at least 1",
     ),
     "serve: zero workers": (
         lambda t, fx: ["serve", str(t / "nope.tar.gz"), "--workers", "0"],

@@ -157,6 +157,11 @@ def test_package_needs_validate(tmp_path: Path, tiny_bert: Path, tiny_csv: Path)
     assert "package: needs a [validate] section" in message
 
 
+def test_a_name_that_cannot_be_a_model_name_is_refused_when_read(tmp_path: Path, tiny_bert: Path) -> None:
+    text = f"name = 'my model'\n[model]\nsource = '{tiny_bert}'\n"
+    assert "model name 'my model' must be 1 to 128 letters" in _refused(tmp_path, text)
+
+
 def test_passes_need_data(tmp_path: Path, tiny_bert: Path, stamp: None) -> None:
     text = f"[model]\nsource = '{tiny_bert}'\n[[passes]]\nname = '{TEST_PASS}'\n"
     assert "data: missing; passes need a [data] section" in _refused(tmp_path, text)

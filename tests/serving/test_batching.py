@@ -4,19 +4,16 @@ length, each gets its own rows back in order; /metrics counts what happened; --w
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import subprocess
-import sys
 import threading
-import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import httpx
 import numpy as np
+from click.testing import CliRunner
 
-from tests.serving.test_server import TEXTS, Running, _free_port, bundles  # noqa: F401  (module fixture)
+from tests.serving.test_server import TEXTS, Running, bundles, serve_process  # noqa: F401  (module fixture)
+from trimformer.cli.commands import cli
 from trimformer.runtime import Predictor
 from trimformer.runtime.encoding import EncodedText
 from trimformer.serving.batcher import Batcher, Batching
@@ -29,14 +26,10 @@ def _row(length: int) -> EncodedText:
 
 
 def test_rows_are_grouped_by_length_and_returned_in_each_requests_order() -> None:
-    calls: list[list[int]] = []
-
-    def infer(rows: Sequence[EncodedText]) -> np.ndarray:
-        calls.append([len(r) for r in rows])
-        return np.asarray([[float(len(r))] for r in rows])
+    calls, infer = _recording()
 
     async def main() -> list[np.ndarray]:
-        batcher = Batcher(infer, max_batch_size=3, max_queue_delay_ms=200, metrics=Metrics())
+        batcher = Batcher(infer, Batching(max_batch_size=3, max_queue_delay_ms=200), Metrics())
         try:
             return await asyncio.gather(
                 batcher.submit([_row(30), _row(10)]), batcher.submit([_row(31), _row(11)])
@@ -49,6 +42,67 @@ def test_rows_are_grouped_by_length_and_returned_in_each_requests_order() -> Non
     # grow: the short rows share a call, the long ones another.
     assert sorted(calls) == [[10, 11], [30, 31]]
     assert first.ravel().tolist() == [30.0, 10.0] and second.ravel().tolist() == [31.0, 11.0]
+
+
+def _recording() -> tuple[list[list[int]], Callable[[Sequence[EncodedText]], np.ndarray]]:
+    calls: list[list[int]] = []
+
+    def infer(rows: Sequence[EncodedText]) -> np.ndarray:
+        calls.append([len(r) for r in rows])
+        return np.asarray([[float(len(r))] for r in rows])
+
+    return calls, infer
+
+
+def test_a_call_never_passes_the_token_budget() -> None:
+    calls, infer = _recording()
+
+    async def main() -> np.ndarray:
+        batcher = Batcher(infer, Batching(max_batch_size=32, max_batch_tokens=100), Metrics())
+        try:
+            return await batcher.submit([_row(20)] * 12)
+        finally:
+            batcher.close()
+
+    out = asyncio.run(main())
+    # 12 rows of 20 tokens with at most 100 padded tokens a call: 5 + 5 + 2 rows.
+    assert sorted(calls, key=len) == [[20] * 2, [20] * 5, [20] * 5]
+    assert out.ravel().tolist() == [20.0] * 12
+
+
+def test_without_batching_concurrent_requests_never_share_a_call() -> None:
+    calls, infer = _recording()
+
+    async def main() -> list[np.ndarray]:
+        batcher = Batcher(infer, Batching(enabled=False), Metrics())
+        try:
+            return await asyncio.gather(*(batcher.submit([_row(n)]) for n in (5, 6, 7, 8)))
+        finally:
+            batcher.close()
+
+    outs = asyncio.run(main())
+    assert sorted(calls) == [[5], [6], [7], [8]]
+    assert [o.item() for o in outs] == [5.0, 6.0, 7.0, 8.0]
+
+
+def test_warm_up_runs_the_largest_call_on_every_lane() -> None:
+    calls, infer = _recording()
+    batcher = Batcher(infer, Batching(max_batch_size=32, max_batch_tokens=200), Metrics(), lanes=2)
+    batcher.warm_up(_row(64))
+    batcher.close()
+    # 200 tokens hold three rows of the model's longest 64: that call, once per lane.
+    assert calls == [[64] * 3, [64] * 3]
+
+
+def test_a_token_budget_below_the_models_length_is_refused_before_listening(
+    bundles: dict[str, Path],  # noqa: F811
+) -> None:
+    result = CliRunner().invoke(
+        cli, ["serve", str(bundles["classifier"]), "--port", "0", "--max-batch-tokens", "8"]
+    )
+    assert result.exit_code == 2
+    assert "--max-batch-tokens 8 is below the model's maximum length" in result.output
+    assert "Traceback" not in result.output
 
 
 def _metric(text: str, name: str) -> float:
@@ -97,33 +151,22 @@ def test_without_batching_each_request_runs_alone(bundles: dict[str, Path]) -> N
         metrics = running.client.get("/metrics").text
     finally:
         running.stop()
-    assert _metric(metrics, "trimformer_batch_size_count") == 2
+    # Every text ran once; the four texts of the second request were cut by length, alone.
     assert _metric(metrics, "trimformer_batch_size_sum") == 1 + len(TEXTS)
+    assert _metric(metrics, "trimformer_batch_size_count") >= 2
 
 
 def test_workers_serve_and_stop_on_sigterm(bundles: dict[str, Path]) -> None:  # noqa: F811
-    port = _free_port()
-    trimformer = str(Path(sys.executable).parent / "trimformer")
-    command = [trimformer, "serve", str(bundles["classifier"]), "--port", str(port), "--workers", "2"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ})
+    process, client = serve_process(str(bundles["classifier"]), "--workers", "2")
     try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
-            deadline = time.monotonic() + 90
-            while True:
-                try:
-                    if client.get("/v2/health/ready").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert time.monotonic() < deadline and process.poll() is None
-                time.sleep(0.2)
-            labels = [
-                client.post("/predict", json={"texts": TEXTS}).json()["predictions"][0]["label"]
-                for _ in range(6)
-            ]
+        labels = [
+            client.post("/predict", json={"texts": TEXTS}).json()["predictions"][0]["label"] for _ in range(6)
+        ]
+        client.close()
         process.send_signal(signal.SIGTERM)
         assert process.wait(60) == 0
         assert set(labels) == {Predictor(bundles["classifier"]).predict(TEXTS[:1])[0].label}
     finally:
+        client.close()
         if process.poll() is None:
             process.kill()

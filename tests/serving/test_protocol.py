@@ -14,7 +14,7 @@ import tritonclient.http as triton
 
 from tests.serving.test_server import TEXTS, Running, bundles  # noqa: F401  (module fixture)
 from trimformer.runtime import Predictor
-from trimformer.serving.model import Limits
+from trimformer.serving.model import Limits, ServedModel
 from trimformer.serving.protocol import InferRequest, Output, encode_response, parse_request
 
 
@@ -64,7 +64,7 @@ def test_texts_in_labels_and_scores_out_equal_the_predictor(served: tuple, binar
         assert result.as_numpy("truncated").tolist() == [False] * len(TEXTS)
 
 
-def test_token_ids_in_logits_out(served: tuple) -> None:
+def test_token_ids_in_logits_out(served: tuple, bundles: dict[str, Path]) -> None:  # noqa: F811
     _, client, predictor = served
     rows = predictor.encode(TEXTS)
     width = max(len(r) for r in rows)
@@ -80,6 +80,14 @@ def test_token_ids_in_logits_out(served: tuple) -> None:
         tensors.append(tensor)
     result = client.infer("sentiment", tensors, outputs=[triton.InferRequestedOutput("logits")])
     np.testing.assert_allclose(result.as_numpy("logits"), predictor.run(TEXTS), rtol=1e-5, atol=1e-6)
+    # Over the token budget, the rows run as several calls with the same answer.
+    model = ServedModel(bundles["classifier"])
+    calls: list[int] = []
+    run_ids = model.predictor.run_ids
+    model.predictor.run_ids = lambda feeds: calls.append(len(feeds["input_ids"])) or run_ids(feeds)  # type: ignore[method-assign]
+    split = model.run_ids({"input_ids": ids, "attention_mask": mask}, max_tokens=2 * width)
+    assert calls == [2, 2]
+    np.testing.assert_allclose(split, predictor.run(TEXTS), rtol=1e-5, atol=1e-6)
 
 
 def test_feature_extraction_through_tritonclient(bundles: dict[str, Path]) -> None:  # noqa: F811

@@ -3,6 +3,7 @@ Predictor's; limits, errors and the start-up checks; SIGTERM finishes in-flight 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -26,6 +27,7 @@ from trimformer.cli.commands import cli
 from trimformer.exporters import export_model
 from trimformer.packaging.package import package_artifact
 from trimformer.runtime import Predictor
+from trimformer.serving import app as app_module
 from trimformer.serving.app import build_app
 from trimformer.serving.batcher import Batching
 from trimformer.serving.model import Limits, ServedModel
@@ -51,7 +53,7 @@ class Running:
         self.sock = bind("127.0.0.1", 0)
         self.port = self.sock.getsockname()[1]
         app = build_app(ServedModel(bundle), limits, batching)
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.thread.start()
         while not self.server.started:
@@ -80,6 +82,31 @@ def test_predict_equals_the_predictor(classifier: Running, bundles: dict[str, Pa
     assert [r["label"] for r in rows] == [p.label for p in expected]
     np.testing.assert_allclose([r["score"] for r in rows], [p.score for p in expected], rtol=1e-6)
     assert response.json()["model"] == "sentiment" and not any(r["truncated"] for r in rows)
+
+
+def test_the_model_name_comes_from_the_manifest_then_the_folder(
+    tiny_bert_onnx: Path, tmp_path: Path, bundles: dict[str, Path]
+) -> None:
+    package_artifact(tiny_bert_onnx, tmp_path / "dist" / "bundle", name="tweets-sentiment")
+    assert ServedModel(tmp_path / "dist" / "bundle.tar.gz").name == "tweets-sentiment"
+    assert ServedModel(tmp_path / "dist" / "bundle", name="other").name == "other"
+    assert ServedModel(bundles["classifier"]).name == "sentiment"  # packaged without a name
+
+
+def test_long_requests_are_tokenized_off_the_event_loop(bundles: dict[str, Path]) -> None:
+    model = ServedModel(bundles["classifier"])
+    threads: list[str] = []
+    encode = model.encode
+
+    def recording(texts: list[str]) -> list:
+        threads.append(threading.current_thread().name)
+        return encode(texts)
+
+    model.encode = recording  # type: ignore[method-assign]
+    short, long = ["a short tweet"], ["word " * 300] * 4
+    rows = asyncio.run(app_module.encode(model, short)) + asyncio.run(app_module.encode(model, long))
+    assert threads[0] == threading.main_thread().name and threads[1] != threading.main_thread().name
+    assert [len(r) for r in rows] == [len(r) for r in encode(short + long)]
 
 
 def test_health(classifier: Running) -> None:
@@ -185,35 +212,44 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def test_sigterm_finishes_requests_in_flight_and_exits_0(bundles: dict[str, Path]) -> None:
+def serve_process(*args: str) -> tuple[subprocess.Popen[bytes], httpx.Client]:
+    """``trimformer serve ARGS`` in its own process on a free port, once it answers ready."""
     port = _free_port()
     trimformer = str(Path(sys.executable).parent / "trimformer")
-    command = [trimformer, "serve", str(bundles["classifier"]), "--port", str(port)]
+    command = [trimformer, "serve", *args, "--port", str(port)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ})
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            if client.get("/v2/health/ready").status_code == 200:
+                return process, client
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline or process.poll() is not None:
+            process.kill()
+            client.close()
+            raise AssertionError(process.stdout.read().decode())  # type: ignore[union-attr]
+        time.sleep(0.1)
+
+
+def test_sigterm_finishes_requests_in_flight_and_exits_0(bundles: dict[str, Path]) -> None:
+    process, client = serve_process(str(bundles["classifier"]))
     try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    if client.get("/v2/health/ready").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert time.monotonic() < deadline and process.poll() is None, process.stdout.read()  # type: ignore[union-attr]
-                time.sleep(0.1)
-            answers: list[httpx.Response] = []
-            requests = [
-                threading.Thread(
-                    target=lambda: answers.append(client.post("/predict", json={"texts": TEXTS * 16}))
-                )
-                for _ in range(4)
-            ]
-            for thread in requests:
-                thread.start()
-            time.sleep(0.05)
-            process.send_signal(signal.SIGTERM)
-            for thread in requests:
-                thread.join(30)
+        answers: list[httpx.Response] = []
+        requests = [
+            threading.Thread(
+                target=lambda: answers.append(client.post("/predict", json={"texts": TEXTS * 16}))
+            )
+            for _ in range(4)
+        ]
+        for thread in requests:
+            thread.start()
+        time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        for thread in requests:
+            thread.join(30)
+        client.close()
         assert process.wait(30) == 0
         assert len(answers) == 4 and all(a.status_code == 200 for a in answers)
         log = process.stdout.read().decode()  # type: ignore[union-attr]
@@ -222,5 +258,6 @@ def test_sigterm_finishes_requests_in_flight_and_exits_0(bundles: dict[str, Path
         ]
         assert len(access) == 4 and all(entry["status"] == 200 and entry["ms"] > 0 for entry in access)
     finally:
+        client.close()
         if process.poll() is None:
             process.kill()

@@ -53,6 +53,12 @@ def _read_recipe(path: str | None) -> str | None:
 )
 @click.option("--recipe", default=None, help="Recipe file to record in the manifest.")
 @click.option(
+    "--name",
+    default=None,
+    help="The model's name for servers (/v2/models/NAME) [default: the recipe's name, else none: "
+    "`serve` then uses the bundle's folder name].",
+)
+@click.option(
     "--ort", "ort_format", is_flag=True, help="Add an ORT-format copy (model.ort) for minimal builds."
 )
 @click.option(
@@ -71,6 +77,7 @@ def package_command(
     out: str,
     report: str | None,
     recipe: str | None,
+    name: str | None,
     ort_format: bool,
     generation: tuple[str, ...],
     overwrite: bool,
@@ -94,6 +101,7 @@ def package_command(
         ort_format=ort_format,
         overwrite=overwrite,
         generation=generation_settings,
+        name=name,
     )
     info = result.to_dict()
     note = "" if info["validated"] else " (no --report: the manifest carries no metrics)"

@@ -28,6 +28,13 @@ from trimformer.cli.options import input_argument
     "--max-batch-size", type=int, default=32, show_default=True, help="Most texts in one onnxruntime call."
 )
 @click.option(
+    "--max-batch-tokens",
+    type=int,
+    default=2048,
+    show_default=True,
+    help="Most padded tokens (texts x length) in one onnxruntime call; bounds a call's memory.",
+)
+@click.option(
     "--max-queue-delay-ms",
     type=float,
     default=0.0,
@@ -57,6 +64,7 @@ def serve_command(
     max_body_bytes: int,
     max_texts: int,
     max_batch_size: int,
+    max_batch_tokens: int,
     max_queue_delay_ms: float,
     batching: bool,
     workers: int,
@@ -77,5 +85,5 @@ def serve_command(
     from trimformer.serving.server import ServeConfig, serve
 
     limits = Limits(max_body_bytes=max_body_bytes, max_texts=max_texts)
-    batches = Batching(batching, max_batch_size, max_queue_delay_ms)
+    batches = Batching(batching, max_batch_size, max_queue_delay_ms, max_batch_tokens)
     serve(ServeConfig(bundle, host, port, name, threads, expected_digest, limits, batches, workers))

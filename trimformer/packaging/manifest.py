@@ -17,6 +17,7 @@ from trimformer.artifact import ModelArtifact
 from trimformer.errors import UserError
 from trimformer.formats.onnx_ops import QUANTIZED_OPS
 from trimformer.fsutil import sha256_bytes
+from trimformer.runtime.manifest import ModelSpec, TensorSpec
 from trimformer.runtime.session import PROVIDERS
 
 __all__ = ["lineage_facts", "model_facts", "validation_facts"]
@@ -48,7 +49,7 @@ _METRICS = (
 )
 
 
-def _io(value: onnx.ValueInfoProto) -> dict[str, Any]:
+def _io(value: onnx.ValueInfoProto) -> TensorSpec:
     ttype = value.type.tensor_type
     shape: list[str | int | None] = []
     dynamic: dict[str, str] = {}
@@ -61,12 +62,12 @@ def _io(value: onnx.ValueInfoProto) -> dict[str, Any]:
         else:
             shape.append(None)
             dynamic[str(axis)] = f"dim_{axis}"
-    return {
-        "name": value.name,
-        "dtype": onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type).name,
-        "shape": shape,
-        "dynamic_axes": dynamic,
-    }
+    return TensorSpec(
+        name=value.name,
+        dtype=onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type).name,
+        shape=tuple(shape),
+        dynamic_axes=dynamic,
+    )
 
 
 def _op_types(model: onnx.ModelProto) -> set[str]:
@@ -83,21 +84,21 @@ def _op_types(model: onnx.ModelProto) -> set[str]:
     return ops
 
 
-def model_facts(model: onnx.ModelProto, external_data: list[str]) -> dict[str, Any]:
+def model_facts(model: onnx.ModelProto, external_data: list[str]) -> ModelSpec:
     """Opset, IR version, producer and io (with dynamic axes) of the graph as shipped."""
     initializers = {t.name for t in model.graph.initializer}
     opsets = {(d.domain or "ai.onnx"): int(d.version) for d in model.opset_import}
-    return {
-        "file": "model.onnx",
-        "ir_version": int(model.ir_version),
-        "opset": opsets.get("ai.onnx"),
-        "opset_imports": dict(sorted(opsets.items())),
-        "producer": f"{model.producer_name} {model.producer_version}".strip(),
-        "inputs": [_io(v) for v in model.graph.input if v.name not in initializers],
-        "outputs": [_io(v) for v in model.graph.output],
-        "quantized": bool(_op_types(model) & QUANTIZED_OPS),
-        "external_data": sorted(external_data),
-    }
+    return ModelSpec(
+        file="model.onnx",
+        ir_version=int(model.ir_version),
+        opset=opsets.get("ai.onnx"),
+        opset_imports=dict(sorted(opsets.items())),
+        producer=f"{model.producer_name} {model.producer_version}".strip(),
+        inputs=tuple(_io(v) for v in model.graph.input if v.name not in initializers),
+        outputs=tuple(_io(v) for v in model.graph.output),
+        quantized=bool(_op_types(model) & QUANTIZED_OPS),
+        external_data=tuple(sorted(external_data)),
+    )
 
 
 def _name_only(value: Any) -> Any:

@@ -18,8 +18,9 @@ import logging
 import os
 import shutil
 import tempfile
+import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,14 @@ from trimformer.runtime.bundle import (
 from trimformer.runtime.decoder_smoke import record_decoder_smoke
 from trimformer.runtime.encoding import KNOWN_INPUTS, TextEncoder
 from trimformer.runtime.generator import Generator
+from trimformer.runtime.manifest import (
+    FileEntry,
+    Manifest,
+    ManifestError,
+    ModelSpec,
+    TokenizerFacts,
+    check_model_name,
+)
 from trimformer.runtime.predictor import SMOKE_TEXTS, smoke_difference
 from trimformer.runtime.sampling import GenerationSettings
 from trimformer.runtime.session import make_session
@@ -187,7 +196,7 @@ def _run_smoke(model: bytes | Path, encoder: TextEncoder, output: str, label: st
     return np.asarray(values)
 
 
-def _check_decoder_io(artifact: ModelArtifact, facts: dict[str, Any]) -> None:
+def _check_decoder_io(artifact: ModelArtifact, facts: ModelSpec) -> None:
     """A causal LM must carry its cache contract, and its graph must have exactly that io."""
     extras = artifact.meta.extras.get(DECODER_EXTRAS_KEY)
     if not isinstance(extras, dict):
@@ -195,8 +204,8 @@ def _check_decoder_io(artifact: ModelArtifact, facts: dict[str, Any]) -> None:
     spec = DecoderSpec.from_dict(extras, str(artifact.path))
     wanted_inputs = ["input_ids", "attention_mask", "position_ids", *spec.past_names()]
     wanted_outputs = ["logits", *spec.present_names()]
-    inputs = [io["name"] for io in facts["inputs"]]
-    outputs = [io["name"] for io in facts["outputs"]]
+    inputs = [io.name for io in facts.inputs]
+    outputs = [io.name for io in facts.outputs]
     if sorted(inputs) != sorted(wanted_inputs) or sorted(outputs) != sorted(wanted_outputs):
         raise UserError(
             f"{artifact.model_path} does not have the KV-cache io its trimformer.json describes "
@@ -204,36 +213,36 @@ def _check_decoder_io(artifact: ModelArtifact, facts: dict[str, Any]) -> None:
         )
 
 
-def _check_io(artifact: ModelArtifact, facts: dict[str, Any]) -> None:
+def _check_io(artifact: ModelArtifact, facts: ModelSpec) -> None:
     if artifact.task == CAUSAL_LM:
         _check_decoder_io(artifact, facts)
         return
-    unknown = [io["name"] for io in facts["inputs"] if io["name"] not in KNOWN_INPUTS]
+    unknown = [io.name for io in facts.inputs if io.name not in KNOWN_INPUTS]
     if unknown:
         raise UserError(
             f"{artifact.model_path} has inputs {unknown} the runtime cannot feed (it feeds {KNOWN_INPUTS})"
         )
-    if not facts["outputs"]:
+    if not facts.outputs:
         raise UserError(f"{artifact.model_path} has no outputs")
     if artifact.task == "sequence-classification":
         if not artifact.labels:
             raise UserError(
                 f"{artifact.path} is a classifier without labels in trimformer.json; re-export it"
             )
-        width = facts["outputs"][0]["shape"][-1]
+        width = facts.outputs[0].shape[-1]
         if isinstance(width, int) and width != len(artifact.labels):
             raise UserError(
                 f"{artifact.model_path} outputs {width} scores but trimformer.json lists {len(artifact.labels)} labels"
             )
 
 
-def _smoke(model: bytes | Path, encoder: TextEncoder, facts: dict[str, Any]) -> tuple[dict[str, Any], float]:
+def _smoke(model: bytes | Path, encoder: TextEncoder, facts: ModelSpec) -> tuple[dict[str, Any], float]:
     """The smoke record (texts, output, values, tolerance) a service re-checks at load, and the
     unrounded tolerance."""
-    output = facts["outputs"][0]["name"]
+    output = facts.outputs[0].name
     values = _run_smoke(model, encoder, output, "model")
     scale = max(1.0, float(np.max(np.abs(values), initial=0.0)))
-    atol = _SMOKE_ATOL[bool(facts["quantized"])] * scale
+    atol = _SMOKE_ATOL[facts.quantized] * scale
     smoke = {
         "texts": list(SMOKE_TEXTS),
         "output": output,
@@ -276,12 +285,14 @@ def _file_table(folder: Path) -> dict[str, dict[str, Any]]:
 class _Facts:
     """What the manifest records besides the files and the smoke check, gathered before writing."""
 
-    model: dict[str, Any]
+    model: ModelSpec
     lineage: dict[str, Any]
     validation: dict[str, Any] | None
     recipe_text: str | None
     # A causal LM's default generation settings (the Generator starts from them); None for encoders.
     generation: GenerationSettings | None = None
+    # The model's name for servers (package --name, else the recipe's name).
+    name: str | None = None
 
 
 def _manifest(
@@ -291,39 +302,35 @@ def _manifest(
     files: dict[str, dict[str, Any]],
     smoke: dict[str, Any],
     ort_facts: dict[str, Any] | None,
-) -> dict[str, Any]:
+) -> Manifest:
     tok = artifact.meta.tokenizer
     recipe = facts.recipe_text
-    return {
-        "format": BUNDLE_FORMAT,
-        "format_version": BUNDLE_FORMAT_VERSION,
-        "trimformer": __version__,
-        "task": artifact.task,
-        "architecture": artifact.meta.architecture,
-        "labels": artifact.labels,
-        "model": facts.model,
-        "tokenizer": {
-            "file": tok.file,
-            "files": tokenizer_files,
-            "max_length": tok.max_length,
-            "pad_token_id": tok.pad_token_id,
-            "uses_token_type_ids": tok.uses_token_type_ids,
-        },
-        "files": files,
-        "runtime": {
-            # Where packaging itself loaded the model and recorded the smoke outputs.
-            "onnxruntime": ort.__version__,
-            "providers": ["CPUExecutionProvider"],
-        },
-        "validation": facts.validation,
-        "smoke": smoke,
-        "ort_format": ort_facts,
-        "recipe": None
-        if recipe is None
-        else {"sha256": sha256_bytes(recipe.encode("utf-8")), "text": recipe},
-        "lineage": facts.lineage,
-        **({} if facts.generation is None else {"generation": facts.generation.to_dict()}),
-    }
+    return Manifest(
+        format=BUNDLE_FORMAT,
+        format_version=BUNDLE_FORMAT_VERSION,
+        trimformer=__version__,
+        task=artifact.task,
+        architecture=artifact.meta.architecture,
+        labels=None if artifact.labels is None else tuple(artifact.labels),
+        model=facts.model,
+        tokenizer=TokenizerFacts(
+            file=tok.file,
+            files=tuple(tokenizer_files),
+            max_length=tok.max_length,
+            pad_token_id=tok.pad_token_id,
+            uses_token_type_ids=tok.uses_token_type_ids,
+        ),
+        files={name: FileEntry(entry["sha256"], entry["size"]) for name, entry in files.items()},
+        # Where packaging itself loaded the model and recorded the smoke outputs.
+        runtime={"onnxruntime": ort.__version__, "providers": ["CPUExecutionProvider"]},
+        validation=facts.validation,
+        smoke=smoke,
+        ort_format=ort_facts,
+        recipe=None if recipe is None else {"sha256": sha256_bytes(recipe.encode("utf-8")), "text": recipe},
+        lineage=facts.lineage,
+        generation=None if facts.generation is None else facts.generation.to_dict(),
+        name=facts.name,
+    )
 
 
 def _write_bundle(
@@ -332,19 +339,17 @@ def _write_bundle(
     """Fill ``tmp`` with the bundle (files, smoke check, manifest and its digest) and check it as a
     service would; returns the manifest and its bytes."""
     external, tokenizer_files = _copy_files(artifact, tmp)
-    facts.model["external_data"] = external
+    facts = replace(facts, model=replace(facts.model, external_data=tuple(external)))
     if artifact.task == CAUSAL_LM:
         # The copied folder is an artifact the Generator opens as is; it walks the smoke prompts.
         generator = Generator(tmp)
-        smoke = record_decoder_smoke(
-            generator.session, generator.encode, _SMOKE_ATOL[bool(facts.model["quantized"])]
-        )
+        smoke = record_decoder_smoke(generator.session, generator.encode, _SMOKE_ATOL[facts.model.quantized])
         del generator
         return _finish_bundle(artifact, tmp, facts, tokenizer_files, smoke, None)
     tok = artifact.meta.tokenizer
     encoder = TextEncoder(
         (tmp / tok.file).read_text(encoding="utf-8"),
-        [io["name"] for io in facts.model["inputs"]],
+        [io.name for io in facts.model.inputs],
         tok.max_length,
         tok.pad_token_id,
     )
@@ -363,7 +368,7 @@ def _finish_bundle(
     ort_facts: dict[str, Any] | None,
 ) -> tuple[dict[str, Any], bytes]:
     """The manifest and its digest over what ``tmp`` holds, then the check a service runs."""
-    manifest = _manifest(artifact, facts, tokenizer_files, _file_table(tmp), smoke, ort_facts)
+    manifest = _manifest(artifact, facts, tokenizer_files, _file_table(tmp), smoke, ort_facts).to_dict()
     manifest_bytes = (json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode()
     (tmp / MANIFEST).write_bytes(manifest_bytes)
     (tmp / MANIFEST_DIGEST).write_text(digest_line(manifest_bytes), encoding="ascii")
@@ -402,13 +407,35 @@ def _gather_facts(
     report: str | Path | None,
     recipe_text: str | None,
     generation: Mapping[str, Any] | None,
+    name: str | None = None,
 ) -> _Facts:
     """Everything checked before a byte is written: io the runtime can feed, the report is this model's."""
     model = model_facts(artifact.load_model(load_weights=False), [])
     _check_io(artifact, model)
     lineage = lineage_facts(artifact)
     validation = validation_facts(Path(report), artifact) if report is not None else None
-    return _Facts(model, lineage, validation, recipe_text, _generation(artifact, generation))
+    return _Facts(
+        model,
+        lineage,
+        validation,
+        recipe_text,
+        _generation(artifact, generation),
+        _model_name(name, recipe_text),
+    )
+
+
+def _model_name(name: str | None, recipe_text: str | None) -> str | None:
+    """``name``, else the recipe's top-level ``name``; checked as a model name (it goes in URLs)."""
+    if name is None and recipe_text is not None:
+        try:
+            recipe_name = tomllib.loads(recipe_text).get("name")
+        except tomllib.TOMLDecodeError:
+            recipe_name = None
+        name = recipe_name if isinstance(recipe_name, str) else None
+    try:
+        return None if name is None else check_model_name(name)
+    except ManifestError as exc:
+        raise UserError(f"{exc}; pass --name with a plain name") from None
 
 
 def package_artifact(
@@ -419,14 +446,16 @@ def package_artifact(
     ort_format: bool = False,
     overwrite: bool = False,
     generation: Mapping[str, Any] | None = None,
+    name: str | None = None,
 ) -> PackageResult:
     """Write the bundle folder ``out`` and ``<out>.tar.gz``; see the module docstring.
-    ``generation`` overrides a causal LM's default generation settings (GenerationSettings keys)."""
+    ``generation`` overrides a causal LM's default generation settings (GenerationSettings keys);
+    ``name`` is the model's name for servers (default: the recipe's ``name``, if any)."""
     artifact = ModelArtifact.open(artifact_dir)
     out = Path(out)
     archive = archive_path_for(out)
     _check_destinations(artifact, out, archive, overwrite)
-    facts = _gather_facts(artifact, report, recipe_text, generation)
+    facts = _gather_facts(artifact, report, recipe_text, generation, name)
     if ort_format and artifact.task == CAUSAL_LM:
         raise UserError("--ort is not supported for causal language models yet; package it without --ort")
     if ort_format and len(artifact.model_files()) > 1:

@@ -403,6 +403,7 @@ def _run_package(ctx: StageContext) -> StageResult:
         ort_format=recipe.package.ort_format,
         overwrite=False,
         generation=recipe.package.generation,
+        name=recipe.name,
     )
     return StageResult({"archive": Path(result.archive).name if result.archive else None})
 

@@ -49,6 +49,7 @@ from trimformer.formats.onnx_ops import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
 from trimformer.formats.tasks import CAUSAL_LM, TASK_NAMES
 from trimformer.passes.base import PASS_REGISTRY, ConfigError, PassConfig, describe_error
 from trimformer.pipeline.stages.params import StageParams, stage_params_class
+from trimformer.runtime.manifest import ManifestError, check_model_name
 
 __all__ = [
     "EXPORT_DEFAULT_OPSET",
@@ -229,6 +230,17 @@ class Recipe(_Strict):
     package: PackageSection | None = None
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str | None) -> str | None:
+        # The name becomes the bundle's model name, which servers put in URLs.
+        if value is not None:
+            try:
+                check_model_name(value)
+            except ManifestError as exc:
+                raise ValueError(str(exc)) from None
+        return value
 
     # Filled by parse_recipe, not by the file.
     _path: Path | None = PrivateAttr(None)

@@ -25,12 +25,13 @@ import json
 import os
 import re
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from trimformer.errors import UserError
 from trimformer.fsutil import sha256_bytes, sha256_file
+from trimformer.runtime.manifest import Manifest, ManifestError
 
 __all__ = [
     "BUNDLE_FORMAT",
@@ -68,6 +69,15 @@ class VerifiedBundle:
     digest: str
     # The archive it was unpacked from, if any (for messages: the folder is a temporary one).
     source: Path | None = None
+    # The manifest as types (checked when the bundle is: a malformed one never verifies).
+    spec: Manifest = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        try:
+            spec = Manifest.from_dict(self.manifest, MANIFEST)
+        except ManifestError as exc:
+            raise BundleError(f"bundle {self.name} has a malformed manifest: {exc}; re-package it") from None
+        object.__setattr__(self, "spec", spec)
 
     @property
     def name(self) -> Path:
@@ -179,6 +189,18 @@ def _load_manifest(folder: Path) -> tuple[dict[str, Any], str]:
     return manifest, "sha256:" + actual
 
 
+def check_expected_digest(name: Path, digest: str, expected_digest: str | None) -> None:
+    """Refuse a bundle whose digest is not the one pinned (``sha256:...`` or the bare hex)."""
+    if expected_digest is None:
+        return
+    want = expected_digest if expected_digest.startswith("sha256:") else "sha256:" + expected_digest
+    if want.lower() != digest:
+        raise BundleError(
+            f"bundle {name} is not the expected one: its digest is {digest}, expected {want}; "
+            "deploy the bundle you pinned"
+        )
+
+
 def check_bundle_folder(folder: str | Path, expected_digest: str | None = None) -> VerifiedBundle:
     """Check every file of a bundle folder against its manifest; raise BundleError on any difference."""
     folder = Path(folder)
@@ -187,13 +209,7 @@ def check_bundle_folder(folder: str | Path, expected_digest: str | None = None) 
     if not folder.is_dir():
         raise BundleError(f"{folder} is not a bundle folder or a .tar.gz bundle")
     manifest, digest = _load_manifest(folder)
-    if expected_digest is not None:
-        want = expected_digest if expected_digest.startswith("sha256:") else "sha256:" + expected_digest
-        if want.lower() != digest:
-            raise BundleError(
-                f"bundle {folder} is not the expected one: its digest is {digest}, expected {want}; "
-                "deploy the bundle you pinned"
-            )
+    check_expected_digest(folder, digest, expected_digest)
     listed: dict[str, dict[str, Any]] = manifest["files"]
     present, dirs = _scan(folder)
     expected = set(listed) | {MANIFEST, MANIFEST_DIGEST}

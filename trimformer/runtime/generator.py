@@ -32,7 +32,7 @@ from tokenizers import Tokenizer
 from trimformer.errors import UserError
 from trimformer.formats.decoder import DECODER_EXTRAS_KEY, DecoderSpec
 from trimformer.formats.tasks import CAUSAL_LM
-from trimformer.runtime.bundle import MANIFEST, BundleError, VerifiedBundle, read_verified
+from trimformer.runtime.bundle import MANIFEST, VerifiedBundle, read_verified
 from trimformer.runtime.decoder_smoke import check_decoder_smoke
 from trimformer.runtime.decoding import CachedSession, CacheState, left_pad
 from trimformer.runtime.predictor import open_verified
@@ -116,12 +116,8 @@ class Generator:
         self, path: str | Path | VerifiedBundle, expected_digest: str | None, stack: contextlib.ExitStack
     ) -> VerifiedBundle | None:
         """The checked bundle to load from, or None for an artifact folder."""
-        if isinstance(path, VerifiedBundle):
-            if expected_digest is not None and expected_digest.removeprefix("sha256:") != path.digest[7:]:
-                raise BundleError(f"bundle {path.name} is not the expected one ({path.digest})")
-            return path
-        if self.path.is_file() or (self.path / MANIFEST).is_file():
-            return stack.enter_context(open_verified(self.path, expected_digest))
+        if isinstance(path, VerifiedBundle) or self.path.is_file() or (self.path / MANIFEST).is_file():
+            return stack.enter_context(open_verified(path, expected_digest))
         return None
 
     def _load_folder(self, providers: list[str], threads: int | None) -> None:
@@ -137,12 +133,12 @@ class Generator:
         meta = json.loads(read_verified(verified, ARTIFACT_META))
         self._check_task(meta)
         tokenizer = read_verified(verified, meta["tokenizer"]["file"])
-        model_spec = manifest["model"]
+        model_spec = verified.spec.model
         # Over 2 GB, onnxruntime reads the weights from the (verified) folder itself.
         model: bytes | Path = (
-            verified.folder / model_spec["file"]
-            if model_spec.get("external_data")
-            else read_verified(verified, model_spec["file"])
+            verified.folder / model_spec.file
+            if model_spec.external_data
+            else read_verified(verified, model_spec.file)
         )
         self._setup(meta, tokenizer, model, providers, threads)
         self.default_settings = GenerationSettings.from_dict(

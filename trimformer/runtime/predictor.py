@@ -36,6 +36,7 @@ from trimformer.runtime.bundle import (
     BundleError,
     VerifiedBundle,
     check_bundle_folder,
+    check_expected_digest,
     read_verified,
 )
 from trimformer.runtime.encoding import KNOWN_INPUTS, EncodedText, TextEncoder
@@ -64,8 +65,16 @@ class Prediction:
 
 
 @contextlib.contextmanager
-def open_verified(bundle: str | Path, expected_digest: str | None = None) -> Iterator[VerifiedBundle]:
-    """A verified bundle folder; an archive is unpacked into a temporary folder removed afterwards."""
+def open_verified(
+    bundle: str | Path | VerifiedBundle, expected_digest: str | None = None
+) -> Iterator[VerifiedBundle]:
+    """A verified bundle folder; an archive is unpacked into a temporary folder removed afterwards.
+    A bundle already verified by the caller (verify_bundle opens an archive once for two sessions)
+    is only held to ``expected_digest``: every byte used is hashed again as it is read."""
+    if isinstance(bundle, VerifiedBundle):
+        check_expected_digest(bundle.name, bundle.digest, expected_digest)
+        yield bundle
+        return
     path = Path(bundle)
     if path.is_file():
         if not is_archive_path(path):
@@ -123,17 +132,7 @@ class Predictor:
         providers = resolve_providers(provider)
         self.batch_size = batch_size
         with contextlib.ExitStack() as stack:
-            if isinstance(bundle, VerifiedBundle):
-                # Checked by the caller (verify_bundle opens an archive once for two sessions);
-                # every byte used is hashed again as it is read.
-                if (
-                    expected_digest is not None
-                    and expected_digest.removeprefix("sha256:") != bundle.digest[7:]
-                ):
-                    raise BundleError(f"bundle {bundle.name} is not the expected one ({bundle.digest})")
-                verified = bundle
-            else:
-                verified = stack.enter_context(open_verified(bundle, expected_digest))
+            verified = stack.enter_context(open_verified(bundle, expected_digest))
             self.path = verified.name
             try:
                 self._load(verified, providers, threads, model_format)
@@ -151,8 +150,9 @@ class Predictor:
     ) -> None:
         manifest = verified.manifest
         self.manifest: dict[str, Any] = manifest
+        spec = self.spec = verified.spec
         self.digest: str = verified.digest
-        task = manifest.get("task")
+        task = spec.task
         if task == CAUSAL_LM:
             raise BundleError(
                 f"bundle {self.path} holds a causal language model; open it with Generator or `trimformer generate`"
@@ -160,22 +160,19 @@ class Predictor:
         if task not in TASKS:
             raise BundleError(f"bundle {self.path} has an unknown task {task!r}; this runtime knows {TASKS}")
         self.task: str = task
-        labels = manifest.get("labels")
-        self.labels: tuple[str, ...] = tuple(labels) if labels else ()
+        self.labels: tuple[str, ...] = spec.labels or ()
         if task == "sequence-classification" and not self.labels:
             raise BundleError(f"bundle {self.path} is a classifier without labels; re-package it")
-        model_spec = manifest["model"]
-        input_names = [spec["name"] for spec in model_spec["inputs"]]
+        input_names = [tensor.name for tensor in spec.model.inputs]
         unknown = [name for name in input_names if name not in KNOWN_INPUTS]
         if unknown:
             raise BundleError(f"bundle {self.path} has graph inputs {unknown} this runtime cannot feed")
         self.input_names = tuple(input_names)
-        self.output_name: str = model_spec["outputs"][0]["name"]
-        tokenizer_spec = manifest["tokenizer"]
-        tokenizer_json = read_verified(verified, tokenizer_spec["file"]).decode("utf-8")
+        self.output_name: str = spec.model.outputs[0].name
+        tokenizer_json = read_verified(verified, spec.tokenizer.file).decode("utf-8")
         try:
             self._encoder = TextEncoder(
-                tokenizer_json, input_names, tokenizer_spec["max_length"], tokenizer_spec["pad_token_id"]
+                tokenizer_json, input_names, spec.tokenizer.max_length, spec.tokenizer.pad_token_id
             )
         except Exception as exc:
             raise BundleError(f"bundle {self.path} has an unreadable tokenizer: {exc}") from exc
@@ -183,15 +180,14 @@ class Predictor:
         self.model_format = model_format
         self.providers = providers
         if model_format == "ort":
-            ort_spec = manifest.get("ort_format")
-            if not ort_spec:
+            if not spec.ort_format:
                 raise BundleError(f"bundle {self.path} has no ORT-format model; package it with --ort")
-            model: bytes | Path = read_verified(verified, ort_spec["file"])
-        elif model_spec.get("external_data"):
+            model: bytes | Path = read_verified(verified, spec.ort_format["file"])
+        elif spec.model.external_data:
             # Over 2 GB: onnxruntime must read the weights from the (verified) folder itself.
-            model = verified.folder / model_spec["file"]
+            model = verified.folder / spec.model.file
         else:
-            model = read_verified(verified, model_spec["file"])
+            model = read_verified(verified, spec.model.file)
         self._session: ort.InferenceSession = make_session(
             model, providers, threads, label=f"{model_format} model"
         )
@@ -243,7 +239,7 @@ class Predictor:
     def infer(self, rows: Sequence[EncodedText]) -> np.ndarray:
         """One session call on encoded rows (padded to the longest): the graph's output, a row each."""
         if not rows:
-            width = self.manifest["model"]["outputs"][0]["shape"][-1]
+            width = self.spec.model.outputs[0].shape[-1]
             return np.zeros((0, width if isinstance(width, int) else 0), dtype=np.float32)
         return np.asarray(self._session.run([self.output_name], self._encoder.collate(rows))[0])
 

@@ -37,48 +37,43 @@ def verify_bundle(
     # open_verified checks the sidecar itself; this only reports whether there was one.
     sidecar_checked = path.is_file() and is_archive_path(path) and archive_sidecar(path).is_file()
     with open_verified(path, expected_digest) as verified:
-        if verified.manifest.get("task") == CAUSAL_LM:
-            return _verify_decoder(path, verified, provider, sidecar_checked)
-        predictor = Predictor(verified, provider=provider)
-        ort_predictor = (
-            Predictor(verified, model_format="ort") if verified.manifest.get("ort_format") else None
-        )
-    manifest = predictor.manifest
+        common = {
+            "bundle": str(path),
+            "ok": True,
+            "digest": verified.digest,
+            "archive": path.is_file(),
+            "archive_sha256_checked": bool(sidecar_checked),
+            "files": len(verified.spec.files) + 2,
+            "onnxruntime": ort.__version__,
+        }
+        if verified.spec.task == CAUSAL_LM:
+            return {**common, **_verify_decoder(verified, provider)}
+        return {**common, **_verify_encoder(verified, provider)}
+
+
+def _verify_encoder(verified: VerifiedBundle, provider: str | list[str]) -> dict[str, Any]:
+    """An encoder bundle: the Predictor (and the ORT-format copy's) replays the smoke outputs."""
+    predictor = Predictor(verified, provider=provider)
+    spec = verified.spec
+    ort_predictor = Predictor(verified, model_format="ort") if spec.ort_format else None
     return {
-        "bundle": str(path),
-        "ok": True,
-        "digest": predictor.digest,
-        "archive": path.is_file(),
-        "archive_sha256_checked": bool(sidecar_checked),
-        "files": len(manifest["files"]) + 2,
         "task": predictor.task,
         "labels": list(predictor.labels),
-        "onnxruntime": ort.__version__,
         "providers": predictor.providers,
-        "smoke": {"texts": len(manifest["smoke"]["texts"]), "max_abs_diff": predictor.smoke_max_abs_diff},
+        "smoke": {"texts": len(spec.smoke["texts"]), "max_abs_diff": predictor.smoke_max_abs_diff},
         "ort_format": None
-        if ort_predictor is None
-        else {"file": manifest["ort_format"]["file"], "smoke_max_abs_diff": ort_predictor.smoke_max_abs_diff},
+        if ort_predictor is None or spec.ort_format is None
+        else {"file": spec.ort_format["file"], "smoke_max_abs_diff": ort_predictor.smoke_max_abs_diff},
     }
 
 
-def _verify_decoder(
-    path: Path, verified: VerifiedBundle, provider: str | list[str], sidecar_checked: bool
-) -> dict[str, Any]:
+def _verify_decoder(verified: VerifiedBundle, provider: str | list[str]) -> dict[str, Any]:
     """A causal-LM bundle: the Generator loads it and replays its greedy smoke tokens."""
     generator = Generator(verified, provider=provider)
-    manifest = verified.manifest
-    smoke = manifest["smoke"]
+    smoke = verified.spec.smoke
     return {
-        "bundle": str(path),
-        "ok": True,
-        "digest": verified.digest,
-        "archive": path.is_file(),
-        "archive_sha256_checked": bool(sidecar_checked),
-        "files": len(manifest["files"]) + 2,
         "task": CAUSAL_LM,
         "labels": [],
-        "onnxruntime": ort.__version__,
         "providers": generator.providers,
         "smoke": {
             "texts": len(smoke["prompts"]),

@@ -16,6 +16,7 @@ import numpy as np
 
 from trimformer.runtime import Predictor
 from trimformer.runtime.encoding import EncodedText
+from trimformer.runtime.manifest import TensorSpec
 from trimformer.serving.errors import HTTPProblem
 from trimformer.serving.protocol import InferRequest, Output, datatype_of
 
@@ -52,7 +53,7 @@ class ServedModel:
         expected_digest: str | None = None,
     ) -> None:
         self.predictor = Predictor(bundle, threads=threads, expected_digest=expected_digest)
-        self.name = name or _default_name(Path(bundle))
+        self.name = name or self.predictor.spec.name or _default_name(Path(bundle))
         self.task = self.predictor.task
         self.labels = self.predictor.labels
         self.digest = self.predictor.digest
@@ -74,6 +75,24 @@ class ServedModel:
     def infer(self, rows: Sequence[EncodedText]) -> np.ndarray:
         return self.predictor.infer(rows)
 
+    def longest_row(self) -> EncodedText:
+        """A text encoded to the model's maximum length (what the start-up warm-up runs)."""
+        return self.encode(["a " * (2 * self.predictor.max_length)])[0]
+
+    def run_ids(self, feeds: dict[str, np.ndarray], max_tokens: int) -> np.ndarray:
+        """Token ids a client encoded itself, as calls of at most ``max_tokens`` padded tokens."""
+        ids = np.asarray(feeds.get("input_ids", ()))
+        step = max(1, max_tokens // max(1, ids.shape[-1] if ids.ndim == 2 else 1))
+        if ids.ndim != 2 or len(ids) <= step:
+            return self.predictor.run_ids(feeds)
+        parts = [
+            self.predictor.run_ids(
+                {name: np.asarray(value)[start : start + step] for name, value in feeds.items()}
+            )
+            for start in range(0, len(ids), step)
+        ]
+        return np.concatenate(parts)
+
     def answer(self, rows: Sequence[EncodedText], outputs: np.ndarray) -> dict[str, Any]:
         """The /predict response for encoded rows and their outputs."""
         truncated = [row.truncated for row in rows]
@@ -86,20 +105,15 @@ class ServedModel:
         return {"model": self.name, "embeddings": np.asarray(outputs).tolist(), "truncated": truncated}
 
     # -- the Open Inference Protocol ----------------------------------------------------------------
-    def _graph_tensors(self, what: str) -> list[dict[str, Any]]:
-        specs = self.predictor.manifest["model"][what]
+    def _graph_tensors(self, tensors: Sequence[TensorSpec]) -> list[dict[str, Any]]:
         return [
-            {
-                "name": spec["name"],
-                "datatype": datatype_of(spec["dtype"]),
-                "shape": [d if isinstance(d, int) else -1 for d in spec["shape"]],
-            }
-            for spec in specs
+            {"name": spec.name, "datatype": datatype_of(spec.dtype), "shape": spec.fixed_shape}
+            for spec in tensors
         ]
 
     def metadata(self) -> dict[str, Any]:
         """``GET /v2/models/{name}``: the text input and the graph's own inputs and outputs."""
-        outputs = self._graph_tensors("outputs")
+        outputs = self._graph_tensors(self.predictor.spec.model.outputs)
         if self.task == "sequence-classification":
             width = len(self.labels)
             outputs += [
@@ -113,7 +127,7 @@ class ServedModel:
             "platform": "onnxruntime_onnx",
             "inputs": [
                 {"name": TEXT_INPUT, "datatype": "BYTES", "shape": [-1]},
-                *self._graph_tensors("inputs"),
+                *self._graph_tensors(self.predictor.spec.model.inputs),
             ],
             "outputs": outputs,
             "parameters": {"task": self.task, "digest": self.digest, "max_length": self.predictor.max_length},

@@ -24,6 +24,7 @@ from starlette.applications import Starlette
 from uvicorn.supervisors import Multiprocess
 
 from trimformer.errors import UserError
+from trimformer.runtime.manifest import ManifestError, check_model_name
 from trimformer.serving.app import build_app
 from trimformer.serving.batcher import Batching
 from trimformer.serving.model import Limits, ServedModel
@@ -56,6 +57,11 @@ class ServeConfig:
             problems.append(f"--workers must be at least 1, got {self.workers}")
         if not 0 <= self.port <= 65535:
             problems.append(f"--port must be in [0, 65535], got {self.port}")
+        if self.name is not None:
+            try:
+                check_model_name(self.name)
+            except ManifestError as exc:
+                problems.append(f"--name: {exc}")
         if self.threads is not None and self.threads < 1:
             problems.append(f"--threads must be at least 1, got {self.threads}")
         if not Path(self.bundle).exists():
@@ -96,7 +102,7 @@ def _uvicorn_config(app: Starlette | str, config: ServeConfig) -> uvicorn.Config
         log_level="info",
         access_log=False,  # trimformer.serving.access writes one JSON line per request
         timeout_graceful_shutdown=config.graceful_seconds,
-        lifespan="off",
+        lifespan="on",  # closes the batcher's lanes when the server stops
     )
 
 
