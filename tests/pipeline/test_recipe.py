@@ -86,7 +86,7 @@ def test_unknown_pass_lists_the_known_ones(
     ("extra", "where", "what"),
     [
         ("[export]\nopset = 17\nfoo = 1\n", "export.foo", "unknown key; allowed: opset, atol"),
-        ("colour = 'red'\n", "colour", "unknown key; allowed: name, description, seed, model, data"),
+        ("colour = 'red'\n", "colour", "unknown key; allowed: name, description, seed, target, model, data"),
         ("[export]\nopset = 'x'\n", "export.opset", "valid integer"),
         ("[export]\nopset = 99\n", "export.opset", "must be in [14, 21] (got 99)"),
         ("[export]\nopset = 11\n", "export.opset", "must be in [14, 21] (got 11)"),
@@ -160,6 +160,17 @@ def test_package_needs_validate(tmp_path: Path, tiny_bert: Path, tiny_csv: Path)
 def test_a_name_that_cannot_be_a_model_name_is_refused_when_read(tmp_path: Path, tiny_bert: Path) -> None:
     text = f"name = 'my model'\n[model]\nsource = '{tiny_bert}'\n"
     assert "model name 'my model' must be 1 to 128 letters" in _refused(tmp_path, text)
+
+
+def test_a_vnni_target_validated_on_a_cpu_without_vnni_is_refused_when_read(
+    tmp_path: Path, tiny_bert: Path, tiny_csv: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("trimformer.pipeline.recipe.cpu_class", lambda: "x86-avx2")
+    text = 'target = "x86-vnni"\n' + tiny_recipe_text(tiny_bert, tiny_csv)
+    message = _refused(tmp_path, text)
+    assert "built for target x86-vnni and this CPU is x86-avx2" in message and 'target = "auto"' in message
+    monkeypatch.setattr("trimformer.pipeline.recipe.cpu_class", lambda: "x86-vnni")
+    assert load_recipe(write_recipe(tmp_path, text)).target == "x86-vnni"
 
 
 def test_passes_need_data(tmp_path: Path, tiny_bert: Path, stamp: None) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from trimformer.cli.main import State, emit, pass_state
-from trimformer.cli.options import model_argument, overwrite_option
+from trimformer.cli.options import model_argument, overwrite_option, target_option
 
 
 @click.command("fuse")
@@ -22,8 +22,9 @@ from trimformer.cli.options import model_argument, overwrite_option
     default=True,
     show_default=True,
     help="Rewrite to onnxruntime's faster CPU kernels (split SkipLayerNorm, bounded attention mask); "
-    "turn off for GPU execution providers.",
+    "turn off for GPU execution providers (the webgpu and tensorrt targets turn it off).",
 )
+@target_option
 @overwrite_option
 @pass_state
 def fuse_command(
@@ -33,6 +34,7 @@ def fuse_command(
     num_heads: int,
     hidden_size: int,
     cpu_kernels: bool,
+    target: str,
     overwrite: bool,
 ) -> None:
     """Fuse MODEL's transformer blocks with onnxruntime's optimizer (checked against the input).
@@ -49,6 +51,11 @@ def fuse_command(
         out,
         FuseConfig(num_heads=num_heads, hidden_size=hidden_size, cpu_kernels=cpu_kernels),
         overwrite=overwrite,
+        target=target,
     )
     counts = ", ".join(f"{op} x{n}" for op, n in result["fusions"].items()) or "nothing fused"
-    emit(state, result, f"fused: {counts} (max abs diff {result['max_abs_diff']:.2e}); wrote {out}")
+    emit(
+        state,
+        result,
+        f"fused for {result['target']}: {counts} (max abs diff {result['max_abs_diff']:.2e}); wrote {out}",
+    )

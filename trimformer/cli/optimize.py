@@ -6,7 +6,7 @@ import click
 
 from trimformer import defaults
 from trimformer.cli.main import State, emit, pass_state
-from trimformer.cli.options import model_argument, overwrite_option
+from trimformer.cli.options import model_argument, overwrite_option, target_option
 
 
 @click.command("optimize")
@@ -19,10 +19,18 @@ from trimformer.cli.options import model_argument, overwrite_option
 @click.option(
     "--samples", type=int, default=defaults.PASS_SAMPLES, show_default=True, help="Calibration samples."
 )
+@target_option
 @overwrite_option
 @pass_state
 def optimize_command(
-    state: State, model: str, passes: str, out: str, calibration: str | None, samples: int, overwrite: bool
+    state: State,
+    model: str,
+    passes: str,
+    out: str,
+    calibration: str | None,
+    samples: int,
+    target: str,
+    overwrite: bool,
 ) -> None:
     """Run passes on MODEL (an artifact folder) with their defaults; a recipe sets their parameters.
 
@@ -34,7 +42,7 @@ def optimize_command(
 
     names = [p.strip() for p in passes.split(",") if p.strip()]
     artifact, stats = optimize(
-        model, names, out, calibration=calibration, samples=samples, overwrite=overwrite
+        model, names, out, calibration=calibration, samples=samples, overwrite=overwrite, target=target
     )
     emit(
         state,

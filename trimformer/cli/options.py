@@ -99,6 +99,21 @@ def data_columns(fn: F) -> F:
     )(fn)
 
 
+def _known_target(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    from trimformer.formats.targets import check_target_name
+
+    return check_target_name(value)
+
+
+target_option = click.option(
+    "--target",
+    default="auto",
+    show_default=True,
+    callback=_known_target,
+    help="Device to build for: x86-vnni, x86-avx2, arm64, wasm, webgpu, tensorrt, or auto (this CPU's; "
+    "printed and recorded in the lineage). Every pass's output must fit its op set (docs/TARGETS.md).",
+)
+
 overwrite_option = click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists.")
 
 

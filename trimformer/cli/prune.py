@@ -6,7 +6,7 @@ import click
 
 from trimformer import defaults
 from trimformer.cli.main import State, emit, pass_state
-from trimformer.cli.options import data_columns, model_argument, overwrite_option
+from trimformer.cli.options import data_columns, model_argument, overwrite_option, target_option
 
 
 @click.command("prune")
@@ -53,6 +53,7 @@ from trimformer.cli.options import data_columns, model_argument, overwrite_optio
 @click.option("--min-heads", type=int, default=0, show_default=True, help="Heads every layer keeps.")
 @click.option("--min-neurons", type=int, default=0, show_default=True, help="Neurons every layer keeps.")
 @data_columns
+@target_option
 @overwrite_option
 @pass_state
 def prune_command(
@@ -74,6 +75,7 @@ def prune_command(
     text_column: str | None,
     text_pair_column: str | None,
     label_column: str | None,
+    target: str,
     overwrite: bool,
 ) -> None:
     """Remove heads and feed-forward neurons from MODEL (an artifact folder), post-training.
@@ -107,6 +109,7 @@ def prune_command(
         text_column=text_column,
         text_pair_column=text_pair_column,
         label_column=label_column,
+        target=target,
     )
     result = run_prune(config)
     lines = [f"{'layer':>5} {'heads':>9} {'neurons':>11} {'MFLOPs':>15}"]

@@ -8,7 +8,7 @@ import click
 
 from trimformer import defaults
 from trimformer.cli.main import State, emit, pass_state
-from trimformer.cli.options import data_columns, model_argument, overwrite_option
+from trimformer.cli.options import data_columns, model_argument, overwrite_option, target_option
 
 
 @click.command("quantize")
@@ -19,9 +19,10 @@ from trimformer.cli.options import data_columns, model_argument, overwrite_optio
     "--preset",
     default="auto",
     show_default=True,
-    help="Target: cpu-vnni, cpu-avx2, arm64, tensorrt, or auto (this CPU's: cpu-vnni with VNNI, "
-    "cpu-avx2 on other x86, arm64 on ARM).",
+    help="Quantization preset: cpu-vnni, cpu-avx2, arm64, tensorrt (aliases of the targets x86-vnni, "
+    "x86-avx2, arm64, tensorrt), or auto (the target's).",
 )
+@target_option
 @click.option(
     "--method", default="minmax", show_default=True, help="Calibration: minmax, entropy, percentile."
 )
@@ -74,6 +75,7 @@ def quantize_command(
     out: str,
     calibration: str | None,
     preset: str,
+    target: str,
     method: str,
     fmt: str | None,
     samples: int,
@@ -135,6 +137,7 @@ def quantize_command(
             text_column=text_column,
             text_pair_column=text_pair_column,
             label_column=label_column,
+            target=target,
         )
     )
     emit(state, result, _summary_text(result, out, dynamic, ranges_from_training))
@@ -145,7 +148,7 @@ def _summary_text(result: dict[str, Any], out: str, dynamic: bool, ranges_from_t
     kept = result["float_nodes"]
     human = (
         f"quantized {result['quantized']} of {result['quantizable']} nodes to int8 "
-        f"({result['settings']['preset']}, {result['settings']['format']}"
+        f"(target {result['target']}, {result['settings']['preset']}, {result['settings']['format']}"
         f"{', dynamic' if dynamic else ''}{', ranges from training' if ranges_from_training else ''}); "
         f"{result['input_size_mb']:.1f} MB -> {result['size_mb']:.1f} MB; "
         f"output rel. error {result['output_rel_error']}; wrote {out}"

@@ -31,6 +31,7 @@ from trimformer import __version__
 from trimformer.artifact import ARTIFACT_META, MODEL_FILE, ModelArtifact
 from trimformer.errors import UserError
 from trimformer.formats.decoder import DECODER_EXTRAS_KEY, DecoderSpec
+from trimformer.formats.targets import built_for
 from trimformer.formats.tasks import CAUSAL_LM
 from trimformer.fsutil import atomic_output_dir, check_output_dir, sha256_bytes, sha256_file
 from trimformer.packaging.manifest import lineage_facts, model_facts, validation_facts
@@ -330,6 +331,7 @@ def _manifest(
         lineage=facts.lineage,
         generation=None if facts.generation is None else facts.generation.to_dict(),
         name=facts.name,
+        target=built_for([step.params for step in artifact.meta.lineage]),
     )
 
 

@@ -36,6 +36,7 @@ from pydantic.fields import FieldInfo
 
 from trimformer.artifact import ModelArtifact
 from trimformer.errors import TrimformerError, UserError
+from trimformer.formats.targets import Target, check_graph
 from trimformer.formats.tasks import ENCODER_TASKS
 from trimformer.onnx_io import probe_onnxruntime
 
@@ -204,6 +205,9 @@ class PassContext:
     # A QAT student's ranges (trimformer.formats.qat_ranges) and the file they came from.
     training_ranges: dict[str, Any] | None = None
     training_ranges_file: str | None = None
+    # The deployment target (trimformer.formats.targets): every pass's output is checked against
+    # its op set before it is written, and the lineage records its name.
+    target: Target | None = None
 
     def require_calibration(self, pass_name: str) -> Callable[[], CalibrationFeeds]:
         if self.calibration is None:
@@ -271,8 +275,12 @@ def apply_pass(
         raise
     report = result if isinstance(result, PassReport) else PassReport(result.model, result.modified)
     params = {"pass": name, **config.model_dump(mode="json"), **(extra_params or {})}
+    proto_out = ir.to_proto(report.model)
+    if ctx.target is not None:
+        check_graph(proto_out, ctx.target, f"the {name} pass")
+        params["target"] = ctx.target.name
     with artifact.derive(out, step=name, params=params, overwrite=overwrite) as derived:
-        derived.model = ir.to_proto(report.model)
+        derived.model = proto_out
         derived.stats = report.stats
         if on_written is not None:
             on_written(derived.path, report)

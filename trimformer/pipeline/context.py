@@ -11,6 +11,7 @@ more than the artifact (Fisher scores, QAT ranges) are added by :func:`add_fishe
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,11 +26,15 @@ from trimformer.data.calibration import DatasetFeeds
 from trimformer.data.tokenize import iter_batches
 from trimformer.errors import UserError
 from trimformer.formats.qat_ranges import QAT_RANGES_FILE, read_training_ranges
+from trimformer.formats.targets import AUTO_TARGET, Target, resolve_target
 from trimformer.passes.base import CalibrationFeeds, PassContext, refuse_decoder
 from trimformer.pipeline.stages.params import EvalSplit, PassStageParams, calibration_split, eval_split
+from trimformer.runtime.cpu import cpu_class, cpu_name
 from trimformer.runtime.encoding import TextEncoder
 from trimformer.runtime.session import cpu_session
 from trimformer.validation.reference import artifact_encoder
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "ColumnOptions",
@@ -39,6 +44,7 @@ __all__ = [
     "add_fisher_scores",
     "add_training_ranges",
     "build_pass_context",
+    "host_target",
     "is_classifier",
     "load_calibration",
     "onnx_accuracy_fn",
@@ -83,6 +89,8 @@ class StageOptions(ColumnOptions):
     out: str
     calibration: str | None = None
     overwrite: bool = False
+    # The deployment target (trimformer.formats.targets); "auto": this CPU's.
+    target: str = AUTO_TARGET
 
 
 @dataclass(frozen=True)
@@ -194,16 +202,27 @@ def _evaluator(
     return onnx_accuracy_fn(encoder, dataset, map_labels(dataset.labels, artifact.labels))
 
 
+def host_target(name: str = AUTO_TARGET) -> Target:
+    """The target ``name`` stands for here; ``auto`` is this CPU's, and says which it chose."""
+    target = resolve_target(name, cpu_class())
+    if name == AUTO_TARGET:
+        logger.info("target auto: %s (this CPU: %s, %s)", target.name, cpu_name(), cpu_class())
+    return target
+
+
 def build_pass_context(
     artifact: ModelArtifact,
     request: DataRequest,
     scratch: Path,
     source: str | Path | None = None,
     calibration_set: TextDataset | None = None,
+    target: Target | None = None,
 ) -> PassContext:
-    """A PassContext for a pass on ``artifact``; ``calibration_set`` reuses rows already read."""
+    """A PassContext for a pass on ``artifact``; ``calibration_set`` reuses rows already read;
+    ``target`` defaults to this CPU's."""
     refuse_decoder(artifact, "trimformer's prune, quantize and fuse passes")
     ctx = PassContext(
+        target=target or host_target(),
         seed=request.seed,
         scratch=scratch,
         source=None if source is None else str(source),

@@ -33,7 +33,7 @@ from trimformer.passes.quantize.training_ranges import (
     check_training_options,
     check_training_settings,
 )
-from trimformer.pipeline.context import Columns, DataRequest, build_pass_context
+from trimformer.pipeline.context import Columns, DataRequest, build_pass_context, host_target
 from trimformer.pipeline.recipe import PassSpec, Recipe, known_passes, pass_config, stage_params
 from trimformer.pipeline.stages.params import (
     EvaluatingStageParams,
@@ -230,7 +230,9 @@ def _run_any_pass(config: PassConfig, spec: PassSpec, ctx: StageContext) -> Stag
     assert isinstance(stage, PassStageParams)
     artifact = ModelArtifact.open(ctx.inputs["model"])
     request = _data_request(ctx.recipe, stage, stage.samples)
-    pass_ctx = build_pass_context(artifact, request, ctx.scratch, source=ctx.inputs.get("source"))
+    pass_ctx = build_pass_context(
+        artifact, request, ctx.scratch, source=ctx.inputs.get("source"), target=host_target(ctx.recipe.target)
+    )
     _, report = apply_pass(artifact, spec.name, config, pass_ctx, ctx.out)
     return StageResult({"modified": bool(report.modified)})
 
@@ -251,6 +253,7 @@ def _run_prune_stage(config: Any, spec: PassSpec, ctx: StageContext) -> StageRes
             source=None if source is None else str(source),
             samples=stage.samples,
             batch_size=stage.batch_size,
+            target=recipe.target,
             **_columns(recipe),
         )
     )
@@ -279,6 +282,7 @@ def _run_quantize_stage(config: Any, spec: PassSpec, ctx: StageContext) -> Stage
             eval_limit=stage.eval_limit,
             eval_split=stage.eval_split,
             seed=recipe.seed,
+            target=recipe.target,
             **_columns(recipe),
         )
     )
@@ -302,7 +306,7 @@ def _training_ranges_fit(model: Path | str, config: Any) -> bool:
 
 
 def _run_fuse_stage(config: Any, spec: PassSpec, ctx: StageContext) -> StageResult:
-    summary = run_fuse(str(ctx.inputs["model"]), str(ctx.out), config)
+    summary = run_fuse(str(ctx.inputs["model"]), str(ctx.out), config, target=ctx.recipe.target)
     return StageResult(
         {k: v for k, v in summary.items() if isinstance(v, int | str) and k not in ("out", "seconds")}
     )

@@ -46,9 +46,11 @@ from pydantic import (
 import trimformer.passes  # noqa: F401  (importing the package registers every pass)
 from trimformer.errors import UserError
 from trimformer.formats.onnx_ops import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
+from trimformer.formats.targets import AUTO_TARGET, check_target_name, check_validating_cpu
 from trimformer.formats.tasks import CAUSAL_LM, TASK_NAMES
 from trimformer.passes.base import PASS_REGISTRY, ConfigError, PassConfig, describe_error
 from trimformer.pipeline.stages.params import StageParams, stage_params_class
+from trimformer.runtime.cpu import cpu_class
 from trimformer.runtime.manifest import ManifestError, check_model_name
 
 __all__ = [
@@ -221,6 +223,8 @@ class Recipe(_Strict):
     name: str | None = None
     description: str | None = None
     seed: int = 0
+    # The deployment target every pass builds for (trimformer.formats.targets); "auto": this CPU's.
+    target: str = AUTO_TARGET
     model: ModelSection
     data: DataSection | None = None
     distill: dict[str, Any] | None = None
@@ -230,6 +234,25 @@ class Recipe(_Strict):
     package: PackageSection | None = None
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @field_validator("target")
+    @classmethod
+    def _known_target(cls, value: str) -> str:
+        try:
+            return check_target_name(value)
+        except UserError as exc:
+            raise ValueError(str(exc)) from None
+
+    @model_validator(mode="after")
+    def _validated_where_it_runs(self) -> Recipe:
+        # A recipe that validates a model built for a CPU class this machine is not: refused before
+        # anything runs rather than after hours of training.
+        if self.validate_ is not None:
+            try:
+                check_validating_cpu(self.target, cpu_class(), "this recipe's model")
+            except UserError as exc:
+                raise ValueError(str(exc).replace("--target auto", 'target = "auto"')) from None
+        return self
 
     @field_validator("name")
     @classmethod

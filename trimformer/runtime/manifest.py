@@ -212,6 +212,8 @@ class Manifest:
     lineage: Mapping[str, Any]
     generation: Mapping[str, Any] | None = None
     name: str | None = None
+    # The deployment target the model was built for (trimformer.formats.targets), when known.
+    target: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -235,6 +237,8 @@ class Manifest:
             out["generation"] = dict(self.generation)
         if self.name is not None:
             out["name"] = self.name
+        if self.target is not None:
+            out["target"] = self.target
         return out
 
     @classmethod
@@ -267,4 +271,5 @@ class Manifest:
             lineage=dict(_optional(data, "lineage", dict, where) or {}),
             generation=_optional(data, "generation", dict, where),
             name=None if data.get("name") is None else check_model_name(_get(data, "name", str, where)),
+            target=_optional(data, "target", str, where),
         )

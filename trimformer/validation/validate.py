@@ -24,6 +24,7 @@ from trimformer import __version__
 from trimformer.artifact import ModelArtifact
 from trimformer.data import TextDataset, load_dataset, map_labels
 from trimformer.errors import GateFailed, UserError
+from trimformer.formats.targets import built_for, check_validating_cpu
 from trimformer.formats.tasks import CAUSAL_LM
 from trimformer.fsutil import atomic_output_dir
 from trimformer.progress import progress_bar
@@ -406,6 +407,8 @@ def validate(
     """
     config.validate()
     artifact = ModelArtifact.open(config.model)
+    target = built_for([step.params for step in artifact.meta.lineage])
+    check_validating_cpu(target, cpu_class(), str(artifact.path))
     threads = config.threads or default_threads()
     if artifact.task == CAUSAL_LM:
         return _validate_decoder(config, artifact, threads, open_decoder)

@@ -118,8 +118,10 @@ def test_the_rewrites_are_idempotent(tiny_bert_onnx: Path, tmp_path: Path) -> No
     assert again == model  # nothing fired: the proto is left as it was
 
 
-def test_gpu_targets_keep_the_fused_kernels(tiny_bert_onnx: Path, tiny_csv: Path, tmp_path: Path) -> None:
-    run_quantize(
+def test_tensorrt_gets_standard_ops_only_and_webgpu_keeps_its_fused_kernels(
+    tiny_bert_onnx: Path, tiny_csv: Path, tmp_path: Path
+) -> None:
+    summary = run_quantize(
         QuantizeStageConfig(
             model=str(tiny_bert_onnx),
             out=str(tmp_path / "trt"),
@@ -127,8 +129,16 @@ def test_gpu_targets_keep_the_fused_kernels(tiny_bert_onnx: Path, tiny_csv: Path
             quantize=QuantizeConfig(preset="tensorrt", samples=16),
         )
     )
-    ops = Counter(n.op_type for n in ModelArtifact.open(tmp_path / "trt").load_model().graph.node)
-    assert ops["SkipLayerNormalization"] == 4 and not ops["Sum"]
+    graph = ModelArtifact.open(tmp_path / "trt").load_model().graph
+    # TensorRT parses standard ONNX: no com.microsoft fusion, symmetric QDQ pairs instead.
+    assert summary["target"] == "tensorrt" and not [n.op_type for n in graph.node if n.domain]
+    assert Counter(n.op_type for n in graph.node)["QuantizeLinear"] > 0
+    fused = run_fuse(str(tiny_bert_onnx), str(tmp_path / "webgpu"), target="webgpu")
+    ops = Counter(n.op_type for n in ModelArtifact.open(tmp_path / "webgpu").load_model().graph.node)
+    # WebGPU has SkipLayerNormalization and Attention kernels (kept whole: no CPU-kernel split) but
+    # no EmbedLayerNormalization (that fusion is off for it).
+    assert fused["target"] == "webgpu" and ops["SkipLayerNormalization"] == 4 and not ops["Sum"]
+    assert ops["Attention"] == 2 and not ops["EmbedLayerNormalization"]
 
 
 # Tiny graphs built here, one per rule and per case where a rule must not fire.

@@ -28,6 +28,7 @@ from onnx_ir.passes import FunctionalPass
 from pydantic import Field, field_validator
 
 from trimformer.errors import ParityError, UserError
+from trimformer.formats.targets import Target
 from trimformer.passes._checks import compare_outputs, random_feeds
 from trimformer.passes.base import PassConfig, PassContext, PassReport, SelfCheckingPass, register_pass
 from trimformer.passes.fuse.cpu_kernels import prefer_cpu_kernels
@@ -158,10 +159,41 @@ def fused_op_counts(model: onnx.ModelProto) -> dict[str, int]:
     return {op: counts[op] for op in FUSED_OPS if counts[op]}
 
 
+# onnxruntime's fusions (FusionOptions switches) and the com.microsoft ops each one writes: a
+# fusion whose op the target lacks is switched off, so the fused graph fits the target.
+_FUSION_OPS = {
+    "enable_attention": ("Attention",),
+    "enable_embed_layer_norm": ("EmbedLayerNormalization",),
+    "enable_skip_layer_norm": ("SkipLayerNormalization",),
+    "enable_bias_skip_layer_norm": ("SkipLayerNormalization",),
+    "enable_bias_gelu": ("BiasGelu", "FastGelu"),
+    "enable_gelu": ("Gelu",),
+    "enable_gelu_approximation": ("FastGelu",),
+    "enable_gemm_fast_gelu": ("GemmFastGelu",),
+    "enable_rotary_embeddings": ("RotaryEmbedding",),
+    "enable_qordered_matmul": ("QOrderedMatMul",),
+}
+
+
+def _fusion_options(model_type: str, target: Target | None) -> Any:
+    """onnxruntime's fusion switches for ``target`` (every fusion its op set allows), or None."""
+    if target is None:
+        return None
+    from onnxruntime.transformers.fusion_options import FusionOptions
+
+    options = FusionOptions(model_type)
+    allowed = target.allowed_ms_ops()
+    for switch, ops in _FUSION_OPS.items():
+        if hasattr(options, switch) and not set(ops) <= allowed:
+            setattr(options, switch, False)
+    return options
+
+
 def fuse_proto(
-    model: onnx.ModelProto, config: FuseConfig, scratch: Path | None = None
+    model: onnx.ModelProto, config: FuseConfig, scratch: Path | None = None, target: Target | None = None
 ) -> tuple[onnx.ModelProto, dict[str, Any]]:
-    """Fuse a graph; returns the fused model and stats (counts per fusion, heads, node counts)."""
+    """Fuse a graph; returns the fused model and stats (counts per fusion, heads, node counts).
+    With a ``target``, only the fusions whose ops it can run."""
     from onnxruntime.transformers.optimizer import optimize_model
 
     num_heads, hidden = config.num_heads, config.hidden_size
@@ -180,7 +212,12 @@ def fuse_proto(
     try:
         with in_scratch_dir(scratch):
             optimized = optimize_model(
-                model, model_type=config.model_type, num_heads=num_heads, hidden_size=hidden, opt_level=0
+                model,
+                model_type=config.model_type,
+                num_heads=num_heads,
+                hidden_size=hidden,
+                optimization_options=_fusion_options(config.model_type, target),
+                opt_level=0,
             )
     except Exception as exc:
         raise UserError(
@@ -230,7 +267,7 @@ class FusePass(SelfCheckingPass[onnx.ModelProto], FunctionalPass):
 
     def call(self, model: ir.Model) -> PassReport:
         proto = ir.to_proto(model)
-        fused, stats = fuse_proto(proto, self.config, self.ctx.scratch)
+        fused, stats = fuse_proto(proto, self.config, self.ctx.scratch, self.ctx.target)
         if self.config.cpu_kernels:
             stats["cpu_kernels"] = prefer_cpu_kernels(fused)
         report = PassReport(ir.from_proto(fused), modified=bool(stats["fusions"]), stats=stats)

@@ -180,7 +180,7 @@ class QuantizePass(FunctionalPass):
             n.op_type in ("Attention", "MultiHeadAttention") for n in proto.graph.node
         ):
             fuse_cfg = FuseConfig(num_heads=self.config.num_heads, hidden_size=self.config.hidden_size)
-            proto, fuse_stats = fuse_proto(proto, fuse_cfg, self.ctx.scratch)
+            proto, fuse_stats = fuse_proto(proto, fuse_cfg, self.ctx.scratch, self.ctx.target)
             stats["fusion"] = fuse_stats
         else:
             stats["fusion"] = {

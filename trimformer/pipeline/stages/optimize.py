@@ -13,8 +13,9 @@ from typing import Any
 import trimformer.passes  # noqa: F401  (importing the package registers every pass)
 from trimformer.artifact import ModelArtifact
 from trimformer.errors import UserError
+from trimformer.formats.targets import AUTO_TARGET
 from trimformer.passes.base import PASS_REGISTRY, PassConfig, apply_pass, get_pass
-from trimformer.pipeline.context import DataRequest, build_pass_context
+from trimformer.pipeline.context import DataRequest, build_pass_context, host_target
 from trimformer.pipeline.stages.params import PassStageParams
 
 __all__ = ["optimize"]
@@ -36,6 +37,7 @@ def optimize(
     samples: int = _DEFAULTS.samples,
     overwrite: bool = False,
     seed: int = 0,
+    target: str = AUTO_TARGET,
 ) -> tuple[ModelArtifact, list[dict[str, Any]]]:
     configs = _default_configs(passes)
     params = PassStageParams(samples=samples)
@@ -49,13 +51,13 @@ def optimize(
     )
     stats: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="trimformer-optimize-") as scratch:
-        ctx = build_pass_context(artifact, request, Path(scratch))
+        ctx = build_pass_context(artifact, request, Path(scratch), target=host_target(target))
         current = artifact
         for index, (name, config) in enumerate(configs):
             last = index == len(configs) - 1
-            target = Path(out) if last else Path(scratch) / f"{index}-{name}"
+            written = Path(out) if last else Path(scratch) / f"{index}-{name}"
             current, report = apply_pass(
-                current, name, config, ctx, target, overwrite=overwrite if last else True
+                current, name, config, ctx, written, overwrite=overwrite if last else True
             )
             stats.append({"pass": name, "stats": report.stats})
     return current, stats

@@ -24,6 +24,7 @@ from trimformer.artifact import ModelArtifact
 from trimformer.data import Encoder
 from trimformer.errors import UserError
 from trimformer.formats.pruning_record import RECORD_FILE
+from trimformer.formats.targets import Target, check_graph
 from trimformer.fsutil import check_output_dir
 from trimformer.onnx_io import probe_onnxruntime
 from trimformer.passes.base import PassContext, PassReport, refuse_decoder
@@ -34,6 +35,7 @@ from trimformer.pipeline.context import (
     StageOptions,
     add_fisher_scores,
     build_pass_context,
+    host_target,
     load_calibration,
 )
 from trimformer.pipeline.stages.params import PruneStageParams
@@ -206,7 +208,9 @@ def _context(
     """The pass context, the calibration rows and the PyTorch source (when given)."""
     request = config.data_request()
     dataset = load_calibration(artifact, request)
-    ctx = build_pass_context(artifact, request, scratch, config.source, calibration_set=dataset)
+    ctx = build_pass_context(
+        artifact, request, scratch, config.source, calibration_set=dataset, target=host_target(config.target)
+    )
     source = None
     if config.source is not None:
         from trimformer.sources import load_source
@@ -251,6 +255,7 @@ def _write_artifact(
     layout: EncoderLayout,
     stats: dict[str, Any],
     config: PruneStageConfig,
+    target: Target,
 ) -> None:
     """The pruned artifact with its lineage step, record, report and map."""
     out = Path(config.out)
@@ -260,14 +265,17 @@ def _write_artifact(
         "calibration": config.calibration,
         "samples": config.samples,
         "source": config.source,
+        "target": target.name,
     }
+    proto = ir.to_proto(pruned_model)
+    check_graph(proto, target, "the prune pass")
     lineage_stats = {
         k: stats[k] for k in ("importance", "flops_removed", "params_removed", "exactness_max_abs_diff")
     }
     lineage_stats["heads_per_layer"] = [row["heads"] for row in stats["after"]["layers"]]
     lineage_stats["neurons_per_layer"] = [row["neurons"] for row in stats["after"]["layers"]]
     with artifact.derive(out, step="prune", params=params, overwrite=config.overwrite) as derived:
-        derived.model = ir.to_proto(pruned_model)
+        derived.model = proto
         derived.stats = lineage_stats
         # Later passes (fusion) read per-layer head counts from here.
         derived.meta.extras["pruning"] = {
@@ -319,5 +327,6 @@ def run_prune(config: PruneStageConfig) -> dict[str, Any]:
         fisher_seconds = time.perf_counter() - started
         pruned_model, stats = _prune(model, layout, ctx, dataset, source, config)
     stats["seconds"]["fisher"] = round(fisher_seconds, 2)
-    _write_artifact(artifact, pruned_model, layout, stats, config)
+    assert ctx.target is not None
+    _write_artifact(artifact, pruned_model, layout, stats, config, ctx.target)
     return _summary(stats, Path(config.out), round(time.perf_counter() - started, 2))

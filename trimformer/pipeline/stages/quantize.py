@@ -18,11 +18,19 @@ from typing import Any, TypeVar
 
 from trimformer.artifact import ModelArtifact
 from trimformer.errors import UserError
+from trimformer.formats.targets import AUTO_TARGET, PRESET_TARGETS, Target
 from trimformer.fsutil import check_output_dir
 from trimformer.passes.base import PassContext, PassReport, apply_pass
 from trimformer.passes.fuse.fusion import FuseConfig
 from trimformer.passes.quantize.int8 import QuantizeConfig
-from trimformer.pipeline.context import DataRequest, StageOptions, add_training_ranges, build_pass_context
+from trimformer.passes.quantize.presets import AUTO_PRESET
+from trimformer.pipeline.context import (
+    DataRequest,
+    StageOptions,
+    add_training_ranges,
+    build_pass_context,
+    host_target,
+)
 from trimformer.pipeline.stages.params import EvalSplit, QuantizeStageParams
 
 __all__ = [
@@ -122,7 +130,7 @@ def _write_reports(folder: Path, report: PassReport) -> None:
 
 
 def _summary(
-    result: ModelArtifact, artifact: ModelArtifact, out: Path, stats: dict[str, Any]
+    result: ModelArtifact, artifact: ModelArtifact, out: Path, stats: dict[str, Any], target: str
 ) -> dict[str, Any]:
     return {
         "out": str(out),
@@ -135,6 +143,7 @@ def _summary(
         "calibration": stats.get("calibration"),
         "accuracy_aware": {k: v for k, v in stats.get("accuracy_aware", {}).items() if k != "sensitivity"},
         "output_rel_error": stats["output_rel_error"],
+        "target": target,
         "seconds": stats["seconds"],
     }
 
@@ -145,9 +154,10 @@ def run_quantize(config: QuantizeStageConfig) -> dict[str, Any]:
     out = Path(config.out)
     check_output_dir(out, config.overwrite)
     artifact = ModelArtifact.open(config.model)
-    qcfg = with_attention_dims(config.quantize, artifact)
+    qcfg, target = quantize_target(config.quantize, config.target)
+    qcfg = with_attention_dims(qcfg, artifact)
     with tempfile.TemporaryDirectory(prefix="trimformer-quantize-") as tmp:
-        ctx = build_pass_context(artifact, config.data_request(), Path(tmp))
+        ctx = build_pass_context(artifact, config.data_request(), Path(tmp), target=target)
         if qcfg.ranges_from_training:
             add_training_ranges(ctx, artifact, config.model)
         extra = {
@@ -159,17 +169,48 @@ def run_quantize(config: QuantizeStageConfig) -> dict[str, Any]:
         result, report = apply_pass(
             artifact, "quantize", qcfg, ctx, out, config.overwrite, extra, _write_reports
         )
-    return _summary(result, artifact, out, report.stats)
+    return _summary(result, artifact, out, report.stats, target.name)
+
+
+def quantize_target(config: QuantizeConfig, name: str) -> tuple[QuantizeConfig, Target]:
+    """The target a quantize run builds for and its config with the target's preset. ``--preset``
+    alone names its target (the presets were the targets before ``--target``); both given must
+    agree; ``auto`` for both keeps the preset ``auto`` (this CPU's, QAT students included)."""
+    explicit_preset = config.preset != AUTO_PRESET
+    if name == AUTO_TARGET and explicit_preset:
+        name = PRESET_TARGETS[config.preset]
+    target = host_target(name)
+    if target.quantize_preset is None:
+        raise UserError(
+            f"target {target.name} has no int8 activation kernels (no QAttention or MatMulIntegerToFloat); "
+            "it takes float or weight-only models: leave out the quantize step for it"
+        )
+    if explicit_preset and PRESET_TARGETS[config.preset] != target.name:
+        raise UserError(
+            f"--preset {config.preset} is the preset of target {PRESET_TARGETS[config.preset]}, not "
+            f"{target.name}; give --target alone"
+        )
+    if not explicit_preset and name != AUTO_TARGET:
+        config = config.model_copy(update={"preset": target.quantize_preset})
+    return config, target
 
 
 def run_fuse(
-    model: str, out: str, config: FuseConfig | None = None, overwrite: bool = False
+    model: str,
+    out: str,
+    config: FuseConfig | None = None,
+    overwrite: bool = False,
+    target: str = AUTO_TARGET,
 ) -> dict[str, Any]:
     """Fuse an artifact's transformer blocks; returns the counts per fusion."""
     out_path = Path(out)
     check_output_dir(out_path, overwrite)
     artifact = ModelArtifact.open(model)
     config = with_attention_dims(config or FuseConfig(), artifact)
+    resolved = host_target(target)
+    if not resolved.cpu_kernels:
+        config = config.model_copy(update={"cpu_kernels": False})
     with tempfile.TemporaryDirectory(prefix="trimformer-fuse-") as tmp:
-        _, report = apply_pass(artifact, "fuse", config, PassContext(scratch=Path(tmp)), out_path, overwrite)
-    return {"out": str(out_path), **report.stats}
+        ctx = PassContext(scratch=Path(tmp), target=resolved)
+        _, report = apply_pass(artifact, "fuse", config, ctx, out_path, overwrite)
+    return {"out": str(out_path), "target": resolved.name, **report.stats}
