@@ -42,7 +42,7 @@ def vocab_size() -> int:
 
 
 def _hf_config(model_type: str, task: str, layers: int, hidden: int, heads: int, ffn: int) -> object:
-    from transformers import BertConfig, DistilBertConfig, RobertaConfig
+    from transformers import BertConfig, DistilBertConfig, RobertaConfig, XLMRobertaConfig
 
     common = {"vocab_size": vocab_size() + 2, "pad_token_id": 0}
     label_kwargs = {}
@@ -71,8 +71,8 @@ def _hf_config(model_type: str, task: str, layers: int, hidden: int, heads: int,
             **common,
             **label_kwargs,
         )
-    if model_type == "roberta":
-        return RobertaConfig(
+    if model_type in ("roberta", "xlm-roberta"):
+        return (RobertaConfig if model_type == "roberta" else XLMRobertaConfig)(
             hidden_size=hidden,
             num_hidden_layers=layers,
             num_attention_heads=heads,

@@ -21,6 +21,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 from onnx import numpy_helper
@@ -154,6 +155,42 @@ def detect_attention_dims(model: onnx.ModelProto) -> tuple[int, int]:
     return head_dims.most_common(1)[0][0]
 
 
+def pin_head_counts(model: onnx.ModelProto) -> int:
+    """Write every attention layer's head count into its head-split Reshape, in place; returns how
+    many Reshapes were pinned.
+
+    The TorchScript export splits heads with ``Reshape(x, Concat(batch, seq, -1, head_dim))``: the
+    count is inferred at run time. onnxruntime's fusion reads it from that constant, and with -1
+    it falls back to one global ``num_heads``, which a pruned model with a different count per
+    layer cannot have: its unpruned layers then lose their Attention fusion ("Failed to detect
+    num_heads"). The count is the projection's width over ``head_dim``, read from the graph."""
+    graph = model.graph
+    consts = _const_ints(graph)
+    producers = {out: node for node in graph.node for out in node.output}
+    widths = {init.name: tuple(init.dims) for init in graph.initializer}
+    pinned = 0
+    for node in graph.node:
+        concat = producers.get(node.input[1]) if node.op_type == "Reshape" and len(node.input) > 1 else None
+        if concat is None or concat.op_type != "Concat" or len(concat.input) != 4:
+            continue
+        heads, head_dim = consts.get(concat.input[2]), consts.get(concat.input[3])
+        if heads != [-1] or head_dim is None or len(head_dim) != 1 or head_dim[0] <= 0:
+            continue
+        src = producers.get(node.input[0])
+        if src is not None and src.op_type == "Add":
+            src = next((producers[i] for i in src.input if producers.get(i, src).op_type == "MatMul"), None)
+        weight = widths.get(src.input[1]) if src is not None and src.op_type == "MatMul" else None
+        if weight is None or len(weight) != 2 or weight[1] % head_dim[0]:
+            continue
+        name = f"{concat.name or concat.output[0]}_heads"
+        graph.initializer.append(
+            numpy_helper.from_array(np.array([weight[1] // head_dim[0]], np.int64), name)
+        )
+        concat.input[2] = name
+        pinned += 1
+    return pinned
+
+
 def fused_op_counts(model: onnx.ModelProto) -> dict[str, int]:
     counts = Counter(node.op_type for node in model.graph.node)
     return {op: counts[op] for op in FUSED_OPS if counts[op]}
@@ -173,6 +210,9 @@ _FUSION_OPS = {
     "enable_rotary_embeddings": ("RotaryEmbedding",),
     "enable_qordered_matmul": ("QOrderedMatMul",),
 }
+
+
+_ORT_LOGGERS = ("onnxruntime.transformers", "fusion_attention", "fusion_embedlayer", "fusion_skiplayernorm")
 
 
 def _fusion_options(model_type: str, target: Target | None) -> Any:
@@ -196,6 +236,9 @@ def fuse_proto(
     With a ``target``, only the fusions whose ops it can run."""
     from onnxruntime.transformers.optimizer import optimize_model
 
+    original, model = model, onnx.ModelProto()
+    model.CopyFrom(original)
+    pinned = pin_head_counts(model)
     num_heads, hidden = config.num_heads, config.hidden_size
     detected = False
     if num_heads <= 0 or hidden <= 0:
@@ -206,9 +249,12 @@ def fuse_proto(
     before = fused_op_counts(model)
     # optimize_model logs through the root logger at WARNING for things that are not problems
     # for us (an unfused pooler); keep them at debug level.
-    ort_logger = logging.getLogger("onnxruntime.transformers")
-    level = ort_logger.level
-    ort_logger.setLevel(logging.ERROR)
+    # Its fusion modules log under their own names too ("Input hidden size (288) is not same as
+    # weight matrix dimension": true of every head-pruned layer, and harmless).
+    ort_loggers = [logging.getLogger(name) for name in _ORT_LOGGERS]
+    levels = [ort_logger.level for ort_logger in ort_loggers]
+    for ort_logger in ort_loggers:
+        ort_logger.setLevel(logging.ERROR)
     try:
         with in_scratch_dir(scratch):
             optimized = optimize_model(
@@ -224,7 +270,8 @@ def fuse_proto(
             f"onnxruntime's transformer optimizer failed: {' '.join(str(exc).split())[:300]}"
         ) from exc
     finally:
-        ort_logger.setLevel(level)
+        for ort_logger, level in zip(ort_loggers, levels, strict=True):
+            ort_logger.setLevel(level)
     fused = optimized.model
     if any(n.domain == MS_DOMAIN for n in fused.graph.node) and not any(
         o.domain == MS_DOMAIN for o in fused.opset_import
@@ -241,6 +288,7 @@ def fuse_proto(
         "num_heads": num_heads,
         "hidden_size": hidden,
         "dims_detected": detected,
+        "head_counts_pinned": pinned,
         "nodes_before": len(model.graph.node),
         "nodes_after": len(fused.graph.node),
         "fully_fused": bool(after.get("Attention", 0) and after.get("SkipLayerNormalization", 0)),
