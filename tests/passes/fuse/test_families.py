@@ -83,7 +83,16 @@ def test_prune_fuse_quantize_keeps_every_fusion(family: str, tmp_path: Path, tin
     assert [fused["pruned"][0][k] for k in keys] == [fused["onnx"][0][k] for k in keys]
     keys_int8 = ("QAttention", "QEmbedLayerNormalization", "MatMulIntegerToFloat")
     assert [fused["pruned"][1][k] for k in keys_int8] == [fused["onnx"][1][k] for k in keys_int8]
-    if family in ("bert", "distilbert"):
-        # The word-embedding table in 8 bits (QEmbedLayerNormalization); onnxruntime does not fuse
-        # RoBERTa's embeddings (position ids from the mask), so theirs stay float (not yet 8-bit).
-        assert fused["pruned"][1]["QEmbedLayerNormalization"] == 1
+    # The word-embedding table in 8 bits: in QEmbedLayerNormalization where onnxruntime fuses the
+    # embeddings (BERT, DistilBERT), else as GatherBlockQuantized (RoBERTa, XLM-R: position ids from the mask).
+    for name in ("onnx", "pruned"):
+        ops_int8 = fused[name][1]
+        assert ops_int8["QEmbedLayerNormalization"] + ops_int8["GatherBlockQuantized"] == 1
+        graph = ModelArtifact.open(tmp_path / f"{name}-int8").load_model().graph
+        inits = {init.name: init for init in graph.initializer}
+        word = [
+            inits[n.input[2] if n.op_type == "QEmbedLayerNormalization" else n.input[0]]
+            for n in graph.node
+            if n.op_type in ("QEmbedLayerNormalization", "GatherBlockQuantized")
+        ]
+        assert [t.data_type for t in word] == [onnx.TensorProto.UINT8] and list(word[0].dims)[1] == 64

@@ -15,6 +15,7 @@ import onnx
 from trimformer.errors import UserError
 from trimformer.passes.fuse.cpu_kernels import prefer_cpu_kernels
 from trimformer.passes.fuse.integer_matmul import fuse_matmul_integer_to_float
+from trimformer.passes.quantize.embeddings import quantize_word_embeddings
 from trimformer.passes.quantize.graph import Candidate
 from trimformer.passes.quantize.presets import QuantizerSettings
 
@@ -89,6 +90,9 @@ def quantize_model(
         # slower than dynamic int8 (onnxruntime's per-axis QuantizeLinear is a slow kernel).
     if settings.cpu_kernels and (dynamic or settings.integer_ops):
         rewrites.update(prefer_cpu_kernels(quantized))
+    if settings.embeddings and not any(n.op_type == "QEmbedLayerNormalization" for n in quantized.graph.node):
+        # No embedding fusion to carry the tables in 8 bits (RoBERTa, a first layer pruned headless).
+        rewrites["word_embeddings_8bit"] = quantize_word_embeddings(quantized)
     return quantized, rewrites
 
 

@@ -1,0 +1,50 @@
+"""The word-embedding table in 8 bits without the embedding fusion: GatherBlockQuantized gives the
+rows of the dequantized table, close to the float ones; a table used elsewhere is left alone."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from trimformer.passes.quantize.embeddings import quantize_word_embeddings
+
+
+def _embedding_graph(table: np.ndarray, tied: bool = False) -> onnx.ModelProto:
+    nodes = [helper.make_node("Gather", ["table", "input_ids"], ["rows"], name="word")]
+    outputs = [helper.make_tensor_value_info("rows", TensorProto.FLOAT, None)]
+    if tied:  # an output projection reading the same table (tied weights)
+        nodes.append(helper.make_node("MatMul", ["rows", "table_t"], ["logits"]))
+        nodes.append(helper.make_node("Transpose", ["table"], ["table_t"]))
+        outputs.append(helper.make_tensor_value_info("logits", TensorProto.FLOAT, None))
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])],
+        outputs,
+        [numpy_helper.from_array(table, "table")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_the_table_is_stored_in_8_bits_and_gathers_close_rows() -> None:
+    rng = np.random.default_rng(0)
+    table = (rng.standard_normal((500, 64)) * 0.05).astype(np.float32)
+    model = _embedding_graph(table)
+    assert quantize_word_embeddings(model) == 1
+    assert [n.op_type for n in model.graph.node] == ["GatherBlockQuantized"]
+    stored = {init.name: init for init in model.graph.initializer}
+    assert "table" not in stored and stored["table_quantized"].data_type == TensorProto.UINT8
+    ids = rng.integers(0, 500, size=(3, 7))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    rows = session.run(None, {"input_ids": ids})[0]
+    # Half a step of a block's range at most: 8 bits over about 6 standard deviations.
+    assert rows.shape == (3, 7, 64) and np.abs(rows - table[ids]).max() < 0.3 * 0.05 / 255 * 6 * 10
+
+
+def test_a_table_used_elsewhere_stays_float() -> None:
+    table = np.ones((300, 32), np.float32)
+    model = _embedding_graph(table, tied=True)
+    assert quantize_word_embeddings(model) == 0
+    assert model.graph.node[0].op_type == "Gather"

@@ -1,0 +1,83 @@
+"""The word-embedding table in 8 bits where onnxruntime's embedding fusion does not apply.
+
+QEmbedLayerNormalization stores the tables in 8 bits, but onnxruntime fuses EmbedLayerNormalization
+only for BERT-like embeddings that feed an attention layer: not for RoBERTa and XLM-R (their position
+ids come from the mask) nor for a pruned model whose first layer kept no head. There the word table,
+most of an encoder's bytes (30,522 x 384 floats: 46.9 MB of MiniLM's 91), stayed float. This rewrite
+stores it as onnxruntime's ``GatherBlockQuantized`` (com.microsoft; CPU and WebGPU kernels): uint8
+with a scale and zero point per block of ``block_size`` values along the hidden axis, dequantized as
+rows are gathered, so the arithmetic downstream is unchanged.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+__all__ = ["BLOCK_SIZE", "quantize_word_embeddings"]
+
+# Values per scale along the hidden axis (a power of two of at least 16, as the kernel requires).
+BLOCK_SIZE = 32
+# The graph input holding the token ids (position and token-type tables are small: left as they are).
+_IDS = "input_ids"
+
+
+def _block_quantize(table: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Asymmetric uint8 per block of ``block`` values of each row: (codes, scales, zero points)."""
+    rows, width = table.shape
+    blocks = table.reshape(rows, width // block, block).astype(np.float64)
+    low, high = np.minimum(blocks.min(-1), 0.0), np.maximum(blocks.max(-1), 0.0)
+    scale = np.where(high > low, (high - low) / 255.0, 1.0)
+    zero = np.clip(np.round(-low / scale), 0, 255)
+    codes = np.clip(np.round(blocks / scale[..., None]) + zero[..., None], 0, 255)
+    return codes.astype(np.uint8).reshape(rows, width), scale.astype(np.float32), zero.astype(np.uint8)
+
+
+def quantize_word_embeddings(model: onnx.ModelProto, block: int = BLOCK_SIZE) -> int:
+    """Rewrite, in place, the Gather of a float table by the token ids into GatherBlockQuantized;
+    returns how many."""
+    graph = model.graph
+    tables = {init.name: init for init in graph.initializer}
+    uses: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    rewritten = 0
+    for index, node in enumerate(graph.node):
+        table = tables.get(node.input[0]) if node.op_type == "Gather" and not node.domain else None
+        if table is None or node.input[1] != _IDS or uses[node.input[0]] != 1:
+            continue
+        if table.data_type != onnx.TensorProto.FLOAT or len(table.dims) != 2:
+            continue
+        width = table.dims[1]
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        if width % block or axis != 0:
+            continue
+        codes, scale, zero = _block_quantize(numpy_helper.to_array(table), block)
+        name = table.name
+        graph.initializer.remove(table)
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array(codes, f"{name}_quantized"),
+                numpy_helper.from_array(scale, f"{name}_scale"),
+                numpy_helper.from_array(zero, f"{name}_zero_point"),
+            ]
+        )
+        graph.node[index].CopyFrom(
+            helper.make_node(
+                "GatherBlockQuantized",
+                [f"{name}_quantized", node.input[1], f"{name}_scale", f"{name}_zero_point"],
+                list(node.output),
+                name=node.name or f"{name}_gather",
+                domain="com.microsoft",
+                bits=8,
+                block_size=block,
+                gather_axis=0,
+                quantize_axis=1,
+            )
+        )
+        rewritten += 1
+    if rewritten and not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return rewritten
