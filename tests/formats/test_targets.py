@@ -105,6 +105,17 @@ def test_quantize_records_the_target_in_the_lineage_and_the_manifest(
     assert runner.invoke(cli, [*args, "--out", str(tmp_path / "auto")]).exit_code == 0
     step = ModelArtifact.open(tmp_path / "auto").meta.lineage[-1]
     assert step.params["target"] == target_for_cpu_class(cpu_class()).name
+    validate = [
+        "--quiet",
+        "validate",
+        str(tmp_path / "auto"),
+        "--data",
+        str(tiny_csv),
+        "--out",
+        str(tmp_path / "r"),
+    ]
+    assert runner.invoke(cli, validate).exit_code == 0
+    assert json.loads((tmp_path / "r" / "report.json").read_text())["target"] == step.params["target"]
     # Named explicitly, a VNNI build is made on any machine, and packaged with its target ...
     assert runner.invoke(cli, [*args, "--target", "x86-vnni", "--out", str(tmp_path / "vnni")]).exit_code == 0
     assert ModelArtifact.open(tmp_path / "vnni").meta.lineage[-1].params["preset"] == "cpu-vnni"

@@ -353,6 +353,8 @@ def _combined_report(
     """The first provider's report, with every provider's under ``by_provider`` and all gates."""
     report = measured[0][0]
     report["model_hash"] = artifact.model_hash()
+    # The deployment target the model was built for (None before targets existed).
+    report["target"] = built_for([step.params for step in artifact.meta.lineage])
     if len(measured) > 1:
         report["by_provider"] = {one["provider"]: dict(one) for one, _ in measured}
     failed: list[str] = []
