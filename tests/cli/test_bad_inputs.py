@@ -51,6 +51,10 @@ def _recipe(tmp: Path, fx: dict[str, Path], extra: str) -> Path:
     )
 
 
+def _quantize(t: Path, fx: dict[str, Path], *extra: str) -> list[str]:
+    return ["quantize", str(fx["onnx"]), "--calibration", str(fx["csv"]), *extra, "--out", str(t / OUT)]
+
+
 def _tampered_bundle(tmp: Path, fx: dict[str, Path]) -> Path:
     bundle = tmp / "bundle"
     assert (
@@ -315,61 +319,19 @@ CASES: dict[str, tuple[Case, str]] = {
         "tpu",
     ),
     "quantize: unknown target": (
-        lambda t, fx: [
-            "quantize",
-            str(fx["onnx"]),
-            "--calibration",
-            str(fx["csv"]),
-            "--target",
-            "tpu",
-            "--out",
-            str(t / OUT),
-        ],
+        lambda t, fx: _quantize(t, fx, "--target", "tpu"),
         r"unknown target 'tpu'; known targets: x86-vnni, x86-avx2, arm64, wasm, webgpu, tensorrt, auto",
     ),
     "quantize: a target without int8 kernels": (
-        lambda t, fx: [
-            "quantize",
-            str(fx["onnx"]),
-            "--calibration",
-            str(fx["csv"]),
-            "--target",
-            "webgpu",
-            "--out",
-            str(t / OUT),
-        ],
+        lambda t, fx: _quantize(t, fx, "--target", "webgpu"),
         "target webgpu has no int8 activation kernels",
     ),
     "quantize: an op the target cannot run": (
-        lambda t, fx: [
-            "quantize",
-            str(fx["onnx"]),
-            "--calibration",
-            str(fx["csv"]),
-            "--target",
-            "tensorrt",
-            "--format",
-            "qoperator",
-            "--samples",
-            "8",
-            "--out",
-            str(t / OUT),
-        ],
+        lambda t, fx: _quantize(t, fx, "--target", "tensorrt", "--format", "qoperator", "--samples", "8"),
         r"the quantize pass made a graph with com\.microsoft\.\w+.*which target tensorrt cannot run",
     ),
     "quantize: preset and target disagree": (
-        lambda t, fx: [
-            "quantize",
-            str(fx["onnx"]),
-            "--calibration",
-            str(fx["csv"]),
-            "--preset",
-            "cpu-vnni",
-            "--target",
-            "x86-avx2",
-            "--out",
-            str(t / OUT),
-        ],
+        lambda t, fx: _quantize(t, fx, "--preset", "cpu-vnni", "--target", "x86-avx2"),
         "--preset cpu-vnni is the preset of target x86-vnni, not x86-avx2",
     ),
     "fuse: unknown target": (

@@ -13,7 +13,7 @@ before it is written, so no pass can emit an op its target lacks. docs/TARGETS.m
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import onnx
 
@@ -96,46 +96,45 @@ class Target:
         return _cpu_provider_ops(MS_DOMAIN) if self.ms_ops == "cpu" else frozenset(self.ms_ops)
 
 
+# onnxruntime's CPU execution provider (x86, ARM64, and the wasm build of the same kernels).
+_CPU = Target(
+    "x86-vnni",
+    "x86 with AVX512-VNNI or AVX-VNNI (Intel Cascade Lake and later, AMD Zen 4/5): "
+    "u8 x s8 int8 accumulated in int32",
+    "cpu-vnni",
+    cpu_kernels=True,
+    fp16=False,
+    max_opset=21,
+    ms_ops="cpu",
+    validating_cpu_class="x86-vnni",
+)
+
 TARGETS: dict[str, Target] = {
     target.name: target
     for target in (
-        Target(
-            "x86-vnni",
-            "x86 with AVX512-VNNI or AVX-VNNI (Intel Cascade Lake and later, AMD Zen 4/5): "
-            "u8 x s8 int8 accumulated in int32",
-            "cpu-vnni",
-            cpu_kernels=True,
-            fp16=False,
-            max_opset=21,
-            ms_ops="cpu",
-            validating_cpu_class="x86-vnni",
+        _CPU,
+        replace(
+            _CPU,
+            name="x86-avx2",
+            description="x86 with AVX2 and no VNNI (AMD Zen 2/3, older Intel): 7-bit weights, so int16 "
+            "pair sums cannot saturate",
+            quantize_preset="cpu-avx2",
+            validating_cpu_class=None,
         ),
-        Target(
-            "x86-avx2",
-            "x86 with AVX2 and no VNNI (AMD Zen 2/3, older Intel): 7-bit weights, so int16 pair sums cannot saturate",
-            "cpu-avx2",
-            cpu_kernels=True,
-            fp16=False,
-            max_opset=21,
-            ms_ops="cpu",
+        replace(
+            _CPU,
+            name="arm64",
+            description="ARM64 (NEON dot product / i8mm): onnxruntime's CPU kernels",
+            quantize_preset="arm64",
+            validating_cpu_class=None,
         ),
-        Target(
-            "arm64",
-            "ARM64 (NEON dot product / i8mm): onnxruntime's CPU kernels",
-            "arm64",
-            cpu_kernels=True,
-            fp16=False,
-            max_opset=21,
-            ms_ops="cpu",
-        ),
-        Target(
-            "wasm",
-            "onnxruntime-web's WebAssembly backend (the CPU kernels built for wasm SIMD, no VNNI): 7-bit weights",
-            "cpu-avx2",
-            cpu_kernels=True,
-            fp16=False,
-            max_opset=21,
-            ms_ops="cpu",
+        replace(
+            _CPU,
+            name="wasm",
+            description="onnxruntime-web's WebAssembly backend (the CPU kernels built for wasm SIMD, no "
+            "VNNI): 7-bit weights",
+            quantize_preset="cpu-avx2",
+            validating_cpu_class=None,
         ),
         Target(
             "webgpu",
