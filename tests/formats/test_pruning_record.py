@@ -13,6 +13,7 @@ from trimformer.errors import UserError
 from trimformer.formats.pruning_record import (
     RECORD_FILE,
     RECORD_FORMAT,
+    kept_per_layer,
     load_pruning_record,
     record_path,
     validate_record,
@@ -85,3 +86,14 @@ def test_a_layer_may_state_its_own_sizes() -> None:
         num_heads=2, removed_heads=[1], ffn_size=3, kept_neurons=[0, 2], removed_neurons=[1]
     )
     assert validate_record(record) is record
+
+
+def test_kept_per_layer_counts_against_each_layers_own_sizes() -> None:
+    record = _record([[0, 2, 3], [1]])
+    record["layers"][1].update(
+        num_heads=2, removed_heads=[0], ffn_size=3, kept_neurons=[0, 2], removed_neurons=[1]
+    )
+    assert kept_per_layer(validate_record(record)) == [
+        {"layer": 0, "heads_kept": 3, "heads_total": 4, "ffn_kept": 5, "ffn_total": 6},
+        {"layer": 1, "heads_kept": 1, "heads_total": 2, "ffn_kept": 2, "ffn_total": 3},
+    ]

@@ -11,14 +11,10 @@ from pathlib import Path
 import pytest
 
 from tests.pipeline.runner_support import TEST_PASS, register_stamp, tiny_recipe_text, write_recipe
+from trimformer.formats.pruning_record import kept_per_layer, load_pruning_record
 from trimformer.pipeline.recipe import known_passes, load_recipe
-from trimformer.pipeline.report import pareto_front, pruning_layers
+from trimformer.pipeline.report import pareto_front
 from trimformer.pipeline.runner import run_recipe
-
-LAYERS = [
-    {"layer": 0, "num_heads": 4, "ffn_size": 64, "kept_heads": [0, 2, 3], "kept_neurons": list(range(40))},
-    {"layer": 1, "num_heads": 4, "ffn_size": 64, "kept_heads": [1], "kept_neurons": list(range(64))},
-]
 
 
 def test_pareto_front() -> None:
@@ -26,30 +22,6 @@ def test_pareto_front() -> None:
     points = [(1.0, 0.80), (2.0, 0.70), (3.0, 0.90), (1.0, 0.80)]
     assert pareto_front(points) == [True, False, True, True]
     assert pareto_front([]) == []
-
-
-@pytest.mark.parametrize(
-    "record",
-    [
-        {"layers": LAYERS},
-        {"record": {"layers": LAYERS}},
-        {
-            "per_layer": [
-                {"layer": 0, "heads_before": 4, "heads_after": 3, "ffn_before": 64, "ffn_after": 40},
-                {"layer": 1, "heads_total": 4, "heads_removed": 3, "ffn_total": 64, "ffn_removed": []},
-            ]
-        },
-    ],
-)
-def test_pruning_layers_reads_the_spellings(record: dict[str, object]) -> None:
-    assert pruning_layers(record) == [
-        {"layer": 0, "heads_kept": 3, "heads_total": 4, "ffn_kept": 40, "ffn_total": 64},
-        {"layer": 1, "heads_kept": 1, "heads_total": 4, "ffn_kept": 64, "ffn_total": 64},
-    ]
-
-
-def test_pruning_layers_without_per_layer_data() -> None:
-    assert pruning_layers({"flops_removed": 0.3}) == []
 
 
 class _Collect(HTMLParser):
@@ -69,12 +41,10 @@ class _Collect(HTMLParser):
 def test_report_of_a_run(
     tmp_path: Path, tiny_bert: Path, tiny_csv: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The test pass registered as "prune" reports the per-layer record a prune stage writes
-    # (after the real passes registered themselves, so that it replaces the real one here).
+    # The real prune pass, then the test pass that zeroes one initializer (a worse final model).
     known_passes()
-    register_stamp(monkeypatch, "prune")
     register_stamp(monkeypatch)
-    passes = [{"name": "prune", "tag": "p", "layers": LAYERS}, {"name": TEST_PASS, "tag": "q", "scale": 0.0}]
+    passes = [{"name": "prune", "heads": 0.25, "ffn": 0.3, "min_heads": 1}, {"name": TEST_PASS, "scale": 0.0}]
     recipe = load_recipe(write_recipe(tmp_path, tiny_recipe_text(tiny_bert, tiny_csv, passes=passes)))
     result = run_recipe(recipe, tmp_path / "wd")
     folder = result.report_dir
@@ -90,7 +60,8 @@ def test_report_of_a_run(
     for v in variants:
         assert 0.0 <= v["accuracy"] <= 1.0 and v["latency_ms"]["1x16"]["p50"] > 0 and v["size_mb"] > 0
     assert any(v["pareto"] for v in variants)
-    assert report["pruning"] == [{"stage": "prune", "layers": pruning_layers({"layers": LAYERS})}]
+    layers = kept_per_layer(load_pruning_record(next(p.out for p in result.stages if p.name == "prune")))
+    assert report["pruning"] == [{"stage": "prune", "layers": layers}]
     assert report["gates_passed"] is True
     assert [s["name"] for s in report["stages"]] == ["export", "prune", TEST_PASS, "validate"]
 
@@ -99,7 +70,9 @@ def test_report_of_a_run(
 
     markdown = (folder / "report.md").read_text()
     assert "| export | reference |" in markdown and f"| {TEST_PASS} | final |" in markdown
-    assert "| 0 | 3/4 | 40/64 |" in markdown and "| 1 | 1/4 | 64/64 |" in markdown
+    for row in layers:
+        cells = f"| {row['layer']} | {row['heads_kept']}/4 | {row['ffn_kept']}/64 |"
+        assert cells in markdown
 
     page = (folder / "report.html").read_text()
     parser = _Collect()

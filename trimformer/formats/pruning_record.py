@@ -18,7 +18,14 @@ from typing import Any
 
 from trimformer.errors import UserError
 
-__all__ = ["RECORD_FILE", "RECORD_FORMAT", "load_pruning_record", "record_path", "validate_record"]
+__all__ = [
+    "RECORD_FILE",
+    "RECORD_FORMAT",
+    "kept_per_layer",
+    "load_pruning_record",
+    "record_path",
+    "validate_record",
+]
 
 RECORD_FILE = "pruning_record.json"
 RECORD_FORMAT = "trimformer-pruning-record/1"
@@ -86,3 +93,17 @@ def load_pruning_record(path: str | Path) -> dict[str, Any]:
     except ValueError as exc:
         raise UserError(f"{target} is not valid JSON: {exc}") from exc
     return validate_record(record, str(target))
+
+
+def kept_per_layer(record: dict[str, Any]) -> list[dict[str, int]]:
+    """Per layer of a validated record: heads and FFN neurons kept, out of how many."""
+    return [
+        {
+            "layer": int(entry.get("layer", index)),
+            "heads_kept": len(entry["kept_heads"]),
+            "heads_total": int(entry.get("num_heads", record["num_heads"])),
+            "ffn_kept": len(entry["kept_neurons"]),
+            "ffn_total": int(entry.get("ffn_size", record["ffn_size"])),
+        }
+        for index, entry in enumerate(record["layers"])
+    ]

@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from trimformer import __version__
-from trimformer.formats.pruning_record import RECORD_FILE
+from trimformer.errors import UserError
+from trimformer.formats.pruning_record import RECORD_FILE, kept_per_layer, load_pruning_record
+from trimformer.formats.targets import built_for
 from trimformer.fsutil import atomic_output_dir
 from trimformer.validation.report_md import format_cell
 
@@ -28,7 +30,6 @@ if TYPE_CHECKING:
 __all__ = [
     "collect_report",
     "pareto_front",
-    "pruning_layers",
     "render_html",
     "render_markdown",
     "write_run_report",
@@ -116,80 +117,21 @@ def pareto_front(points: list[tuple[float, float]]) -> list[bool]:
     return flags
 
 
-_SPELLINGS = {
-    # what: (kept, total, removed) keys, as the prune pass's record and other tools write them
-    "heads": (
-        ("kept_heads", "heads_kept", "heads_after"),
-        ("num_heads", "heads_total", "heads_before"),
-        ("removed_heads", "heads_removed"),
-    ),
-    "ffn": (
-        ("kept_neurons", "kept_ffn", "ffn_kept", "ffn_after"),
-        ("ffn_size", "ffn_total", "ffn_before"),
-        ("removed_neurons", "ffn_removed"),
-    ),
-}
-
-
-def _count(entry: dict[str, Any], what: str) -> tuple[int | None, int | None]:
-    """(kept, total) for ``heads`` or ``ffn`` from the spellings a pruning record may use."""
-
-    def first(keys: tuple[str, ...]) -> Any:
-        for key in keys:
-            if entry.get(key) is not None:
-                value = entry[key]
-                return len(value) if isinstance(value, list) else int(value)
-        return None
-
-    kept_keys, total_keys, removed_keys = _SPELLINGS[what]
-    kept, total, removed = first(kept_keys), first(total_keys), first(removed_keys)
-    if kept is None and total is not None and removed is not None:
-        kept = total - removed
-    if total is None and kept is not None and removed is not None:
-        total = kept + removed
-    return kept, total
-
-
-def pruning_layers(record: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per-layer heads and FFN channels kept, from a pruning record or the prune step's stats."""
-    if isinstance(record.get("record"), dict):
-        return pruning_layers(record["record"])
-    entries = None
-    for key in ("layers", "per_layer", "blocks"):
-        if isinstance(record.get(key), list):
-            entries = record[key]
-            break
-    if entries is None:
-        return []
-    layers = []
-    for index, entry in enumerate(entries):
-        if not isinstance(entry, dict):
-            continue
-        heads_kept, heads_total = _count(entry, "heads")
-        ffn_kept, ffn_total = _count(entry, "ffn")
-        if heads_total is None and ffn_total is None:
-            continue
-        layers.append(
-            {
-                "layer": int(entry.get("layer", entry.get("index")) or index),
-                "heads_kept": heads_kept,
-                "heads_total": heads_total,
-                "ffn_kept": ffn_kept,
-                "ffn_total": ffn_total,
-            }
-        )
-    return layers
-
-
 def _pruning_for(folder: Path) -> list[dict[str, Any]]:
-    record = _read_json(folder / RECORD_FILE)
-    if record is not None and (layers := pruning_layers(record)):
-        return layers
-    meta = _read_json(folder / "trimformer.json") or {}
-    lineage = meta.get("lineage") or []
-    if lineage and isinstance(lineage[-1], dict):
-        return pruning_layers(lineage[-1].get("stats") or {})
-    return []
+    """Per-layer heads and FFN neurons kept, from the pruning record the prune stage wrote."""
+    if not (folder / RECORD_FILE).is_file():
+        return []
+    try:
+        return kept_per_layer(load_pruning_record(folder))
+    except UserError as exc:
+        logger.warning("no pruning map for %s: %s", folder.name, exc)
+        return []
+
+
+def _target_of(folder: Path) -> str | None:
+    """The deployment target the model in ``folder`` was built for, from its lineage."""
+    lineage = (_read_json(folder / "trimformer.json") or {}).get("lineage") or []
+    return built_for([step.get("params") or {} for step in lineage if isinstance(step, dict)])
 
 
 def collect_report(recipe: Recipe, result: RunResult) -> dict[str, Any]:
@@ -264,6 +206,7 @@ def collect_report(recipe: Recipe, result: RunResult) -> dict[str, Any]:
         "stages": stages,
         "providers": providers,
         "pruning": pruning,
+        "target": _target_of(artifact_stages[-1].out) if artifact_stages else None,
         "gates_passed": result.gates_passed,
         "gate_failures": result.gate_failures,
         "bundle": str(package.out / "bundle") if package is not None else None,
