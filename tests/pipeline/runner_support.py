@@ -17,7 +17,7 @@ import onnx_ir as ir
 from onnx_ir.passes import InPlacePass
 from pydantic import Field
 
-from trimformer.passes.base import PASS_REGISTRY, PassConfig, PassContext, PassReport
+from trimformer.passes.base import PASS_REGISTRY, PassConfig, PassContext, PassEntry, PassReport
 
 TEST_PASS = "stamp"
 
@@ -64,10 +64,11 @@ def stamp_factory(config: StampConfig, ctx: PassContext) -> StampPass:
 
 def register_stamp(monkeypatch: Any = None, name: str = TEST_PASS) -> None:
     """Register the test pass (under ``name``); with monkeypatch the registry is restored after."""
+    entry = PassEntry(name, StampConfig, stamp_factory)
     if monkeypatch is not None:
-        monkeypatch.setitem(PASS_REGISTRY, name, (StampConfig, stamp_factory))
+        monkeypatch.setitem(PASS_REGISTRY, name, entry)
     else:
-        PASS_REGISTRY[name] = (StampConfig, stamp_factory)
+        PASS_REGISTRY[name] = entry
 
 
 def toml_value(value: Any) -> str:

@@ -14,7 +14,7 @@ from tests.pipeline.runner_support import (
     write_recipe,
 )
 from trimformer.errors import UserError
-from trimformer.passes.base import PASS_REGISTRY, PassConfig
+from trimformer.passes.base import PASS_REGISTRY, PassConfig, PassEntry
 from trimformer.pipeline.plan import build_plan
 from trimformer.pipeline.recipe import load_recipe, parse_recipe
 
@@ -205,7 +205,7 @@ def test_pass_order_quantize_before_prune_is_refused(
 ) -> None:
     for name in ("prune", "quantize", "fuse"):
         if name not in PASS_REGISTRY:
-            monkeypatch.setitem(PASS_REGISTRY, name, (_Cfg, lambda config, ctx: None))
+            monkeypatch.setitem(PASS_REGISTRY, name, PassEntry(name, _Cfg, lambda config, ctx: None))
     text = tiny_recipe_text(tiny_bert, tiny_csv, passes=[{"name": "quantize"}, {"name": "prune"}])
     message = _refused(tmp_path, text)
     assert "passes[1]: 'prune' cannot run after 'quantize' (passes[0])" in message

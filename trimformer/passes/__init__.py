@@ -11,9 +11,11 @@ from trimformer.passes.base import (
     PASS_REGISTRY,
     PassConfig,
     PassContext,
+    PassEntry,
     PassReport,
     apply_pass,
     get_pass,
+    pass_order,
     register_pass,
 )
 
@@ -21,8 +23,10 @@ __all__ = [
     "PASS_REGISTRY",
     "PassConfig",
     "PassContext",
+    "PassEntry",
     "PassReport",
     "apply_pass",
     "get_pass",
+    "pass_order",
     "register_pass",
 ]

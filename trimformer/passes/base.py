@@ -46,13 +46,17 @@ __all__ = [
     "ConfigError",
     "PassConfig",
     "PassContext",
+    "PassEntry",
     "PassReport",
     "SelfCheckingPass",
     "apply_pass",
+    "check_emitted",
     "describe_error",
     "field_allowed",
     "get_pass",
+    "pass_order",
     "register_pass",
+    "weight_changing_passes",
 ]
 
 logger = logging.getLogger(__name__)
@@ -137,6 +141,9 @@ class PassReport(PassResult):
 
     stats: dict[str, Any] = dataclasses.field(default_factory=dict)
     files: dict[str, Path] = dataclasses.field(default_factory=dict)
+    # Facts later passes read from the artifact's metadata (``meta.extras``), such as the per-layer
+    # head counts a pruned graph has.
+    extras: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 ReferenceT = TypeVar("ReferenceT")
@@ -216,21 +223,82 @@ class PassContext:
 
 
 PassFactory = Callable[[Any, PassContext], FunctionalPass | InPlacePass]
-PASS_REGISTRY: dict[str, tuple[type[PassConfig], PassFactory]] = {}
+
+# What a pass may need besides its input graph: calibration rows, the PyTorch source it was
+# exported from, labelled rows to score candidates on.
+PassData = frozenset[str]
+DATA_KINDS = frozenset({"calibration", "source", "eval"})
 
 
-def register_pass(name: str, config_cls: type[PassConfig]) -> Callable[[PassFactory], PassFactory]:
+@dataclass(frozen=True)
+class PassEntry:
+    """Everything the runner knows of a pass, declared once where the pass is defined.
+
+    ``order``: its place in a recipe's chain (lower first; None: anywhere). ``changes_weights``:
+    its output no longer matches ranges trained on its input (QAT ranges are dropped after it).
+    ``data``: what it reads (:data:`DATA_KINDS`); a pass without "eval" scores no candidates and
+    calibrates each batch at its longest row. ``emits``: the operator domains beyond ONNX's own
+    that it may write; :func:`apply_pass` refuses output in any other.
+    """
+
+    name: str
+    config_cls: type[PassConfig]
+    factory: PassFactory
+    order: int | None = None
+    changes_weights: bool = False
+    data: PassData = frozenset({"calibration", "eval"})
+    emits: frozenset[str] = frozenset()
+
+
+PASS_REGISTRY: dict[str, PassEntry] = {}
+
+
+def register_pass(
+    name: str,
+    config_cls: type[PassConfig],
+    *,
+    order: int | None = None,
+    changes_weights: bool = False,
+    data: tuple[str, ...] = ("calibration", "eval"),
+    emits: tuple[str, ...] = (),
+) -> Callable[[PassFactory], PassFactory]:
+    unknown = set(data) - DATA_KINDS
+    if unknown:
+        raise ValueError(f"pass {name!r}: unknown data {sorted(unknown)}; known: {sorted(DATA_KINDS)}")
+
     def decorate(factory: PassFactory) -> PassFactory:
-        PASS_REGISTRY[name] = (config_cls, factory)
+        PASS_REGISTRY[name] = PassEntry(
+            name, config_cls, factory, order, changes_weights, frozenset(data), frozenset(emits)
+        )
         return factory
 
     return decorate
 
 
-def get_pass(name: str) -> tuple[type[PassConfig], PassFactory]:
+def get_pass(name: str) -> PassEntry:
     if name not in PASS_REGISTRY:
         raise UserError(f"unknown pass {name!r}; known passes: {', '.join(sorted(PASS_REGISTRY)) or 'none'}")
     return PASS_REGISTRY[name]
+
+
+def pass_order() -> dict[str, int]:
+    """The ordered passes' ranks (a recipe runs them in this order)."""
+    return {name: e.order for name, e in PASS_REGISTRY.items() if e.order is not None}
+
+
+def weight_changing_passes() -> frozenset[str]:
+    return frozenset(name for name, e in PASS_REGISTRY.items() if e.changes_weights)
+
+
+def check_emitted(entry: PassEntry, before: onnx.ModelProto, after: onnx.ModelProto) -> None:
+    """A pass wrote only operator domains it declares (or that its input already had)."""
+    had = {n.domain for n in before.graph.node}
+    extra = {n.domain for n in after.graph.node if n.domain not in ("", "ai.onnx")} - had - entry.emits
+    if extra:
+        raise PassError(
+            f"the {entry.name} pass wrote operators of {', '.join(sorted(extra))}, which its registry "
+            "entry does not declare (emits=...); please report this"
+        )
 
 
 def refuse_decoder(artifact: ModelArtifact, what: str) -> None:
@@ -252,20 +320,22 @@ def apply_pass(
     overwrite: bool = False,
     extra_params: dict[str, Any] | None = None,
     on_written: Callable[[Path, PassReport], None] | None = None,
+    refine: Callable[[PassReport], PassReport] | None = None,
 ) -> tuple[ModelArtifact, PassReport]:
     """Run one registered pass on an artifact and write the result as a new artifact.
 
-    ``on_written`` may add files (records, calibration caches) to the new folder before it is
-    renamed into place.
+    ``refine`` may change the pass's result before it is checked and written (the prune stage's
+    block reconstruction on the PyTorch source, which a pass cannot import). ``on_written`` may
+    add files (records, calibration caches) to the new folder before it is renamed into place.
     """
-    _, factory = get_pass(name)
+    entry = get_pass(name)
     refuse_decoder(artifact, f"the {name} pass")
     proto = artifact.load_model()
     # Passes run onnxruntime on their input (calibration, checks): a graph that would crash it
     # natively is caught in a child process first.
     probe_onnxruntime(artifact.model_path)
     model = ir.from_proto(proto)
-    the_pass = factory(config, ctx)
+    the_pass = entry.factory(config, ctx)
     try:
         result = the_pass(model)
     except (PassError, PreconditionError, PostconditionError) as exc:
@@ -274,14 +344,18 @@ def apply_pass(
             raise exc.__cause__ from None
         raise
     report = result if isinstance(result, PassReport) else PassReport(result.model, result.modified)
+    if refine is not None:
+        report = refine(report)
     params = {"pass": name, **config.model_dump(mode="json"), **(extra_params or {})}
     proto_out = ir.to_proto(report.model)
+    check_emitted(entry, proto, proto_out)
     if ctx.target is not None:
         check_graph(proto_out, ctx.target, f"the {name} pass")
         params["target"] = ctx.target.name
     with artifact.derive(out, step=name, params=params, overwrite=overwrite) as derived:
         derived.model = proto_out
         derived.stats = report.stats
+        derived.meta.extras.update(report.extras)
         if on_written is not None:
             on_written(derived.path, report)
     return ModelArtifact.open(out), report

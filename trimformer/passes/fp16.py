@@ -127,6 +127,6 @@ class Fp16Pass(SelfCheckingPass[onnx.ModelProto], FunctionalPass):
         )
 
 
-@register_pass("fp16", Fp16Config)
+@register_pass("fp16", Fp16Config, changes_weights=True, data=())
 def _make(config: Fp16Config, ctx: PassContext) -> Fp16Pass:
     return Fp16Pass(config, ctx)

@@ -214,7 +214,7 @@ def _run_export(ctx: StageContext) -> StageResult:
 def _pass_runner(index: int) -> Callable[[StageContext], StageResult]:
     def run(ctx: StageContext) -> StageResult:
         spec = ctx.recipe.passes[index]
-        config_cls, _ = known_passes()[spec.name]
+        config_cls = known_passes()[spec.name].config_cls
         config = pass_config(config_cls, spec, ctx.recipe.data)
         # The real prune/quantize/fuse passes go through their stage functions (records, reports,
         # plots); a pass registered under the same name with another config (a test's stand-in)

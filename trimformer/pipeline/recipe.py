@@ -48,7 +48,7 @@ from trimformer.errors import UserError
 from trimformer.formats.onnx_ops import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
 from trimformer.formats.targets import AUTO_TARGET, check_target_name, check_validating_cpu
 from trimformer.formats.tasks import CAUSAL_LM, TASK_NAMES
-from trimformer.passes.base import PASS_REGISTRY, ConfigError, PassConfig, describe_error
+from trimformer.passes.base import PASS_REGISTRY, ConfigError, PassConfig, describe_error, pass_order
 from trimformer.pipeline.stages.params import StageParams, stage_params_class
 from trimformer.runtime.cpu import cpu_class
 from trimformer.runtime.manifest import ManifestError, check_model_name
@@ -57,7 +57,6 @@ __all__ = [
     "EXPORT_DEFAULT_OPSET",
     "EXPORT_MAX_OPSET",
     "EXPORT_MIN_OPSET",
-    "PASS_ORDER",
     "DataSection",
     "ExportSection",
     "Gates",
@@ -80,7 +79,6 @@ EXPORT_MIN_OPSET, EXPORT_MAX_OPSET, EXPORT_DEFAULT_OPSET = MIN_OPSET, MAX_OPSET,
 
 # Passes whose relative order is fixed: pruning edits float MatMul weights, so it must see the
 # graph before fusion rewrites the attention block and before quantization replaces the weights.
-PASS_ORDER = {"prune": 0, "fuse": 1, "quantize": 2}
 
 # Keys of the stage functions' configs that the runner fills in itself.
 _RUNNER_KEYS = {"model", "teacher", "data", "out", "overwrite", "seed", "checkpoint_dir"}
@@ -627,7 +625,7 @@ def _check_passes(recipe: Recipe) -> list[tuple[str, str]]:
             known = ", ".join(sorted(registry)) or "none registered"
             problems.append((f"passes[{index}].name", f"unknown pass {spec.name!r}; known passes: {known}"))
             continue
-        config_cls = registry[spec.name][0]
+        config_cls = registry[spec.name].config_cls
         try:
             pass_config(config_cls, spec, recipe.data)
         except ValidationError as exc:  # a registered config that is a plain pydantic model
@@ -744,17 +742,15 @@ def _check_order(recipe: Recipe) -> list[tuple[str, str]]:
                         "cannot run on an exported ONNX artifact; point model.source at the PyTorch model folder",
                     )
                 )
-    ranks = [
-        (i, spec.name, PASS_ORDER[spec.name])
-        for i, spec in enumerate(recipe.passes)
-        if spec.name in PASS_ORDER
-    ]
+    order = pass_order()
+    chain = ", ".join(sorted(order, key=order.__getitem__))
+    ranks = [(i, spec.name, order[spec.name]) for i, spec in enumerate(recipe.passes) if spec.name in order]
     for (i, name, rank), (j, later, later_rank) in itertools.pairwise(ranks):
         if later_rank < rank:
             problems.append(
                 (
                     f"passes[{j}]",
-                    f"{later!r} cannot run after {name!r} (passes[{i}]); order: prune, fuse, quantize",
+                    f"{later!r} cannot run after {name!r} (passes[{i}]); order: {chain}",
                 )
             )
     if recipe.package is not None and recipe.validate_ is None:

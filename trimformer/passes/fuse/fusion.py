@@ -18,6 +18,7 @@ import logging
 import os
 import tempfile
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -112,44 +113,58 @@ def _const_ints(graph: onnx.GraphProto) -> dict[str, list[int]]:
     return values
 
 
-def detect_attention_dims(model: onnx.ModelProto) -> tuple[int, int]:
-    """(num_heads, hidden_size) from the graph, or (0, 0) when no attention reshape is found.
+@dataclass(frozen=True)
+class HeadSplit:
+    """One attention projection's head split: ``Reshape(MatMul(x, W) [+ b], (batch, seq, heads,
+    head_dim))``, the shape a constant or (TorchScript export) a ``Concat`` of constants."""
 
-    The head split is a Reshape to ``(batch, seq, heads, head_dim)`` with at least ``head_dim``
-    constant; the hidden size is the input width of the MatMul feeding it.
-    """
+    reshape: onnx.NodeProto
+    concat: onnx.NodeProto | None
+    heads: int | None  # None: not a constant; -1: inferred at run time
+    head_dim: int
+    weight: tuple[int, ...]  # the projection's (input width, output width)
+
+
+def head_splits(model: onnx.ModelProto) -> list[HeadSplit]:
+    """Every head split of the graph: the one place that reads head counts and widths from it."""
     graph = model.graph
     consts = _const_ints(graph)
     producers = {out: node for node in graph.node for out in node.output}
-    shapes = {init.name: tuple(init.dims) for init in graph.initializer}
-    head_dims: Counter[tuple[int, int]] = Counter()
+    widths = {init.name: tuple(init.dims) for init in graph.initializer}
+    splits = []
     for node in graph.node:
         if node.op_type != "Reshape" or len(node.input) < 2:
             continue
-        shape = consts.get(node.input[1])
+        concat = None
+        constant = consts.get(node.input[1])
+        shape: list[int | None] | None = None if constant is None else [*constant]
         if shape is None and node.input[1] in producers and producers[node.input[1]].op_type == "Concat":
-            parts = [consts.get(i) for i in producers[node.input[1]].input]
+            concat = producers[node.input[1]]
+            parts = [consts.get(i) for i in concat.input]
             if len(parts) == 4 and parts[3] is not None and len(parts[3]) == 1:
-                shape = [0, 0, parts[2][0] if parts[2] else -1, parts[3][0]]
-        if shape is None or len(shape) != 4 or shape[3] <= 0:
+                heads = parts[2][0] if parts[2] is not None and len(parts[2]) == 1 else None
+                shape = [0, 0, heads, parts[3][0]]
+        if shape is None or len(shape) != 4 or shape[3] is None or shape[3] <= 0:
             continue
-        # Width of the projection feeding the reshape (MatMul weight, maybe through a bias Add).
         src = producers.get(node.input[0])
         if src is not None and src.op_type == "Add":
-            src = next(
-                (producers[i] for i in src.input if i in producers and producers[i].op_type == "MatMul"), None
-            )
-        if src is None or src.op_type != "MatMul" or src.input[1] not in shapes:
+            src = next((producers[i] for i in src.input if producers.get(i, src).op_type == "MatMul"), None)
+        weight = widths.get(src.input[1]) if src is not None and src.op_type == "MatMul" else None
+        if weight is None or len(weight) != 2 or weight[1] % shape[3]:
             continue
-        w = shapes[src.input[1]]
-        if len(w) != 2 or w[1] % shape[3]:
-            continue
-        if w[0] != w[1]:
-            # Head-pruned: each layer keeps its own head count, written into its Reshape. One
-            # global (num_heads, hidden) would be wrong for some layer; (0, 0) makes onnxruntime
-            # read every layer's count from its own Reshape.
+        splits.append(HeadSplit(node, concat, shape[2], shape[3], weight))
+    return splits
+
+
+def detect_attention_dims(model: onnx.ModelProto) -> tuple[int, int]:
+    """(num_heads, hidden_size) from the graph's head splits, or (0, 0) when there is none or the
+    layers differ (head-pruned: each layer keeps its own count, pinned into its Reshape, and (0, 0)
+    makes onnxruntime read every layer's count there instead of one global value)."""
+    head_dims: Counter[tuple[int, int]] = Counter()
+    for split in head_splits(model):
+        if split.weight[0] != split.weight[1]:
             return 0, 0
-        head_dims[(w[1] // shape[3], w[0])] += 1
+        head_dims[(split.weight[1] // split.head_dim, split.weight[0])] += 1
     if not head_dims:
         return 0, 0
     return head_dims.most_common(1)[0][0]
@@ -164,29 +179,14 @@ def pin_head_counts(model: onnx.ModelProto) -> int:
     it falls back to one global ``num_heads``, which a pruned model with a different count per
     layer cannot have: its unpruned layers then lose their Attention fusion ("Failed to detect
     num_heads"). The count is the projection's width over ``head_dim``, read from the graph."""
-    graph = model.graph
-    consts = _const_ints(graph)
-    producers = {out: node for node in graph.node for out in node.output}
-    widths = {init.name: tuple(init.dims) for init in graph.initializer}
     pinned = 0
-    for node in graph.node:
-        concat = producers.get(node.input[1]) if node.op_type == "Reshape" and len(node.input) > 1 else None
-        if concat is None or concat.op_type != "Concat" or len(concat.input) != 4:
+    for split in head_splits(model):
+        if split.concat is None or split.heads != -1:
             continue
-        heads, head_dim = consts.get(concat.input[2]), consts.get(concat.input[3])
-        if heads != [-1] or head_dim is None or len(head_dim) != 1 or head_dim[0] <= 0:
-            continue
-        src = producers.get(node.input[0])
-        if src is not None and src.op_type == "Add":
-            src = next((producers[i] for i in src.input if producers.get(i, src).op_type == "MatMul"), None)
-        weight = widths.get(src.input[1]) if src is not None and src.op_type == "MatMul" else None
-        if weight is None or len(weight) != 2 or weight[1] % head_dim[0]:
-            continue
-        name = f"{concat.name or concat.output[0]}_heads"
-        graph.initializer.append(
-            numpy_helper.from_array(np.array([weight[1] // head_dim[0]], np.int64), name)
-        )
-        concat.input[2] = name
+        name = f"{split.concat.name or split.concat.output[0]}_heads"
+        count = np.array([split.weight[1] // split.head_dim], np.int64)
+        model.graph.initializer.append(numpy_helper.from_array(count, name))
+        split.concat.input[2] = name
         pinned += 1
     return pinned
 
@@ -329,6 +329,6 @@ class FusePass(SelfCheckingPass[onnx.ModelProto], FunctionalPass):
         logger.info("fuse: %s (max abs diff %.2g)", report.stats["fusions"] or "nothing fused", diff)
 
 
-@register_pass("fuse", FuseConfig)
+@register_pass("fuse", FuseConfig, order=1, data=(), emits=("com.microsoft",))
 def make_fuse_pass(config: FuseConfig, ctx: PassContext) -> FusePass:
     return FusePass(config, ctx)

@@ -356,6 +356,6 @@ class PrunePass(SelfCheckingPass[_ExactnessCheck], FunctionalPass):
         report.stats["exactness_max_abs_diff"] = _ensure_exact(check.reference, check.surgery, self.ctx)
 
 
-@register_pass("prune", PruneConfig)
+@register_pass("prune", PruneConfig, order=0, changes_weights=True, data=("calibration", "source"))
 def make_prune_pass(config: PruneConfig, ctx: PassContext) -> PrunePass:
     return PrunePass(config, ctx)

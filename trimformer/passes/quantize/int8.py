@@ -435,7 +435,7 @@ class QuantizePass(FunctionalPass):
         return PassReport(ir.from_proto(quantized), modified=True, stats=stats, files=files)
 
 
-@register_pass("quantize", QuantizeConfig)
+@register_pass("quantize", QuantizeConfig, order=2, data=("calibration", "eval"), emits=("com.microsoft",))
 def make_quantize_pass(config: QuantizeConfig, ctx: PassContext) -> QuantizePass:
     config.check()
     return QuantizePass(config, ctx)

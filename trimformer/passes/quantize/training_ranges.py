@@ -31,6 +31,7 @@ from onnx import numpy_helper
 
 from trimformer.errors import UserError
 from trimformer.formats.qat_ranges import QAT_RANGES_FILE, weight_digest
+from trimformer.passes.base import weight_changing_passes
 from trimformer.passes.quantize.graph import Candidate
 from trimformer.passes.quantize.presets import QuantizerSettings
 
@@ -60,7 +61,7 @@ def carries_training_ranges(folder: Path, lineage_steps: list[str]) -> bool:
     if not (folder / QAT_RANGES_FILE).is_file():
         return False
     after_export = lineage_steps[lineage_steps.index("export") + 1 :] if "export" in lineage_steps else []
-    return not any(step in ("prune", "fp16") for step in after_export)
+    return not set(after_export) & weight_changing_passes()
 
 
 def check_training_options(config: Any) -> None:

@@ -26,7 +26,7 @@ _DEFAULTS = PassStageParams()
 def _default_configs(passes: list[str]) -> list[tuple[str, PassConfig]]:
     if not passes:
         raise UserError(f"no passes given; known passes: {', '.join(sorted(PASS_REGISTRY))}")
-    return [(name, get_pass(name)[0]()) for name in passes]
+    return [(name, get_pass(name).config_cls()) for name in passes]
 
 
 def optimize(

@@ -15,7 +15,7 @@ from typing import Literal
 from pydantic import ConfigDict, Field
 
 from trimformer import defaults
-from trimformer.passes.base import PassConfig
+from trimformer.passes.base import PASS_REGISTRY, PassConfig
 
 __all__ = [
     "CALIBRATION_SPLIT",
@@ -83,8 +83,14 @@ class PassStageParams(EvaluatingStageParams):
     samples: int = Field(default=defaults.PASS_SAMPLES, ge=1)
 
 
-_BY_PASS: dict[str, type[StageParams]] = {"prune": PruneStageParams, "quantize": QuantizeStageParams}
-
-
 def stage_params_class(pass_name: str) -> type[StageParams]:
-    return _BY_PASS.get(pass_name, PassStageParams)
+    """From the pass's registry entry: a pass that calibrates but scores nothing reads each batch at
+    its longest row (prune); one whose config holds its own row count (quantize) takes the rest."""
+    entry = PASS_REGISTRY.get(pass_name)
+    if entry is None:
+        return PassStageParams
+    if "calibration" in entry.data and "eval" not in entry.data:
+        return PruneStageParams
+    if "samples" in entry.config_cls.model_fields:
+        return QuantizeStageParams
+    return PassStageParams

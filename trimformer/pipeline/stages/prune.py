@@ -13,6 +13,7 @@ import json
 import logging
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,12 +25,11 @@ from trimformer.artifact import ModelArtifact
 from trimformer.data import Encoder
 from trimformer.errors import UserError
 from trimformer.formats.pruning_record import RECORD_FILE
-from trimformer.formats.targets import Target, check_graph
 from trimformer.fsutil import check_output_dir
 from trimformer.onnx_io import probe_onnxruntime
-from trimformer.passes.base import PassContext, PassReport, refuse_decoder
+from trimformer.passes.base import PassContext, PassReport, apply_pass, refuse_decoder
 from trimformer.passes.graph import EncoderLayout, find_blocks
-from trimformer.passes.prune.structured import PruneConfig, PrunePass
+from trimformer.passes.prune.structured import PruneConfig
 from trimformer.pipeline.context import (
     DataRequest,
     StageOptions,
@@ -188,18 +188,17 @@ def _check_inputs(config: PruneStageConfig) -> None:
         )
 
 
-def _open_unpruned(config: PruneStageConfig) -> tuple[ModelArtifact, ir.Model, EncoderLayout]:
+def _open_unpruned(config: PruneStageConfig) -> tuple[ModelArtifact, EncoderLayout]:
     artifact = ModelArtifact.open(config.model)
     refuse_decoder(artifact, "the prune pass")
     if "pruning" in artifact.meta.extras:
         raise UserError(
             f"{config.model} is already pruned; prune the unpruned artifact with a larger budget instead"
         )
-    model = ir.from_proto(artifact.load_model())
-    layout = find_blocks(model.graph)
+    layout = find_blocks(ir.from_proto(artifact.load_model()).graph)
     # Pruning runs onnxruntime on this graph: one that would crash it natively fails here first.
     probe_onnxruntime(artifact.model_path)
-    return artifact, model, layout
+    return artifact, layout
 
 
 def _context(
@@ -223,72 +222,43 @@ def _context(
     return ctx, dataset, source
 
 
-def _prune(
-    model: ir.Model,
-    layout: EncoderLayout,
-    ctx: PassContext,
-    dataset: Any,
-    source: Any,
-    config: PruneStageConfig,
-) -> tuple[ir.Model, dict[str, Any]]:
-    """Run the pass, then block reconstruction on the PyTorch source when it applies."""
-    prune = config.prune
-    report = PrunePass(prune, ctx)(model)
-    assert isinstance(report, PassReport)
-    stats, pruned_model = report.stats, report.model
-    if prune.reconstruct and prune.block_steps > 0 and source is not None:
-        if layout.fused:
-            logger.warning(
-                "block reconstruction skipped: the graph is fused (prune before fusing); ridge only"
-            )
-        else:
-            block_started = time.perf_counter()
-            pruned_model, steps = _block_reconstruct(pruned_model, source, dataset, stats["record"], config)
-            stats["reconstruction"] += [s.to_dict() for s in steps]
-            stats["seconds"]["block_reconstruction"] = round(time.perf_counter() - block_started, 2)
-    return pruned_model, stats
+def _refine(
+    layout: EncoderLayout, dataset: Any, source: Any, config: PruneStageConfig, full: dict[str, Any]
+) -> Callable[[PassReport], PassReport]:
+    """Block reconstruction on the PyTorch source after the pass (when it applies); the full
+    statistics go to ``full`` (the report file), the lineage keeps the headline figures."""
 
-
-def _write_artifact(
-    artifact: ModelArtifact,
-    pruned_model: ir.Model,
-    layout: EncoderLayout,
-    stats: dict[str, Any],
-    config: PruneStageConfig,
-    target: Target,
-) -> None:
-    """The pruned artifact with its lineage step, record, report and map."""
-    out = Path(config.out)
-    params = {
-        "pass": "prune",
-        **config.prune.model_dump(mode="json"),
-        "calibration": config.calibration,
-        "samples": config.samples,
-        "source": config.source,
-        "target": target.name,
-    }
-    proto = ir.to_proto(pruned_model)
-    check_graph(proto, target, "the prune pass")
-    lineage_stats = {
-        k: stats[k] for k in ("importance", "flops_removed", "params_removed", "exactness_max_abs_diff")
-    }
-    lineage_stats["heads_per_layer"] = [row["heads"] for row in stats["after"]["layers"]]
-    lineage_stats["neurons_per_layer"] = [row["neurons"] for row in stats["after"]["layers"]]
-    with artifact.derive(out, step="prune", params=params, overwrite=config.overwrite) as derived:
-        derived.model = proto
-        derived.stats = lineage_stats
-        # Later passes (fusion) read per-layer head counts from here.
-        derived.meta.extras["pruning"] = {
-            "record": RECORD_FILE,
-            "num_heads": lineage_stats["heads_per_layer"],
-            "ffn_size": lineage_stats["neurons_per_layer"],
-            "head_dim": layout.head_dim,
-            "hidden_size": layout.hidden_size,
+    def refine(report: PassReport) -> PassReport:
+        stats, model, prune = report.stats, report.model, config.prune
+        if prune.reconstruct and prune.block_steps > 0 and source is not None:
+            if layout.fused:
+                logger.warning(
+                    "block reconstruction skipped: the graph is fused (prune before fusing); ridge only"
+                )
+            else:
+                started = time.perf_counter()
+                model, steps = _block_reconstruct(model, source, dataset, stats["record"], config)
+                stats["reconstruction"] += [s.to_dict() for s in steps]
+                stats["seconds"]["block_reconstruction"] = round(time.perf_counter() - started, 2)
+        full.update(stats)
+        kept = {
+            k: stats[k] for k in ("importance", "flops_removed", "params_removed", "exactness_max_abs_diff")
         }
-        stats["size_bytes"] = {"before": artifact.size_bytes()}
-        write_prune_outputs(derived.path, stats)
-    stats["size_bytes"]["after"] = ModelArtifact.open(out).size_bytes()
-    (out / REPORT_FILE).write_text(json.dumps(stats, indent=1, default=float) + "\n", encoding="utf-8")
+        kept["heads_per_layer"] = [row["heads"] for row in stats["after"]["layers"]]
+        kept["neurons_per_layer"] = [row["neurons"] for row in stats["after"]["layers"]]
+        # Later passes (fusion) read per-layer head counts from here.
+        extras = {
+            "pruning": {
+                "record": RECORD_FILE,
+                "num_heads": kept["heads_per_layer"],
+                "ffn_size": kept["neurons_per_layer"],
+                "head_dim": layout.head_dim,
+                "hidden_size": layout.hidden_size,
+            }
+        }
+        return PassReport(model, True, kept, extras=extras)
+
+    return refine
 
 
 def _summary(stats: dict[str, Any], out: Path, seconds: float) -> dict[str, Any]:
@@ -321,12 +291,31 @@ def run_prune(config: PruneStageConfig) -> dict[str, Any]:
     started = time.perf_counter()
     _check_inputs(config)
     check_output_dir(Path(config.out), config.overwrite)
-    artifact, model, layout = _open_unpruned(config)
+    artifact, layout = _open_unpruned(config)
+    full: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="trimformer-prune-") as scratch:
         ctx, dataset, source = _context(artifact, config, layout, Path(scratch))
         fisher_seconds = time.perf_counter() - started
-        pruned_model, stats = _prune(model, layout, ctx, dataset, source, config)
-    stats["seconds"]["fisher"] = round(fisher_seconds, 2)
-    assert ctx.target is not None
-    _write_artifact(artifact, pruned_model, layout, stats, config, ctx.target)
-    return _summary(stats, Path(config.out), round(time.perf_counter() - started, 2))
+        before = artifact.size_bytes()
+
+        def write_outputs(folder: Path, _report: PassReport) -> None:
+            full["seconds"]["fisher"] = round(fisher_seconds, 2)
+            full["size_bytes"] = {"before": before}
+            write_prune_outputs(folder, full)
+
+        out = Path(config.out)
+        params = {"calibration": config.calibration, "samples": config.samples, "source": config.source}
+        pruned, _ = apply_pass(
+            artifact,
+            "prune",
+            config.prune,
+            ctx,
+            out,
+            overwrite=config.overwrite,
+            extra_params=params,
+            on_written=write_outputs,
+            refine=_refine(layout, dataset, source, config, full),
+        )
+    full["size_bytes"]["after"] = pruned.size_bytes()
+    (out / REPORT_FILE).write_text(json.dumps(full, indent=1, default=float) + "\n", encoding="utf-8")
+    return _summary(full, out, round(time.perf_counter() - started, 2))

@@ -14,7 +14,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from trimformer.artifact import ModelArtifact
 from trimformer.errors import UserError
@@ -36,10 +36,8 @@ from trimformer.pipeline.stages.params import EvalSplit, QuantizeStageParams
 __all__ = [
     "REPORT_FILE",
     "QuantizeStageConfig",
-    "attention_dims",
     "run_fuse",
     "run_quantize",
-    "with_attention_dims",
 ]
 
 logger = logging.getLogger(__name__)
@@ -47,7 +45,6 @@ logger = logging.getLogger(__name__)
 REPORT_FILE = "quantization_report.json"
 _DEFAULTS = QuantizeStageParams()
 # A pass config with attention dimensions (fuse, quantize).
-_Dims = TypeVar("_Dims", FuseConfig, QuantizeConfig)
 
 
 @dataclass
@@ -80,20 +77,6 @@ class QuantizeStageConfig(StageOptions):
         )
 
 
-def attention_dims(artifact: ModelArtifact) -> tuple[int, int]:
-    """(num_heads, hidden_size) from the artifact's config.json or pruning record; 0 = unknown."""
-    if artifact.meta.extras.get("pruning") is not None:
-        # Pruned layers keep different head counts; the fuse pass reads them from the graph.
-        return 0, 0
-    config = artifact.path / "config.json"
-    if config.is_file():
-        data = json.loads(config.read_text(encoding="utf-8"))
-        n_heads = data.get("num_attention_heads") or data.get("n_heads") or 0
-        hidden = data.get("hidden_size") or data.get("dim") or 0
-        return int(n_heads), int(hidden)
-    return 0, 0
-
-
 def _check_inputs(config: QuantizeStageConfig) -> None:
     """Refuse what cannot work before anything is read."""
     qcfg = config.quantize
@@ -108,16 +91,6 @@ def _check_inputs(config: QuantizeStageConfig) -> None:
         and not qcfg.ranges_from_training
     ):
         raise UserError("static quantization needs calibration data; pass --calibration DATA (or --dynamic)")
-
-
-def with_attention_dims(config: _Dims, artifact: ModelArtifact) -> _Dims:
-    """The config with num_heads/hidden_size from the artifact where they are 0 (unknown)."""
-    if config.num_heads > 0 and config.hidden_size > 0:
-        return config
-    heads, hidden = attention_dims(artifact)
-    return config.model_copy(
-        update={"num_heads": config.num_heads or heads, "hidden_size": config.hidden_size or hidden}
-    )
 
 
 def _write_reports(folder: Path, report: PassReport) -> None:
@@ -155,7 +128,6 @@ def run_quantize(config: QuantizeStageConfig) -> dict[str, Any]:
     check_output_dir(out, config.overwrite)
     artifact = ModelArtifact.open(config.model)
     qcfg, target = quantize_target(config.quantize, config.target)
-    qcfg = with_attention_dims(qcfg, artifact)
     with tempfile.TemporaryDirectory(prefix="trimformer-quantize-") as tmp:
         ctx = build_pass_context(artifact, config.data_request(), Path(tmp), target=target)
         if qcfg.ranges_from_training:
@@ -206,7 +178,7 @@ def run_fuse(
     out_path = Path(out)
     check_output_dir(out_path, overwrite)
     artifact = ModelArtifact.open(model)
-    config = with_attention_dims(config or FuseConfig(), artifact)
+    config = config or FuseConfig()
     resolved = host_target(target)
     if not resolved.cpu_kernels:
         config = config.model_copy(update={"cpu_kernels": False})
