@@ -46,6 +46,8 @@ logger = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
 ARTIFACT_META = "trimformer.json"
+# meta.extras key: the local PyTorch folder an export came from (read by the prune stage, never shipped).
+EXPORTED_FROM = "exported_from"
 REPORT_DIRS = ("report",)
 # The task names come from the registry (formats/tasks.py); a name outside it is refused at load.
 Task = str

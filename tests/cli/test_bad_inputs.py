@@ -6,6 +6,7 @@ output folder behind (nor any temporary sibling of it).
 
 from __future__ import annotations
 
+import json
 import pickle
 import re
 import shutil
@@ -37,6 +38,13 @@ def _copy_artifact(fx: dict[str, Path], tmp: Path, edit: Callable[[Path], None])
     shutil.copytree(fx["onnx"], target)
     edit(target)
     return target
+
+
+def _forget_source(folder: Path) -> None:
+    """As if the PyTorch folder the artifact was exported from were gone (an artifact from elsewhere)."""
+    meta = json.loads((folder / "trimformer.json").read_text())
+    meta["extras"].pop("exported_from")
+    (folder / "trimformer.json").write_text(json.dumps(meta))
 
 
 def _write(path: Path, text: str) -> Path:
@@ -404,7 +412,7 @@ CASES: dict[str, tuple[Case, str]] = {
     "prune: fisher without a PyTorch source": (
         lambda t, fx: [
             "prune",
-            str(fx["onnx"]),
+            str(_copy_artifact(fx, t, _forget_source)),
             "--calibration",
             str(fx["csv"]),
             "--heads",

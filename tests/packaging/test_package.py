@@ -84,9 +84,13 @@ def test_layout_and_manifest(bundle: Path, tiny_bert_onnx: Path) -> None:
     assert manifest["lineage"]["model_hash"] == "sha256:" + manifest["files"]["model.onnx"]["sha256"]
     assert [s["step"] for s in manifest["lineage"]["steps"]] == ["export"]
     assert manifest["recipe"]["text"] == "[model]\npath = 'x'\n"
-    # Model, tokenizer and metadata are the artifact's bytes, untouched.
-    for name in ("model.onnx", "tokenizer.json", "trimformer.json"):
+    # Model and tokenizer are the artifact's bytes, untouched; its metadata too, less the local
+    # folder the export came from.
+    for name in ("model.onnx", "tokenizer.json"):
         assert (bundle / name).read_bytes() == (tiny_bert_onnx / name).read_bytes()
+    shipped, built = (json.loads((f / "trimformer.json").read_text()) for f in (bundle, tiny_bert_onnx))
+    assert built["extras"].pop("exported_from") not in (bundle / "trimformer.json").read_text()
+    assert shipped == built
     config = json.loads((bundle / "config.json").read_text())
     assert config["id2label"] == {"0": "negative", "1": "neutral", "2": "positive"}
     assert config["model_type"] == "bert"

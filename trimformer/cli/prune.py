@@ -28,10 +28,13 @@ from trimformer.cli.options import data_columns, model_argument, overwrite_optio
     type=click.Choice(["auto", "magnitude", "activation", "fisher", "ablation"]),
     default="auto",
     show_default=True,
-    help="How units are scored; auto: fisher with --source, else activation with data, else magnitude.",
+    help="How units are scored; auto: fisher with the PyTorch source, else activation with data, else magnitude.",
 )
 @click.option(
-    "--source", default=None, help="The PyTorch model folder the artifact was exported from (Fisher)."
+    "--source",
+    default=None,
+    help="The PyTorch model folder the artifact was exported from (Fisher importance, block reconstruction); "
+    "default: the folder its export recorded, if it still holds the same files.",
 )
 @click.option(
     "--no-reconstruct", is_flag=True, help="Skip the least-squares refit of the kept projection rows."

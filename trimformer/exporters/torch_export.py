@@ -16,6 +16,7 @@ import torch
 
 from trimformer import __version__
 from trimformer.artifact import (
+    EXPORTED_FROM,
     MODEL_FILE,
     ArtifactMeta,
     IOSpec,
@@ -212,6 +213,10 @@ def export_source(
             opset=opset,
             source_hash=source.files_hash,
         )
+        # Where the PyTorch model was: `trimformer prune` finds it there for Fisher importance and
+        # block reconstruction while its files still hash to source_hash. Not in the lineage, which
+        # bundles ship: a local path is nobody else's business.
+        meta.extras[EXPORTED_FROM] = str(source.folder.resolve())
         qat = (tmp / QAT_RANGES_FILE).is_file()
         if qat:
             meta.extras["qat_ranges"] = QAT_RANGES_FILE

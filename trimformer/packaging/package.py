@@ -28,7 +28,7 @@ import numpy as np
 import onnxruntime as ort
 
 from trimformer import __version__
-from trimformer.artifact import ARTIFACT_META, MODEL_FILE, ModelArtifact
+from trimformer.artifact import EXPORTED_FROM, MODEL_FILE, ModelArtifact, write_meta
 from trimformer.errors import UserError
 from trimformer.formats.decoder import DECODER_EXTRAS_KEY, DecoderSpec
 from trimformer.formats.targets import built_for
@@ -176,7 +176,10 @@ def _copy_files(artifact: ModelArtifact, tmp: Path) -> tuple[list[str], list[str
     for name in tokenizer_files:
         shutil.copyfile(artifact.path / name, tmp / name)
     (tmp / CONFIG_FILE).write_bytes(_config_bytes(artifact))
-    shutil.copyfile(artifact.path / ARTIFACT_META, tmp / ARTIFACT_META)
+    # The bundle's own copy, without where the model was built (a local path).
+    shipped = artifact.meta.model_copy(deep=True)
+    shipped.extras.pop(EXPORTED_FROM, None)
+    write_meta(tmp, shipped)
     skipped = sorted(
         p.relative_to(artifact.path).as_posix()
         for p in artifact.side_files()

@@ -256,7 +256,6 @@ def test_cli_fisher_with_reconstruction(
             ["--flops", "0.999", "--importance", "magnitude", "--no-reconstruct"],
             "remove every head and every neuron",
         ),
-        (["--flops", "0.5", "--importance", "fisher", "--calibration", "DATA"], "needs the PyTorch model"),
         (["--flops", "0.5", "--importance", "ablation", "--no-reconstruct"], "needs calibration data"),
         (["--flops", "0.5", "--calibration", "DATA", "--source", "OTHER"], "do not match"),
     ],

@@ -9,6 +9,7 @@ runs the pass, and writes ``pruning_record.json`` (replayable with
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import tempfile
@@ -21,7 +22,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from trimformer.artifact import ModelArtifact
+from trimformer.artifact import EXPORTED_FROM, ModelArtifact
 from trimformer.data import Encoder
 from trimformer.errors import UserError
 from trimformer.formats.pruning_record import RECORD_FILE
@@ -40,7 +41,7 @@ from trimformer.pipeline.context import (
 )
 from trimformer.pipeline.stages.params import PruneStageParams
 
-__all__ = ["PruneStageConfig", "run_prune", "write_prune_outputs"]
+__all__ = ["PruneStageConfig", "exported_from", "run_prune", "write_prune_outputs"]
 
 logger = logging.getLogger(__name__)
 
@@ -171,6 +172,39 @@ def _block_reconstruct(
     return model, steps
 
 
+def exported_from(artifact: ModelArtifact) -> str | None:
+    """The PyTorch folder the artifact was exported from (the export records it), when that folder
+    still holds the files the export hashed; else None."""
+    folder = artifact.meta.extras.get(EXPORTED_FROM)
+    if not isinstance(folder, str) or not Path(folder).is_dir() or artifact.meta.source_hash is None:
+        return None
+    from trimformer.sources import load_source
+
+    try:
+        source = load_source(folder)
+    except UserError:
+        return None
+    return folder if source.files_hash == artifact.meta.source_hash else None
+
+
+def _with_source(config: PruneStageConfig, artifact: ModelArtifact) -> PruneStageConfig:
+    """Fisher importance and block reconstruction need the PyTorch model; without --source, the
+    one the artifact was exported from (when unchanged), else a warning of what is lost."""
+    if config.source is not None or config.prune.importance not in ("auto", "fisher"):
+        return config
+    found = exported_from(artifact)
+    if found is not None:
+        logger.info("prune: Fisher importance and block reconstruction on %s (the export's source)", found)
+        return dataclasses.replace(config, source=found)
+    if config.prune.importance == "fisher":
+        raise UserError("importance 'fisher' needs the PyTorch model: pass --source PYTORCH_DIR")
+    logger.warning(
+        "prune: no PyTorch source (--source, or the unchanged folder the model was exported from): "
+        "activation importance and the ridge refit only, which lose more accuracy (docs/PRUNING.md)"
+    )
+    return config
+
+
 def _check_inputs(config: PruneStageConfig) -> None:
     """Refuse what cannot work before anything is read."""
     config.data_request()  # refuses samples or batch_size below 1
@@ -178,8 +212,6 @@ def _check_inputs(config: PruneStageConfig) -> None:
     prune.check()
     if prune.importance in ("activation", "ablation") and config.calibration is None:
         raise UserError(f"importance {prune.importance!r} needs calibration data: pass --calibration DATA")
-    if prune.importance == "fisher" and config.source is None:
-        raise UserError("importance 'fisher' needs the PyTorch model: pass --source PYTORCH_DIR")
     if prune.importance == "fisher" and config.calibration is None:
         raise UserError("importance 'fisher' needs labelled calibration data: pass --calibration DATA")
     if prune.reconstruct and config.calibration is None:
@@ -292,6 +324,7 @@ def run_prune(config: PruneStageConfig) -> dict[str, Any]:
     _check_inputs(config)
     check_output_dir(Path(config.out), config.overwrite)
     artifact, layout = _open_unpruned(config)
+    config = _with_source(config, artifact)
     full: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="trimformer-prune-") as scratch:
         ctx, dataset, source = _context(artifact, config, layout, Path(scratch))
