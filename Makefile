@@ -5,6 +5,7 @@
 #   make lint              ruff check, ruff format --check, mypy, lint-imports (the layer contracts)
 #   make lm                the built-in causal LM (tokenizer + small Llama, trained here, cached)
 #   make bench             every variant side by side in one run -> docs/BENCHMARKS.md
+#                          (trains the teacher and, for the pruning check, a second one with seed 1)
 #   make pipeline RECIPE=recipes/int8.toml
 #   make serve [BUNDLE=dist/model.tar.gz] [PORT=8000]   a bundle over HTTP (default: the demo's bundle)
 #   make bench-serve       the server on the int8 tweets teacher: overhead, batching, a mixed load
@@ -24,7 +25,7 @@ endif
 
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test lint format demo teacher lm bench bench-peers bench-load bench-serve clean pipeline fuse serve
+.PHONY: install test lint format demo teacher teacher2 lm bench bench-peers bench-load bench-serve clean pipeline fuse serve
 
 install: $(STAMP)
 
@@ -82,6 +83,19 @@ $(TEACHER)/trimformer_train.json: | $(STAMP)
 $(TEACHER_ONNX)/model.onnx: $(TEACHER)/trimformer_train.json
 	$(TF) export $(TEACHER) --out $(TEACHER_ONNX) --overwrite
 
+# A second teacher trained the same way with another seed: pruning must hold on both (bench.prune).
+TEACHER2 := $(DEMO)/teacher-seed1
+TEACHER2_ONNX := $(DEMO)/teacher-seed1-onnx
+
+teacher2: $(TEACHER2_ONNX)/model.onnx
+
+$(TEACHER2)/trimformer_train.json: | $(STAMP)
+	$(TF) train --model builtin:minilm --data builtin:tweets --out $(TEACHER2) --overwrite \
+		--steps 500 --batch-size 32 --max-length 64 --lr 1e-4 --eval-every 125 --seed 1
+
+$(TEACHER2_ONNX)/model.onnx: $(TEACHER2)/trimformer_train.json
+	$(TF) export $(TEACHER2) --out $(TEACHER2_ONNX) --overwrite
+
 # --- the built-in causal language model (no hub here: trained on the tweets' train split) -----
 # A byte-level BPE tokenizer and a 3.9 M-parameter Llama-layout model with grouped-query
 # attention; cached (a rerun returns at once), resumable when interrupted. 7 minutes on a 2-core Zen 2.
@@ -105,12 +119,14 @@ bench/.venvs/%/.installed: bench/peers/%.txt constraints-peers.txt
 	bench/.venvs/$*/bin/pip install -q -r bench/peers/$*.txt || echo "peer $* did not install; its rows will be skipped"
 	touch $@
 
-bench: $(TEACHER_ONNX)/model.onnx bench-peers
+bench: $(TEACHER_ONNX)/model.onnx $(TEACHER2_ONNX)/model.onnx bench-peers
 	$(PY) -m bench.run
 	$(PY) -m bench.quantize --model $(TEACHER_ONNX)
-	$(PY) -m bench.prune --teacher $(TEACHER) --teacher-onnx $(TEACHER_ONNX)
+	$(PY) -m bench.prune --teacher $(TEACHER) --teacher-onnx $(TEACHER_ONNX) \
+		--second-teacher $(TEACHER2) --second-teacher-onnx $(TEACHER2_ONNX)
 	$(PY) -m bench.distill --reuse
 	$(PY) -m bench.qat --reuse --steps 1000
+	$(PY) -m bench.holdout
 	$(MAKE) bench-load
 
 $(WORK)/package/teacher/manifest.json: $(TEACHER_ONNX)/model.onnx

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from bench.common import open_session, predicted_labels, time_sessions
+from bench.producers import write_ort_best
 from trimformer.validation.latency import InterleavedLatency
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,7 +51,6 @@ def _ort_baselines(model: Path, out: Path, feeds_factory: Any) -> dict[str, floa
     """onnxruntime's dynamic and static int8 as a user would run them."""
     from onnxruntime.quantization import QuantType, quantize_dynamic, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
-    from onnxruntime.transformers.optimizer import optimize_model
 
     from trimformer.passes.fuse.fusion import in_scratch_dir
 
@@ -62,16 +62,7 @@ def _ort_baselines(model: Path, out: Path, feeds_factory: Any) -> dict[str, floa
     # onnxruntime's documented BERT path: its transformers optimizer with the head count given,
     # then quantize_dynamic per-channel (the best dynamic path a user of onnxruntime alone gets).
     t0 = time.perf_counter()
-    heads, hidden = _attention_dims(model)
-    with in_scratch_dir():
-        optimized = optimize_model(str(model), model_type="bert", num_heads=heads, hidden_size=hidden)
-        optimized.save_model_to_file(str(out / "ort_optimized.onnx"))
-    quantize_dynamic(
-        str(out / "ort_optimized.onnx"),
-        str(out / "ort_best.onnx"),
-        per_channel=True,
-        weight_type=QuantType.QInt8,
-    )
+    write_ort_best(model, out / "ort_best.onnx", out)
     seconds["ort-best"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     with in_scratch_dir():
@@ -79,12 +70,6 @@ def _ort_baselines(model: Path, out: Path, feeds_factory: Any) -> dict[str, floa
         quantize_static(str(out / "pre.onnx"), str(out / "ort_static.onnx"), feeds_factory())
     seconds["ort-static"] = time.perf_counter() - t0
     return seconds
-
-
-def _attention_dims(model: Path) -> tuple[int, int]:
-    """The head count and hidden size a user would give onnxruntime's optimizer (config.json)."""
-    config = json.loads((model.parent / "config.json").read_text(encoding="utf-8"))
-    return int(config["num_attention_heads"]), int(config["hidden_size"])
 
 
 def _run_pass(model: Path, out: Path, **kwargs: Any) -> tuple[Path, dict[str, Any], float]:

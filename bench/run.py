@@ -147,6 +147,13 @@ def variants(
             command=[PY, "-m", "bench.producers", "ort-dynamic", str(teacher_onnx), str(w / "ort-dynamic")],
         ),
         Variant(
+            "ORT best dynamic (transformers optimizer + quantize_dynamic)",
+            "baseline",
+            w / "ort-best",
+            precision="int8",
+            command=[PY, "-m", "bench.producers", "ort-best", str(teacher_onnx), str(w / "ort-best")],
+        ),
+        Variant(
             "ORT quantize_static defaults",
             "baseline",
             w / "ort-static",
