@@ -172,9 +172,9 @@ def _block_reconstruct(
     return model, steps
 
 
-def exported_from(artifact: ModelArtifact) -> str | None:
-    """The PyTorch folder the artifact was exported from (the export records it), when that folder
-    still holds the files the export hashed; else None."""
+def _exported_source(artifact: ModelArtifact) -> Any:
+    """The loaded PyTorch model the artifact was exported from (the export records its folder),
+    when that folder still holds the files the export hashed; else None."""
     folder = artifact.meta.extras.get(EXPORTED_FROM)
     if not isinstance(folder, str) or not Path(folder).is_dir() or artifact.meta.source_hash is None:
         return None
@@ -184,25 +184,33 @@ def exported_from(artifact: ModelArtifact) -> str | None:
         source = load_source(folder)
     except UserError:
         return None
-    return folder if source.files_hash == artifact.meta.source_hash else None
+    return source if source.files_hash == artifact.meta.source_hash else None
 
 
-def _with_source(config: PruneStageConfig, artifact: ModelArtifact) -> PruneStageConfig:
+def exported_from(artifact: ModelArtifact) -> str | None:
+    """The folder of :func:`_exported_source`, or None."""
+    source = _exported_source(artifact)
+    return None if source is None else str(artifact.meta.extras[EXPORTED_FROM])
+
+
+def _with_source(config: PruneStageConfig, artifact: ModelArtifact) -> tuple[PruneStageConfig, Any]:
     """Fisher importance and block reconstruction need the PyTorch model; without --source, the
-    one the artifact was exported from (when unchanged), else a warning of what is lost."""
+    one the artifact was exported from (when unchanged; returned loaded, so it is read once), else
+    a warning of what is lost."""
     if config.source is not None or config.prune.importance not in ("auto", "fisher"):
-        return config
-    found = exported_from(artifact)
+        return config, None
+    found = _exported_source(artifact)
     if found is not None:
-        logger.info("prune: Fisher importance and block reconstruction on %s (the export's source)", found)
-        return dataclasses.replace(config, source=found)
+        folder = str(artifact.meta.extras[EXPORTED_FROM])
+        logger.info("prune: Fisher importance and block reconstruction on %s (the export's source)", folder)
+        return dataclasses.replace(config, source=folder), found
     if config.prune.importance == "fisher":
         raise UserError("importance 'fisher' needs the PyTorch model: pass --source PYTORCH_DIR")
     logger.warning(
         "prune: no PyTorch source (--source, or the unchanged folder the model was exported from): "
         "activation importance and the ridge refit only, which lose more accuracy (docs/PRUNING.md)"
     )
-    return config
+    return config, None
 
 
 def _check_inputs(config: PruneStageConfig) -> None:
@@ -234,9 +242,10 @@ def _open_unpruned(config: PruneStageConfig) -> tuple[ModelArtifact, EncoderLayo
 
 
 def _context(
-    artifact: ModelArtifact, config: PruneStageConfig, layout: EncoderLayout, scratch: Path
+    artifact: ModelArtifact, config: PruneStageConfig, layout: EncoderLayout, scratch: Path, loaded: Any
 ) -> tuple[PassContext, Any, Any]:
-    """The pass context, the calibration rows and the PyTorch source (when given)."""
+    """The pass context, the calibration rows and the PyTorch source (when given; ``loaded``: the
+    source already read, else it is read here)."""
     request = config.data_request()
     dataset = load_calibration(artifact, request)
     ctx = build_pass_context(
@@ -246,7 +255,7 @@ def _context(
     if config.source is not None:
         from trimformer.sources import load_source
 
-        source = load_source(config.source)
+        source = loaded if loaded is not None else load_source(config.source)
         check_source_matches(source, layout)
         if config.prune.importance in ("auto", "fisher") and dataset is not None:
             max_length = artifact.meta.tokenizer.max_length
@@ -324,10 +333,10 @@ def run_prune(config: PruneStageConfig) -> dict[str, Any]:
     _check_inputs(config)
     check_output_dir(Path(config.out), config.overwrite)
     artifact, layout = _open_unpruned(config)
-    config = _with_source(config, artifact)
+    config, loaded = _with_source(config, artifact)
     full: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="trimformer-prune-") as scratch:
-        ctx, dataset, source = _context(artifact, config, layout, Path(scratch))
+        ctx, dataset, source = _context(artifact, config, layout, Path(scratch), loaded)
         fisher_seconds = time.perf_counter() - started
         before = artifact.size_bytes()
 
