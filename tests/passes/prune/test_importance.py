@@ -34,12 +34,12 @@ def _calibration(folder: Path, data: Path) -> object:
 
 def test_a_cls_classifier_reads_the_first_position_only(tiny_bert_onnx: Path, tmp_path: Path) -> None:
     model = onnx.load(str(tiny_bert_onnx / "model.onnx"))
-    assert reads_first_token_only(model, _layout(model))
+    assert reads_first_token_only(_layout(model))
     # An encoder whose every position is an output (feature extraction) does not.
     make_hf_model(tmp_path / "src", task="feature-extraction")
     export_model(tmp_path / "src", tmp_path / "onnx")
     features = onnx.load(str(tmp_path / "onnx" / "model.onnx"))
-    assert not reads_first_token_only(features, _layout(features))
+    assert not reads_first_token_only(_layout(features))
 
 
 @pytest.mark.parametrize("layer", [0, 1])

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import onnx_ir as ir
-from onnx import numpy_helper
 
 from trimformer.passes.base import CalibrationFeeds, iter_feeds
 from trimformer.passes.graph import EncoderLayout, Residual, const_array
@@ -97,45 +96,29 @@ def _sum_name(residual: Residual) -> str | None:
     return str(node.outputs[0].name) if node.op_type == "Add" and node.domain in ("", "ai.onnx") else None
 
 
-def reads_first_token_only(model: onnx.ModelProto, layout: EncoderLayout) -> bool:
+def reads_first_token_only(layout: EncoderLayout) -> bool:
     """Whether the model reads only the first position of the last layer's output (a [CLS]
     classifier: ``Gather(axis=1, index 0)`` after the final LayerNorm): then the last layer's units
     matter only there."""
-    graph = model.graph
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
     last = layout.layers[-1].ffn.residual.node
-    final = str(last.outputs[0].name)
+    final = last.outputs[0]
     if last.op_type == "Add":
-        norms = consumers.get(final, [])
+        norms = [use.node for use in final.uses()]
         if len(norms) != 1 or norms[0].op_type != "LayerNormalization":
             return False
-        final = norms[0].output[0]
-    readers = consumers.get(final, [])
-    if not readers or final in {o.name for o in graph.output}:
+        final = norms[0].outputs[0]
+    readers = [use.node for use in final.uses()]
+    if not readers or final.is_graph_output():
         return False
-    return all(_gathers_first(node, graph) for node in readers)
+    return all(_gathers_first(node) for node in readers)
 
 
-def _gathers_first(node: onnx.NodeProto, graph: onnx.GraphProto) -> bool:
+def _gathers_first(node: ir.Node) -> bool:
     if node.op_type != "Gather" or node.domain not in ("", "ai.onnx"):
         return False
-    axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-    index = _constant(graph, node.input[1])
+    axis = node.attributes.get_int("axis", 0)
+    index = const_array(node.inputs[1])
     return axis == 1 and index is not None and index.size == 1 and int(index.reshape(-1)[0]) == 0
-
-
-def _constant(graph: onnx.GraphProto, name: str) -> np.ndarray | None:
-    for init in graph.initializer:
-        if init.name == name:
-            return numpy_helper.to_array(init)
-    for node in graph.node:
-        if node.op_type == "Constant" and name in node.output:
-            value = next((a.t for a in node.attribute if a.name == "value"), None)
-            return None if value is None else numpy_helper.to_array(value)
-    return None
 
 
 def activation_scores(
@@ -158,7 +141,7 @@ def activation_scores(
     neurons = [np.zeros(layer.ffn.size) for layer in layout.layers]
     outs = [layer.attention.out.weight.astype(np.float64) for layer in layout.layers]
     downs = [(layer.ffn.down.weight.astype(np.float64) ** 2).sum(axis=1) for layer in layout.layers]
-    first_only = reads_first_token_only(model, layout)
+    first_only = reads_first_token_only(layout)
     tokens = np.zeros(len(layout.layers))
     with progress_bar("activation importance", None) as bar:
         for feeds, values in iter_outputs(session, names, calibration):
