@@ -197,7 +197,7 @@ def make_bpe_tokenizer(vocab: int = 320, seed: int = 0) -> Tokenizer:
     return tok
 
 
-def _decoder_config(family: str, vocab: int, context: int) -> object:
+def _decoder_config(family: str, vocab: int, context: int, tied: bool = False) -> object:
     from transformers import GPT2Config, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     ids = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "vocab_size": vocab}
@@ -208,7 +208,7 @@ def _decoder_config(family: str, vocab: int, context: int) -> object:
         "num_attention_heads": 4,
         "num_key_value_heads": 2,  # grouped-query attention
         "max_position_embeddings": context,
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": tied,
         # Wider than the default 0.02, so random logits have clear winners: greedy parity must
         # not hinge on ties that float rounding decides.
         "initializer_range": 0.2,
@@ -223,17 +223,28 @@ def _decoder_config(family: str, vocab: int, context: int) -> object:
     if family == "qwen3":
         return Qwen3Config(**llama_like, head_dim=8)
     if family == "gpt2":
-        return GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=context, initializer_range=0.2, **ids)
+        return GPT2Config(
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=context,
+            initializer_range=0.2,
+            tie_word_embeddings=tied,
+            **ids,
+        )
     raise ValueError(family)
 
 
-def make_causal_lm(folder: Path, family: str = "llama", context: int = 128, seed: int = 0) -> Path:
-    """A tiny causal-LM folder of ``family`` with random weights, its BPE tokenizer and config."""
+def make_causal_lm(
+    folder: Path, family: str = "llama", context: int = 128, seed: int = 0, tied: bool = False
+) -> Path:
+    """A tiny causal-LM folder of ``family`` with random weights, its BPE tokenizer and config;
+    ``tied``: the lm_head shares the token table."""
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
     tok = make_bpe_tokenizer()
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(_decoder_config(family, tok.get_vocab_size(), context))
+    model = AutoModelForCausalLM.from_config(_decoder_config(family, tok.get_vocab_size(), context, tied))
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(folder), safe_serialization=True)
     fast = PreTrainedTokenizerFast(

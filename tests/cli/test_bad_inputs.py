@@ -592,6 +592,56 @@ CASES: dict[str, tuple[Case, str]] = {
         ],
         "works on encoder graphs and .* is a causal-lm model with a KV cache",
     ),
+    "quantize: weight-only bits": (
+        lambda t, fx: ["quantize", str(fx["llama_onnx"]), "--weight-only", "int3", "--out", str(t / OUT)],
+        "--weight-only must be one of int4, int8",
+    ),
+    "quantize: weight-only option without --weight-only": (
+        lambda t, fx: ["quantize", str(fx["onnx"]), "--algo", "gptq", "--out", str(t / OUT)],
+        "--algo is a weight-only option; add --weight-only",
+    ),
+    "quantize: an int8 option with --weight-only": (
+        lambda t, fx: [
+            "quantize",
+            str(fx["llama_onnx"]),
+            "--weight-only",
+            "int4",
+            "--dynamic",
+            "--out",
+            str(t / OUT),
+        ],
+        "--dynamic is an option of static int8, not of --weight-only",
+    ),
+    "quantize: GPTQ without calibration": (
+        lambda t, fx: [
+            "quantize",
+            str(fx["llama_onnx"]),
+            "--weight-only",
+            "int4",
+            "--algo",
+            "gptq",
+            "--out",
+            str(t / OUT),
+        ],
+        "GPTQ is calibrated on text: pass --calibration",
+    ),
+    "quantize: weight-only block size": (
+        lambda t, fx: [
+            "quantize",
+            str(fx["llama_onnx"]),
+            "--weight-only",
+            "int4",
+            "--block-size",
+            "48",
+            "--out",
+            str(t / OUT),
+        ],
+        "block_size must be a power of two from 16 to 256",
+    ),
+    "quantize: weight-only on an encoder": (
+        lambda t, fx: ["quantize", str(fx["onnx"]), "--weight-only", "int4", "--out", str(t / OUT)],
+        "works on causal-LM graphs with a KV cache and .* is a sequence-classification encoder",
+    ),
     "prune: causal LM": (
         lambda t, fx: [
             "prune",

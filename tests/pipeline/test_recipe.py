@@ -82,6 +82,13 @@ def test_unknown_pass_lists_the_known_ones(
     assert TEST_PASS in message
 
 
+def test_a_decoder_pass_in_an_encoder_recipe(tmp_path: Path, tiny_bert: Path, tiny_csv: Path) -> None:
+    message = _refused(tmp_path, tiny_recipe_text(tiny_bert, tiny_csv, passes=[{"name": "weight-only"}]))
+    assert (
+        "passes[0]: the weight-only pass works on causal-LM graphs and this recipe is an encoder's" in message
+    )
+
+
 @pytest.mark.parametrize(
     ("extra", "where", "what"),
     [

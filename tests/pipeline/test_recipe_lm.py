@@ -106,6 +106,10 @@ def test_a_second_run_is_all_cached(run: tuple[Path, object], tmp_path: Path) ->
     ("extra", "message"),
     [
         ('[[passes]]\nname = "quantize"\n', "passes\\[0\\]: the quantize pass works on encoder graphs"),
+        (
+            '[[passes]]\nname = "weight-only"\n',
+            "passes\\[0\\]: the weight-only pass does not run in a recipe yet",
+        ),
         ("[distill]\nepochs = 1\n", "distill: distillation is for encoders"),
     ],
 )

@@ -1,14 +1,17 @@
-"""``trimformer quantize``: static (or dynamic) int8 quantization of an artifact."""
+"""``trimformer quantize``: static (or dynamic) int8 quantization of an artifact, or weight-only
+int4/int8 of a causal LM (``--weight-only``)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from trimformer import defaults
 from trimformer.cli.main import State, emit, pass_state
 from trimformer.cli.options import data_columns, model_argument, overwrite_option, target_option
+from trimformer.errors import UserError
 
 
 @click.command("quantize")
@@ -66,6 +69,31 @@ from trimformer.cli.options import data_columns, model_argument, overwrite_optio
 )
 @click.option("--dynamic", is_flag=True, help="onnxruntime dynamic quantization instead (for comparison).")
 @click.option("--no-fuse", is_flag=True, help="Do not run the transformer fusions first.")
+@click.option(
+    "--weight-only",
+    default=None,
+    metavar="int4|int8",
+    help="A causal LM: weight-only MatMulNBits (activations stay float) instead of static int8.",
+)
+@click.option(
+    "--algo", default=None, help="Weight-only algorithm: rtn, gptq (needs --calibration), hqq [rtn]."
+)
+@click.option("--block-size", type=int, default=None, help="Weight-only: weights per scale, 16-256 [32].")
+@click.option(
+    "--symmetric/--asymmetric", default=None, help="Weight-only: zero points or not [the algorithm's]."
+)
+@click.option("--lm-head", default=None, help="Weight-only: the lm_head as int4, int8 or float [int8].")
+@click.option(
+    "--embedding", default=None, help="Weight-only: the token table as float, int4 or int8 [float]."
+)
+@click.option(
+    "--accuracy-level", type=int, default=None, help="Weight-only: MatMulNBits accuracy_level 0-4 [0]."
+)
+@click.option(
+    "--prompts",
+    default=None,
+    help="Weight-only: token-parity prompts from this data's test split [the built-in prompts].",
+)
 @data_columns
 @overwrite_option
 @pass_state
@@ -90,6 +118,14 @@ def quantize_command(
     eval_limit: int,
     dynamic: bool,
     no_fuse: bool,
+    weight_only: str | None,
+    algo: str | None,
+    block_size: int | None,
+    symmetric: bool | None,
+    lm_head: str | None,
+    embedding: str | None,
+    accuracy_level: int | None,
+    prompts: str | None,
     text_column: str | None,
     text_pair_column: str | None,
     label_column: str | None,
@@ -106,7 +142,32 @@ def quantize_command(
       trimformer quantize work/teacher-onnx --calibration builtin:tweets --out work/int8 \\
           --eval builtin:tweets --max-accuracy-drop 0.5
       trimformer quantize work/qat-student-onnx --ranges-from-training --out work/qat-int8
+      trimformer quantize work/lm-onnx --weight-only int4 --out work/lm-int4
+      trimformer quantize work/lm-onnx --weight-only int4 --algo gptq --calibration builtin:tweets \\
+          --out work/lm-gptq
     """
+    weight_only_options = {
+        "algo": algo,
+        "block_size": block_size,
+        "symmetric": symmetric,
+        "lm_head": lm_head,
+        "embedding": embedding,
+        "accuracy_level": accuracy_level,
+        "prompts": prompts,
+    }
+    if weight_only is not None:
+        _refuse_int8_options()
+        weight_only_options["samples"] = samples if _given("samples") else None
+        result = _run_weight_only(
+            model, out, weight_only, calibration, target, overwrite, weight_only_options
+        )
+        emit(state, result, _weight_only_text(result, out))
+        return
+    given = [name for name, value in weight_only_options.items() if value is not None]
+    if given:
+        raise UserError(
+            f"--{given[0].replace('_', '-')} is a weight-only option; add --weight-only int4|int8"
+        )
     from trimformer.passes.quantize.int8 import QuantizeConfig
     from trimformer.pipeline.stages.quantize import QuantizeStageConfig, run_quantize
 
@@ -141,6 +202,89 @@ def quantize_command(
         )
     )
     emit(state, result, _summary_text(result, out, dynamic, ranges_from_training))
+
+
+# Options of static int8 that mean nothing to weight-only quantization.
+_INT8_ONLY = (
+    "preset",
+    "method",
+    "fmt",
+    "batch_size",
+    "pad_to",
+    "per_channel",
+    "calibration_cache",
+    "ranges_from_training",
+    "exclude",
+    "eval_data",
+    "max_accuracy_drop",
+    "eval_limit",
+    "dynamic",
+    "no_fuse",
+    "text_column",
+    "text_pair_column",
+    "label_column",
+)
+
+
+def _given(name: str) -> bool:
+    return click.get_current_context().get_parameter_source(name) == ParameterSource.COMMANDLINE
+
+
+def _refuse_int8_options() -> None:
+    for name in _INT8_ONLY:
+        if _given(name):
+            option = next(p for p in click.get_current_context().command.params if p.name == name)
+            raise UserError(
+                f"{option.opts[0]} is an option of static int8, not of --weight-only; leave it out"
+            )
+
+
+def _run_weight_only(
+    model: str,
+    out: str,
+    bits: str,
+    calibration: str | None,
+    target: str,
+    overwrite: bool,
+    options: dict[str, Any],
+) -> dict[str, Any]:
+    from trimformer.passes.quantize.weight_only import WEIGHT_ONLY_BITS, WeightOnlyConfig
+    from trimformer.pipeline.stages.quantize import WeightOnlyStageConfig, run_weight_only
+
+    if bits not in WEIGHT_ONLY_BITS:
+        raise UserError(f"--weight-only must be one of {', '.join(WEIGHT_ONLY_BITS)} (got {bits!r})")
+    prompts = options.pop("prompts")
+    settings = {key: value for key, value in options.items() if value is not None}
+    config = WeightOnlyConfig(bits=WEIGHT_ONLY_BITS[bits], **settings)
+    return run_weight_only(
+        WeightOnlyStageConfig(
+            model=model,
+            out=out,
+            weight_only=config,
+            calibration=calibration,
+            prompts=prompts,
+            target=target,
+            overwrite=overwrite,
+        )
+    )
+
+
+def _weight_only_text(result: dict[str, Any], out: str) -> str:
+    settings = result["settings"]
+    human = (
+        f"quantized {result['matmul_nbits']} MatMuls to {settings['bits']}-bit MatMulNBits "
+        f"({settings['algo']}, block {settings['block_size']}, "
+        f"{'symmetric' if settings['symmetric'] else 'asymmetric'}, lm_head {result['lm_head']}, "
+        f"embedding {result['embedding']}, accuracy_level {settings['accuracy_level']}, "
+        f"target {result['target']}); {result['input_size_mb']:.1f} MB -> {result['size_mb']:.1f} MB; wrote {out}"
+    )
+    fid = result.get("fidelity")
+    if fid:
+        human += (
+            f"\ntoken agreement with the float graph {fid['token_agreement']:.4f} "
+            f"(KL {fid['kl']:.2g}, {fid['tokens']} tokens on {fid['prompts']} prompts)"
+        )
+    return human
 
 
 def _summary_text(result: dict[str, Any], out: str, dynamic: bool, ranges_from_training: bool) -> str:

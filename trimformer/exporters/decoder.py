@@ -37,7 +37,7 @@ from trimformer.artifact import (
     TokenizerSpec,
     write_meta,
 )
-from trimformer.data.prompts import first_halves
+from trimformer.data.prompts import PARITY_PROMPTS, held_out_prompts
 from trimformer.errors import ParityError, UserError
 from trimformer.exporters.decoder_module import CachedDecoder
 from trimformer.exporters.streamed import write_with_weights
@@ -50,34 +50,6 @@ from trimformer.sources import LoadedSource
 __all__ = ["PARITY_PROMPTS", "DecoderParity", "export_decoder", "parity_prompts", "torch_greedy"]
 
 logger = logging.getLogger(__name__)
-
-PARITY_PROMPTS = (
-    "The weather today is",
-    "I can't believe that",
-    "My favourite thing about the weekend",
-    "Yesterday I went to the",
-    "The best way to learn a language is",
-    "Please don't tell anyone, but",
-    "When the train finally arrived,",
-    "Our team just shipped",
-    "the coffee here is",
-    "Happy birthday to my",
-    "Why does my phone always",
-    "Just finished reading a book about",
-    "So excited for the concert tonight because",
-    "Traffic on the highway was",
-    "lol this is the funniest",
-    "Can someone explain why",
-    "New blog post: how we",
-    "Good morning everyone, today",
-    "The new update broke",
-    "I miss the days when",
-    "Dinner tonight: pasta with",
-    "Watching the game and",
-    "Never again will I",
-    "Thanks so much for",
-)
-MIN_PROMPTS = 20
 
 
 @dataclass(frozen=True)
@@ -99,20 +71,7 @@ class DecoderParity:
 
 def parity_prompts(source: LoadedSource, data: str | None, count: int, reserve: int) -> list[list[int]]:
     """Token ids of ``count`` prompts, each leaving ``reserve`` positions of the context free."""
-    longest = max(1, min(64, source.max_length - reserve))
-    if data is None:  # the built-in prompts are prompts already, not texts to halve
-        encoded = (source.tokenizer.encode(text).ids for text in PARITY_PROMPTS)
-        prompts = [ids[:longest] for ids in encoded if ids][:count]
-    else:
-        from trimformer.data import load_dataset
-
-        texts = load_dataset(data, split="auto" if not data.startswith("builtin:") else "test").texts
-        prompts = first_halves(source.tokenizer, texts, count, longest)
-    if len(prompts) < min(count, MIN_PROMPTS):
-        raise UserError(
-            f"only {len(prompts)} non-empty prompts in {data}; parity needs at least {MIN_PROMPTS}"
-        )
-    return prompts
+    return held_out_prompts(source.tokenizer, source.max_length, data, count, reserve)
 
 
 def torch_greedy(model: Any, prompt_ids: list[int], new_tokens: int) -> tuple[list[int], np.ndarray]:

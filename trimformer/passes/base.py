@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
 import numpy as np
 import onnx
@@ -36,6 +36,7 @@ from pydantic.fields import FieldInfo
 
 from trimformer.artifact import ModelArtifact
 from trimformer.errors import TrimformerError, UserError
+from trimformer.formats.decoder import DecoderSpec
 from trimformer.formats.targets import Target, check_graph
 from trimformer.formats.tasks import ENCODER_TASKS
 from trimformer.onnx_io import probe_onnxruntime
@@ -51,6 +52,7 @@ __all__ = [
     "SelfCheckingPass",
     "apply_pass",
     "check_emitted",
+    "check_model_kind",
     "describe_error",
     "field_allowed",
     "get_pass",
@@ -215,6 +217,9 @@ class PassContext:
     # The deployment target (trimformer.formats.targets): every pass's output is checked against
     # its op set before it is written, and the lineage records its name.
     target: Target | None = None
+    # A causal LM's graph contract and held-out prompts (token ids), for decoder passes' token parity.
+    decoder_spec: DecoderSpec | None = None
+    prompts: list[list[int]] | None = None
 
     def require_calibration(self, pass_name: str) -> Callable[[], CalibrationFeeds]:
         if self.calibration is None:
@@ -228,6 +233,7 @@ PassFactory = Callable[[Any, PassContext], FunctionalPass | InPlacePass]
 # exported from, labelled rows to score candidates on.
 PassData = frozenset[str]
 DATA_KINDS = frozenset({"calibration", "source", "eval"})
+ModelKind = Literal["encoder", "decoder"]
 
 
 @dataclass(frozen=True)
@@ -238,7 +244,8 @@ class PassEntry:
     its output no longer matches ranges trained on its input (QAT ranges are dropped after it).
     ``data``: what it reads (:data:`DATA_KINDS`); a pass without "eval" scores no candidates and
     calibrates each batch at its longest row. ``emits``: the operator domains beyond ONNX's own
-    that it may write; :func:`apply_pass` refuses output in any other.
+    that it may write; :func:`apply_pass` refuses output in any other. ``models``: the graphs it
+    knows, encoder blocks or a causal LM's KV-cache graph; :func:`apply_pass` refuses the other kind.
     """
 
     name: str
@@ -248,6 +255,7 @@ class PassEntry:
     changes_weights: bool = False
     data: PassData = frozenset({"calibration", "eval"})
     emits: frozenset[str] = frozenset()
+    models: ModelKind = "encoder"
 
 
 PASS_REGISTRY: dict[str, PassEntry] = {}
@@ -261,6 +269,7 @@ def register_pass(
     changes_weights: bool = False,
     data: tuple[str, ...] = ("calibration", "eval"),
     emits: tuple[str, ...] = (),
+    models: ModelKind = "encoder",
 ) -> Callable[[PassFactory], PassFactory]:
     unknown = set(data) - DATA_KINDS
     if unknown:
@@ -268,7 +277,7 @@ def register_pass(
 
     def decorate(factory: PassFactory) -> PassFactory:
         PASS_REGISTRY[name] = PassEntry(
-            name, config_cls, factory, order, changes_weights, frozenset(data), frozenset(emits)
+            name, config_cls, factory, order, changes_weights, frozenset(data), frozenset(emits), models
         )
         return factory
 
@@ -302,12 +311,23 @@ def check_emitted(entry: PassEntry, before: onnx.ModelProto, after: onnx.ModelPr
 
 
 def refuse_decoder(artifact: ModelArtifact, what: str) -> None:
-    """Today's passes know encoder blocks only; a KV-cache graph gets one line, not a crash deep in
+    """Encoder passes know encoder blocks only; a KV-cache graph gets one line, not a crash deep in
     a block finder or onnxruntime's BERT fusion."""
     if artifact.task not in ENCODER_TASKS:
         raise UserError(
             f"{what} works on encoder graphs and {artifact.path} is a {artifact.task} model "
-            "with a KV cache; decoder passes (weight-only int4/int8, decoder fusion) are not in this version"
+            "with a KV cache; for a decoder use weight-only quantization (trimformer quantize --weight-only int4)"
+        )
+
+
+def check_model_kind(entry: PassEntry, artifact: ModelArtifact) -> None:
+    """A pass gets only the kind of graph its entry says it knows."""
+    if entry.models == "encoder":
+        refuse_decoder(artifact, f"the {entry.name} pass")
+    elif artifact.task in ENCODER_TASKS:
+        raise UserError(
+            f"the {entry.name} pass works on causal-LM graphs with a KV cache and {artifact.path} is a "
+            f"{artifact.task} encoder; for an encoder use int8 (trimformer quantize without --weight-only)"
         )
 
 
@@ -329,7 +349,7 @@ def apply_pass(
     add files (records, calibration caches) to the new folder before it is renamed into place.
     """
     entry = get_pass(name)
-    refuse_decoder(artifact, f"the {name} pass")
+    check_model_kind(entry, artifact)
     proto = artifact.load_model()
     # Passes run onnxruntime on their input (calibration, checks): a graph that would crash it
     # natively is caught in a child process first.

@@ -19,12 +19,15 @@ from typing import Any
 
 import numpy as np
 import onnx
+from tokenizers import Tokenizer
 
 from trimformer.artifact import ModelArtifact
 from trimformer.data import TextDataset, load_dataset, map_labels
-from trimformer.data.calibration import DatasetFeeds
+from trimformer.data.calibration import DatasetFeeds, DecoderFeeds
+from trimformer.data.prompts import PARITY_PROMPTS, held_out_prompts
 from trimformer.data.tokenize import iter_batches
 from trimformer.errors import UserError
+from trimformer.formats.decoder import DecoderSpec
 from trimformer.formats.qat_ranges import QAT_RANGES_FILE, read_training_ranges
 from trimformer.formats.targets import AUTO_TARGET, Target, resolve_target
 from trimformer.passes.base import CalibrationFeeds, PassContext, refuse_decoder
@@ -43,6 +46,7 @@ __all__ = [
     "StageOptions",
     "add_fisher_scores",
     "add_training_ranges",
+    "build_decoder_context",
     "build_pass_context",
     "host_target",
     "is_classifier",
@@ -236,6 +240,36 @@ def build_pass_context(
     if dataset is not None:
         ctx.calibration = _calibration_factory(artifact, encoder, dataset, request)
     ctx.evaluate = _evaluator(artifact, encoder, request)
+    return ctx
+
+
+def build_decoder_context(
+    artifact: ModelArtifact,
+    calibration: str | None,
+    prompts: str | None,
+    blocks: int,
+    scratch: Path,
+    target: Target | None = None,
+    seed: int = 0,
+) -> PassContext:
+    """A decoder pass's context: the graph contract, held-out prompts for token parity (the test
+    split's first halves of ``prompts``, else the built-in prompts, as the export's parity uses)
+    and, with ``calibration``, its train split as ``blocks`` token blocks of running text."""
+    spec = DecoderSpec.from_extras(artifact.meta.extras, str(artifact.path))
+    tokenizer = Tokenizer.from_file(str(artifact.path / artifact.meta.tokenizer.file))
+    tokenizer.no_truncation()
+    ctx = PassContext(
+        target=target or host_target(),
+        seed=seed,
+        scratch=scratch,
+        architecture=artifact.meta.architecture,
+        source_model_hash=artifact.meta.source_hash or artifact.model_hash(),
+        decoder_spec=spec,
+        prompts=held_out_prompts(tokenizer, spec.context_length, prompts, len(PARITY_PROMPTS), 64),
+    )
+    if calibration is not None:
+        texts = load_dataset(calibration, split=calibration_split(calibration), seed=seed).texts
+        ctx.calibration = lambda: DecoderFeeds(texts, tokenizer, spec, blocks)
     return ctx
 
 

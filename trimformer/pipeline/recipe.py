@@ -667,23 +667,50 @@ def _check_validate(recipe: Recipe) -> list[tuple[str, str]]:
     return problems
 
 
+def _decoder_pass_problems(recipe: Recipe) -> list[tuple[str, str]]:
+    """Each pass gets the kind of graph its registry entry knows (decoder passes run from the
+    command line in this version: ``trimformer quantize --weight-only``)."""
+    registry = known_passes()
+    problems = []
+    for i, spec in enumerate(recipe.passes):
+        entry = registry.get(spec.name)
+        if entry is None:
+            continue
+        if recipe.is_causal_lm and entry.models == "encoder":
+            problems.append(
+                (f"passes[{i}]", f"the {spec.name} pass works on encoder graphs, not a causal LM")
+            )
+        elif recipe.is_causal_lm:
+            problems.append(
+                (
+                    f"passes[{i}]",
+                    f"the {spec.name} pass does not run in a recipe yet; run trimformer quantize "
+                    "--weight-only on the exported model",
+                )
+            )
+        elif entry.models == "decoder":
+            problems.append(
+                (
+                    f"passes[{i}]",
+                    f"the {spec.name} pass works on causal-LM graphs and this recipe is an encoder's",
+                )
+            )
+    return problems
+
+
 def _check_task_sections(recipe: Recipe) -> list[tuple[str, str]]:
     """What a causal LM cannot take (encoder passes and gates, distillation, ...), and the reverse."""
     problems: list[tuple[str, str]] = []
     gates = recipe.validate_.gates if recipe.validate_ else Gates()
     validate = recipe.validate_ or ValidateSection()
+    if not recipe.is_causal_lm:
+        problems += _decoder_pass_problems(recipe)
     if recipe.is_causal_lm:
         if recipe.distill is not None:
             problems.append(
                 ("distill", "distillation is for encoders; a causal LM recipe trains, exports and validates")
             )
-        problems += [
-            (
-                f"passes[{i}]",
-                f"the {spec.name} pass works on encoder graphs; decoder passes are not in this version",
-            )
-            for i, spec in enumerate(recipe.passes)
-        ]
+        problems += _decoder_pass_problems(recipe)
         problems += [
             (f"validate.gates.{name}", "an encoder gate; a causal LM takes " + ", ".join(DECODER_GATES))
             for name in ENCODER_GATES

@@ -19,7 +19,16 @@ import onnxruntime as ort
 
 from trimformer.formats.decoder import DecoderSpec
 
-__all__ = ["CacheState", "CachedSession", "Stepper", "greedy_tokens", "left_pad"]
+__all__ = [
+    "CacheState",
+    "CachedSession",
+    "Stepper",
+    "fidelity",
+    "full_pass",
+    "greedy_tokens",
+    "left_pad",
+    "log_softmax",
+]
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -117,3 +126,36 @@ def greedy_tokens(
         if len(tokens) == new_tokens:
             return tokens, prompt_logits
         logits, state = stepper.step(np.asarray([[tokens[-1]]], dtype=np.int64), state)
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def full_pass(stepper: Stepper, ids: np.ndarray) -> np.ndarray:
+    """Every position's logits of one token row, in one prompt pass."""
+    row = ids[None, :]
+    logits, _ = stepper.prompt(row, np.ones_like(row))
+    return np.asarray(logits[0])
+
+
+def fidelity(
+    model: Stepper, reference: Stepper, prompts: list[list[int]], new_tokens: int
+) -> dict[str, float]:
+    """Top-1 agreement and mean KL(reference || model) on the reference's greedy continuations
+    (teacher-forced, so one early difference does not cascade): decoder validation's token
+    agreement and the decoder passes' token parity."""
+    agree, kl, count = 0, 0.0, 0
+    for prompt in prompts:
+        continuation, _ = greedy_tokens(reference, prompt, new_tokens)
+        ids = np.asarray(prompt + continuation, dtype=np.int64)
+        # Positions that predict the continuation's tokens.
+        span = slice(len(prompt) - 1, len(ids) - 1)
+        ref_lp = log_softmax(full_pass(reference, ids)[span])
+        model_lp = log_softmax(full_pass(model, ids)[span])
+        agree += int((model_lp.argmax(-1) == ref_lp.argmax(-1)).sum())
+        kl += float((np.exp(ref_lp) * (ref_lp - model_lp)).sum())
+        count += len(continuation)
+    return {"token_agreement": round(agree / count, 4), "kl": round(kl / count, 6), "tokens": count}

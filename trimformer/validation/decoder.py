@@ -37,7 +37,7 @@ from trimformer.data import load_dataset
 from trimformer.data.prompts import first_halves
 from trimformer.errors import UserError
 from trimformer.formats.decoder import DecoderSpec
-from trimformer.runtime.decoding import CachedSession, greedy_tokens
+from trimformer.runtime.decoding import CachedSession, fidelity, full_pass, log_softmax
 from trimformer.runtime.session import cpu_session
 from trimformer.validation.latency import PeakMemory
 
@@ -134,18 +134,6 @@ def text_stream(tokenizer: Any, texts: list[str], eos: int | None, limit: int) -
     return np.asarray(stream[:limit], dtype=np.int64)
 
 
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    x = logits.astype(np.float64)
-    x = x - x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
-
-
-def _full_pass(runner: DecoderRunner, ids: np.ndarray) -> np.ndarray:
-    row = ids[None, :]
-    logits, _ = runner.prompt(row, np.ones_like(row))
-    return np.asarray(logits[0])
-
-
 def perplexity(runner: DecoderRunner, stream: np.ndarray, window: int) -> float:
     """Sliding-window perplexity: windows of ``window`` tokens, stride ``window // 2``."""
     stride = max(1, window // 2)
@@ -154,7 +142,7 @@ def perplexity(runner: DecoderRunner, stream: np.ndarray, window: int) -> float:
         chunk = stream[start : start + window]
         if len(chunk) < 2:
             break
-        log_probs = _log_softmax(_full_pass(runner, chunk)[:-1])
+        log_probs = log_softmax(full_pass(runner, chunk)[:-1])
         targets = chunk[1:]
         positions = np.arange(start + 1, start + len(chunk))
         new = positions >= scored_to
@@ -164,24 +152,6 @@ def perplexity(runner: DecoderRunner, stream: np.ndarray, window: int) -> float:
         if start + window >= len(stream):
             break
     return float(np.exp(total / max(count, 1)))
-
-
-def fidelity(
-    model: DecoderRunner, reference: DecoderRunner, prompts: list[list[int]], new_tokens: int
-) -> dict[str, float]:
-    """Top-1 agreement and mean KL(reference || model) on the reference's greedy continuations."""
-    agree, kl, count = 0, 0.0, 0
-    for prompt in prompts:
-        continuation, _ = greedy_tokens(reference, prompt, new_tokens)
-        ids = np.asarray(prompt + continuation, dtype=np.int64)
-        # Positions that predict the continuation's tokens.
-        span = slice(len(prompt) - 1, len(ids) - 1)
-        ref_lp = _log_softmax(_full_pass(reference, ids)[span])
-        model_lp = _log_softmax(_full_pass(model, ids)[span])
-        agree += int((model_lp.argmax(-1) == ref_lp.argmax(-1)).sum())
-        kl += float((np.exp(ref_lp) * (ref_lp - model_lp)).sum())
-        count += len(continuation)
-    return {"token_agreement": round(agree / count, 4), "kl": round(kl / count, 6), "tokens": count}
 
 
 def _p50_ms(fn: Callable[[], object], runs: int) -> float:

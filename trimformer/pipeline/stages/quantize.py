@@ -1,4 +1,4 @@
-"""The fuse and quantize stages: artifact in, fused or int8 artifact out.
+"""The fuse and quantize stages: artifact in, fused, int8 or weight-only (a causal LM) artifact out.
 
 Glue between the CLI (or a recipe) and the passes: opens the artifact, checks the data before
 anything runs, builds the PassContext (:mod:`trimformer.pipeline.context`: streaming calibration,
@@ -20,14 +20,16 @@ from trimformer.artifact import ModelArtifact
 from trimformer.errors import UserError
 from trimformer.formats.targets import AUTO_TARGET, PRESET_TARGETS, Target
 from trimformer.fsutil import check_output_dir
-from trimformer.passes.base import PassContext, PassReport, apply_pass
+from trimformer.passes.base import PassContext, PassReport, apply_pass, check_model_kind, get_pass
 from trimformer.passes.fuse.fusion import FuseConfig
 from trimformer.passes.quantize.int8 import QuantizeConfig
 from trimformer.passes.quantize.presets import AUTO_PRESET
+from trimformer.passes.quantize.weight_only import WeightOnlyConfig
 from trimformer.pipeline.context import (
     DataRequest,
     StageOptions,
     add_training_ranges,
+    build_decoder_context,
     build_pass_context,
     host_target,
 )
@@ -36,8 +38,10 @@ from trimformer.pipeline.stages.params import EvalSplit, QuantizeStageParams
 __all__ = [
     "REPORT_FILE",
     "QuantizeStageConfig",
+    "WeightOnlyStageConfig",
     "run_fuse",
     "run_quantize",
+    "run_weight_only",
 ]
 
 logger = logging.getLogger(__name__)
@@ -142,6 +146,56 @@ def run_quantize(config: QuantizeStageConfig) -> dict[str, Any]:
             artifact, "quantize", qcfg, ctx, out, config.overwrite, extra, _write_reports
         )
     return _summary(result, artifact, out, report.stats, target.name)
+
+
+@dataclass
+class WeightOnlyStageConfig:
+    """``quantize --weight-only`` on a causal LM: GPTQ reads ``calibration``'s train split; token
+    parity runs on ``prompts``' test split (the built-in prompts without it)."""
+
+    model: str
+    out: str
+    weight_only: WeightOnlyConfig
+    calibration: str | None = None
+    prompts: str | None = None
+    target: str = AUTO_TARGET
+    overwrite: bool = False
+    seed: int = 0
+
+
+def run_weight_only(config: WeightOnlyStageConfig) -> dict[str, Any]:
+    """Weight-only quantization of a decoder artifact; returns a summary (the full stats are in
+    the report file and the lineage)."""
+    wcfg = config.weight_only
+    wcfg.check()
+    if wcfg.algo == "gptq" and config.calibration is None:
+        raise UserError("GPTQ is calibrated on text: pass --calibration DATA (its train split is read)")
+    out = Path(config.out)
+    check_output_dir(out, config.overwrite)
+    artifact = ModelArtifact.open(config.model)
+    check_model_kind(get_pass("weight-only"), artifact)
+    target = host_target(config.target)
+    extra = {"symmetric": wcfg.is_symmetric(), "calibration": config.calibration, "prompts": config.prompts}
+    with tempfile.TemporaryDirectory(prefix="trimformer-weight-only-") as tmp:
+        ctx = build_decoder_context(
+            artifact, config.calibration, config.prompts, wcfg.samples, Path(tmp), target, config.seed
+        )
+        result, report = apply_pass(
+            artifact, "weight-only", wcfg, ctx, out, config.overwrite, extra, _write_reports
+        )
+    stats = report.stats
+    return {
+        "out": str(out),
+        "target": target.name,
+        "settings": stats["settings"],
+        "matmul_nbits": stats["matmul_nbits"],
+        "lm_head": stats["lm_head"],
+        "embedding": stats["embedding"],
+        "size_mb": round(result.size_bytes() / 1e6, 2),
+        "input_size_mb": round(artifact.size_bytes() / 1e6, 2),
+        "fidelity": stats.get("fidelity"),
+        "seconds": stats["seconds"],
+    }
 
 
 def quantize_target(config: QuantizeConfig, name: str) -> tuple[QuantizeConfig, Target]:

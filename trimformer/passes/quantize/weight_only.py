@@ -1,0 +1,367 @@
+"""Weight-only int4/int8 quantization of a causal LM: ``MatMulNBits`` through onnxruntime's own quantizer.
+
+Every MatMul with a constant weight becomes a ``MatMulNBits`` (blocks of ``block_size`` weights
+along the input axis share a scale, and a zero point unless symmetric), quantized by
+onnxruntime's ``matmul_nbits_quantizer``: round-to-nearest (its default quantizer, as
+onnxruntime-genai's model builder uses), GPTQ (its Intel Neural Compressor port, calibrated on
+text rows) or HQQ (its half-quadratic solver; it needs PyTorch at build time). Activations stay
+float: ``accuracy_level`` picks what the CPU kernel computes in (0: unset, the kernel's float
+path; 4: int8 activations, fastest on CPUs and where greedy tokens flip on models with outlier
+channels, onnxruntime#29849).
+
+Two tensors get their own setting, because greedy decoding is most sensitive to them:
+``lm_head`` (int8 by default) and the token embedding (float by default; 4- or 8-bit through
+``GatherBlockQuantized``, which reads the same blockwise layout). A tied lm_head reads the
+embedding through a Transpose; to quantize it, the pass gives it its own transposed copy.
+
+The pass measures what it did against its input graph: on held-out prompts, the float graph's
+greedy continuation is fed to both and the share of positions whose top token agrees, the mean
+KL and the largest prompt-logit difference go into the stats (the lineage and the report).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from onnx import helper, numpy_helper
+from onnx_ir.passes import FunctionalPass
+from pydantic import Field, field_validator
+
+from trimformer.errors import UserError
+from trimformer.formats.decoder import DecoderSpec
+from trimformer.passes.base import PassConfig, PassContext, PassReport, iter_feeds, register_pass
+from trimformer.runtime.decoding import CachedSession, fidelity
+from trimformer.runtime.session import cpu_session
+
+__all__ = [
+    "ALGORITHMS",
+    "WEIGHT_ONLY_BITS",
+    "WeightOnlyConfig",
+    "WeightOnlyPass",
+    "set_accuracy_level",
+    "weight_only_quantize",
+]
+
+logger = logging.getLogger(__name__)
+
+ALGORITHMS = ("rtn", "gptq", "hqq")
+# The CLI's --weight-only names and the bits they mean.
+WEIGHT_ONLY_BITS: dict[str, Literal[4, 8]] = {"int4": 4, "int8": 8}
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)
+# The transposed copy a tied lm_head gets when it is quantized.
+TIED_SUFFIX = ".lm_head.T"
+MS_DOMAIN = "com.microsoft"
+
+
+class WeightOnlyConfig(PassConfig):
+    """The recipe's ``[passes.weight-only]`` table; the CLI's ``quantize --weight-only``."""
+
+    bits: Literal[4, 8] = Field(4, description="4 or 8")
+    algo: Literal["rtn", "gptq", "hqq"] = Field("rtn", description="one of rtn, gptq, hqq")
+    block_size: int = Field(32, description="a power of two from 16 to 256")
+    # None: the algorithm's own (symmetric for rtn and gptq; hqq fits a zero point always).
+    symmetric: bool | None = None
+    lm_head: Literal["int4", "int8", "float"] = Field("int8", description="one of int4, int8, float")
+    embedding: Literal["float", "int4", "int8"] = Field("float", description="one of float, int4, int8")
+    accuracy_level: Literal[0, 1, 2, 3, 4] = Field(0, description="one of 0, 1, 2, 3, 4")
+    samples: int = Field(128, ge=1, description="1 or more (GPTQ calibration blocks)")
+    new_tokens: int = Field(32, ge=1, le=256, description="in [1, 256]")
+
+    @field_validator("block_size")
+    @classmethod
+    def _power_of_two(cls, value: int) -> int:
+        if value < 16 or value > 256 or value & (value - 1):
+            raise ValueError(f"block_size must be a power of two from 16 to 256 (got {value})")
+        return value
+
+    def check(self) -> None:
+        """What the quantizer cannot do, refused before anything is read."""
+        if self.algo == "gptq" and self.bits != 4:
+            raise UserError(
+                "onnxruntime's GPTQ writes MatMulNBits for 4 bits only (8 bits stays float); "
+                "use --algo rtn for int8"
+            )
+        if self.algo == "hqq" and self.symmetric:
+            raise UserError(
+                "HQQ fits a zero point per block: it has no symmetric mode; leave out --symmetric"
+            )
+        if self.algo == "hqq" and importlib.util.find_spec("torch") is None:
+            raise UserError(
+                "onnxruntime's HQQ quantizer needs PyTorch at build time; install torch or use --algo rtn"
+            )
+
+    def is_symmetric(self) -> bool:
+        return self.symmetric if self.symmetric is not None else self.algo != "hqq"
+
+    def settings(self) -> dict[str, Any]:
+        """Every setting as the lineage records it (the resolved symmetry included)."""
+        return {**self.model_dump(mode="json"), "symmetric": self.is_symmetric()}
+
+
+class _FeedList:
+    """GPTQ's calibration reader: onnxruntime deep-copies it and iterates it once per copy."""
+
+    def __init__(self, feeds: list[dict[str, np.ndarray]]) -> None:
+        self.feeds = feeds
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return iter(self.feeds)
+
+
+def _consumers(graph: onnx.GraphProto, name: str) -> list[onnx.NodeProto]:
+    return [node for node in graph.node if name in node.input]
+
+
+def _initializers(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
+    return {init.name: init for init in graph.initializer}
+
+
+def find_lm_head(graph: onnx.GraphProto) -> onnx.NodeProto | None:
+    """The MatMul that writes the logits output (None: the graph computes them otherwise)."""
+    return next((n for n in graph.node if n.op_type == "MatMul" and "logits" in n.output), None)
+
+
+def find_embedding(graph: onnx.GraphProto) -> onnx.NodeProto | None:
+    """The Gather that reads token rows of a constant table by ``input_ids``."""
+    inits = _initializers(graph)
+    return next(
+        (
+            n
+            for n in graph.node
+            if n.op_type == "Gather" and n.input[0] in inits and n.input[1] == "input_ids"
+        ),
+        None,
+    )
+
+
+def untie_lm_head(model: onnx.ModelProto, lm_head: onnx.NodeProto) -> bool:
+    """Give a tied lm_head (``MatMul(x, Transpose(table))``) its own transposed initializer, so the
+    quantizer sees a constant weight; the Transpose goes when nothing else reads it."""
+    graph = model.graph
+    inits = _initializers(graph)
+    if lm_head.input[1] in inits:
+        return False
+    transpose = next((n for n in graph.node if lm_head.input[1] in n.output), None)
+    if transpose is None or transpose.op_type != "Transpose" or transpose.input[0] not in inits:
+        return False
+    table = numpy_helper.to_array(inits[transpose.input[0]])
+    name = transpose.input[0] + TIED_SUFFIX
+    graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(table.T), name))
+    lm_head.input[1] = name
+    if not _consumers(graph, transpose.output[0]):
+        graph.node.remove(transpose)
+    return True
+
+
+def set_accuracy_level(model: onnx.ModelProto, level: int) -> int:
+    """Write ``accuracy_level`` on every MatMulNBits (0 removes it: the kernel's default); the count."""
+    count = 0
+    for node in model.graph.node:
+        if node.op_type != "MatMulNBits":
+            continue
+        kept = [a for a in node.attribute if a.name != "accuracy_level"]
+        del node.attribute[:]
+        node.attribute.extend(kept)
+        if level:
+            node.attribute.append(helper.make_attribute("accuracy_level", level))
+        count += 1
+    return count
+
+
+def _quiet_quantizer() -> Any:
+    """onnxruntime's module sets the root logger to INFO when imported; undo that."""
+    root = logging.getLogger()
+    level = root.level
+    from onnxruntime.quantization import matmul_nbits_quantizer
+
+    root.setLevel(level)
+    logging.getLogger(matmul_nbits_quantizer.__name__).setLevel(logging.WARNING)
+    return matmul_nbits_quantizer
+
+
+def _algo_config(config: WeightOnlyConfig, feeds: list[dict[str, np.ndarray]] | None) -> Any:
+    nbits = _quiet_quantizer()
+    if config.algo == "gptq":
+        return nbits.GPTQWeightOnlyQuantConfig(calibration_data_reader=_FeedList(feeds or []))
+    if config.algo == "hqq":
+        return nbits.HQQWeightOnlyQuantConfig(block_size=config.block_size, bits=config.bits)
+    return nbits.DefaultWeightOnlyQuantConfig(
+        block_size=config.block_size, is_symmetric=config.is_symmetric(), bits=config.bits
+    )
+
+
+def _run_quantizer(model: onnx.ModelProto, algo_config: Any, config: WeightOnlyConfig) -> onnx.ModelProto:
+    nbits = _quiet_quantizer()
+    quantizer = nbits.MatMulNBitsQuantizer(
+        model,
+        bits=config.bits,
+        block_size=config.block_size,
+        is_symmetric=config.is_symmetric(),
+        algo_config=algo_config,
+    )
+    # Its GPTQ and RTN ports print a progress bar on stdout, which --json output owns.
+    with contextlib.redirect_stdout(io.StringIO()):
+        quantizer.process()
+    return quantizer.model.model if hasattr(quantizer.model, "model") else quantizer.model
+
+
+def _hidden(model: onnx.ModelProto, node: onnx.NodeProto | None) -> str | None:
+    """Route a MatMul's weight through an Identity, so the quantizer (which takes constant weights
+    only) leaves it alone; :func:`_unhide` undoes it."""
+    if node is None or node.input[1] not in _initializers(model.graph):
+        return None
+    weight = node.input[1]
+    node.input[1] = weight + "/hidden"
+    model.graph.node.insert(0, helper.make_node("Identity", [weight], [node.input[1]], name="hide" + weight))
+    return weight
+
+
+def _unhide(model: onnx.ModelProto, weight: str | None) -> None:
+    if weight is None:
+        return
+    hide = next(n for n in model.graph.node if n.op_type == "Identity" and n.input[0] == weight)
+    for node in _consumers(model.graph, hide.output[0]):
+        node.input[:] = [weight if name == hide.output[0] else name for name in node.input]
+    model.graph.node.remove(hide)
+
+
+def quantize_embedding(model: onnx.ModelProto, gather: onnx.NodeProto, bits: int, block_size: int) -> None:
+    """The token table as ``GatherBlockQuantized`` (uint8-packed, blocks along the hidden axis),
+    quantized by onnxruntime's blockwise kernel: the same bytes a MatMulNBits of its transpose holds."""
+    nbits = _quiet_quantizer()
+    graph = model.graph
+    inits = _initializers(graph)
+    table = numpy_helper.to_array(inits[gather.input[0]]).astype(np.float32)
+    vocab, hidden = table.shape
+    quantizer = nbits.DefaultWeightOnlyQuantizer(
+        nbits.DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=False, bits=bits)
+    )
+    packed, scales, zero_points = quantizer.qbits_block_quant(np.ascontiguousarray(table.T))
+    base = gather.input[0]
+    tensors = {
+        base + "/q": packed.reshape(vocab, -1),
+        base + "/scales": scales.reshape(vocab, -1),
+        base + "/zero_points": zero_points.reshape(vocab, -1),
+    }
+    graph.initializer.extend(numpy_helper.from_array(array, name) for name, array in tensors.items())
+    axis = next((helper.get_attribute_value(a) for a in gather.attribute if a.name == "axis"), 0)
+    quantized = helper.make_node(
+        "GatherBlockQuantized",
+        [base + "/q", gather.input[1], base + "/scales", base + "/zero_points"],
+        list(gather.output),
+        name=gather.name + "/quantized",
+        domain=MS_DOMAIN,
+        gather_axis=axis,
+        quantize_axis=1,
+        block_size=block_size,
+        bits=bits,
+    )
+    index = list(graph.node).index(gather)
+    graph.node.remove(gather)
+    graph.node.insert(index, quantized)
+    if not _consumers(graph, base):
+        graph.initializer.remove(inits[base])
+    logger.info("embedding %s: %d x %d at %d bits", base, vocab, hidden, bits)
+
+
+def _bits(setting: str) -> int | None:
+    return WEIGHT_ONLY_BITS.get(setting)
+
+
+def weight_only_quantize(
+    model: onnx.ModelProto, config: WeightOnlyConfig, feeds: list[dict[str, np.ndarray]] | None
+) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """The quantized graph (a new ModelProto) and what became of each weight."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    lm_head = find_lm_head(model.graph)
+    lm_bits = _bits(config.lm_head)
+    untied = untie_lm_head(model, lm_head) if lm_head is not None and lm_bits else False
+    hidden = _hidden(model, lm_head)
+    model = _run_quantizer(model, _algo_config(config, feeds), config)
+    _unhide(model, hidden)
+    if hidden is not None and lm_bits:
+        head_config = config.model_copy(update={"bits": lm_bits, "algo": "rtn", "symmetric": None})
+        model = _run_quantizer(model, _algo_config(head_config, None), head_config)
+    gather = find_embedding(model.graph)
+    embedding_bits = _bits(config.embedding)
+    if gather is not None and embedding_bits:
+        quantize_embedding(model, gather, embedding_bits, config.block_size)
+    set_accuracy_level(model, config.accuracy_level)
+    ops = [n.op_type for n in model.graph.node]
+    return model, {
+        "matmul_nbits": ops.count("MatMulNBits"),
+        "float_matmuls_with_weights": _float_weight_matmuls(model),
+        "lm_head": config.lm_head if lm_head is not None else "not found",
+        "lm_head_untied": untied,
+        "embedding": config.embedding if gather is not None else "not found",
+    }
+
+
+def _float_weight_matmuls(model: onnx.ModelProto) -> int:
+    inits = _initializers(model.graph)
+    return sum(1 for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits)
+
+
+def measure_fidelity(
+    quantized: onnx.ModelProto,
+    reference: onnx.ModelProto,
+    spec: DecoderSpec,
+    prompts: list[list[int]],
+    new_tokens: int,
+) -> dict[str, Any]:
+    """Top-1 agreement and KL of the quantized graph on the float graph's greedy continuations."""
+    model = CachedSession(cpu_session(quantized), spec)
+    ref = CachedSession(cpu_session(reference), spec)
+    return {**fidelity(model, ref, prompts, new_tokens), "prompts": len(prompts)}
+
+
+@register_pass(
+    "weight-only",
+    WeightOnlyConfig,
+    order=2,
+    changes_weights=True,
+    data=("calibration",),
+    emits=(MS_DOMAIN,),
+    models="decoder",
+)
+def weight_only_factory(config: WeightOnlyConfig, ctx: PassContext) -> WeightOnlyPass:
+    return WeightOnlyPass(config, ctx)
+
+
+class WeightOnlyPass(FunctionalPass):
+    def __init__(self, config: WeightOnlyConfig, ctx: PassContext) -> None:
+        super().__init__()
+        config.check()
+        self.config = config
+        self.ctx = ctx
+
+    def _feeds(self) -> list[dict[str, np.ndarray]] | None:
+        if self.config.algo != "gptq":
+            return None
+        source = self.ctx.require_calibration("weight-only (GPTQ)")()
+        return [feed for _, feed in zip(range(self.config.samples), iter_feeds(source), strict=False)]
+
+    def call(self, model: ir.Model) -> PassReport:
+        started = time.perf_counter()
+        reference = ir.to_proto(model)
+        quantized, counts = weight_only_quantize(reference, self.config, self._feeds())
+        stats: dict[str, Any] = {
+            "settings": self.config.settings(),
+            **counts,
+            "input_size_mb": round(reference.ByteSize() / 1e6, 3),
+            "size_mb": round(quantized.ByteSize() / 1e6, 3),
+        }
+        spec, prompts = self.ctx.decoder_spec, self.ctx.prompts
+        if spec is not None and prompts:
+            stats["fidelity"] = measure_fidelity(quantized, reference, spec, prompts, self.config.new_tokens)
+        stats["seconds"] = round(time.perf_counter() - started, 2)
+        return PassReport(ir.from_proto(quantized), True, stats=stats)
