@@ -11,8 +11,9 @@ other widths, accuracy_level 4), on the CPU it runs on (stated in the result):
   the share of positions whose top token is the float graph's (``runtime.decoding.fidelity``, the
   same measure as ``trimformer validate --min-token-agreement``);
 - **perplexity** of 16,384 test tokens with a 128-token window (validation's sliding window);
-- **decode tokens/s** at batch 1 on top of a 128-token cache: 32 steps a call, variants interleaved
-  round by round after a warm-up, medians (2 threads);
+- **decode tokens/s** at batch 1 on top of a 128-token cache: 16 steps a call, variants interleaved
+  round by round after a warm-up, medians (``passes.quantize.accuracy_level.decode_tokens_per_s``, the
+  measure the pass chooses ``accuracy_level`` by; 2 threads);
 - the seconds the quantization took.
 
 Results: ``bench/results/weight_only.json``. Needs ``make lm`` and ``trimformer export work/lm
@@ -23,12 +24,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 from tokenizers import Tokenizer
 
@@ -37,6 +36,7 @@ from trimformer.data.calibration import DecoderFeeds
 from trimformer.data.datasets import load_dataset
 from trimformer.data.prompts import held_out_prompts
 from trimformer.formats.decoder import DecoderSpec
+from trimformer.passes.quantize.accuracy_level import decode_tokens_per_s
 from trimformer.passes.quantize.weight_only import WeightOnlyConfig, weight_only_quantize
 from trimformer.runtime.cpu import cpu_class, cpu_name
 from trimformer.runtime.decoding import CachedSession, fidelity
@@ -45,8 +45,6 @@ from trimformer.validation.decoder import perplexity, text_stream
 
 RESULTS = Path(__file__).parent / "results" / "weight_only.json"
 THREADS = 2
-CACHE = 128
-STEPS = 32
 VARIANTS: dict[str, dict[str, Any]] = {
     "rtn-int4": {},
     "rtn-int4-asym": {"symmetric": False},
@@ -58,26 +56,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "rtn-int8": {"bits": 8},
     "rtn-int8-acc4": {"bits": 8, "accuracy_level": 4},
 }
-
-
-def _decode_ms(session: CachedSession, state: Any) -> float:
-    token = np.asarray([[5]], dtype=np.int64)
-    started = time.perf_counter()
-    for _ in range(STEPS):
-        _, state = session.step(token, state)
-    return (time.perf_counter() - started) * 1e3
-
-
-def _interleaved_decode(sessions: dict[str, CachedSession], vocab: int, rounds: int) -> dict[str, float]:
-    ids = np.random.default_rng(0).integers(3, vocab, size=(1, CACHE)).astype(np.int64)
-    states = {name: s.prompt(ids, np.ones_like(ids))[1] for name, s in sessions.items()}
-    for name, session in sessions.items():  # warm-up
-        _decode_ms(session, states[name])
-    times: dict[str, list[float]] = {name: [] for name in sessions}
-    for _ in range(rounds):
-        for name, session in sessions.items():
-            times[name].append(_decode_ms(session, states[name]))
-    return {name: round(STEPS / (statistics.median(t) / 1e3), 1) for name, t in times.items()}
 
 
 def main() -> None:
@@ -101,7 +79,7 @@ def main() -> None:
     graphs: dict[str, onnx.ModelProto] = {"float": reference}
     rows: dict[str, dict[str, Any]] = {"float": {"settings": None}}
     for name, settings in VARIANTS.items():
-        config = WeightOnlyConfig(**settings)
+        config = WeightOnlyConfig(**{"accuracy_level": 0, **settings})
         started = time.perf_counter()
         graphs[name], _ = weight_only_quantize(reference, config, calibration)
         rows[name] = {"settings": config.settings(), "quantize_s": round(time.perf_counter() - started, 2)}
@@ -112,7 +90,7 @@ def main() -> None:
         rows[name]["perplexity_128"] = round(perplexity(session, stream, 128), 3)
         if name != "float":
             rows[name].update(fidelity(session, sessions["float"], prompts, 32))
-    speed = _interleaved_decode(sessions, spec.vocab_size, args.rounds)
+    speed = decode_tokens_per_s(sessions, spec.vocab_size, rounds=args.rounds)
     for name in rows:
         rows[name]["decode_tokens_per_s_128"] = speed[name]
         rows[name]["decode_vs_float"] = round(speed[name] / speed["float"], 3)

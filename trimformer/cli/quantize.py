@@ -87,7 +87,15 @@ from trimformer.errors import UserError
     "--embedding", default=None, help="Weight-only: the token table as float, int4 or int8 [float]."
 )
 @click.option(
-    "--accuracy-level", type=int, default=None, help="Weight-only: MatMulNBits accuracy_level 0-4 [0]."
+    "--accuracy-level",
+    default=None,
+    help="Weight-only: MatMulNBits accuracy_level 0-4, or auto: the fastest meeting --min-token-agreement [auto].",
+)
+@click.option(
+    "--min-token-agreement",
+    type=float,
+    default=None,
+    help="Weight-only: least greedy-token agreement with the float graph [0.95].",
 )
 @click.option(
     "--prompts",
@@ -124,7 +132,8 @@ def quantize_command(
     symmetric: bool | None,
     lm_head: str | None,
     embedding: str | None,
-    accuracy_level: int | None,
+    accuracy_level: str | None,
+    min_token_agreement: float | None,
     prompts: str | None,
     text_column: str | None,
     text_pair_column: str | None,
@@ -152,7 +161,10 @@ def quantize_command(
         "symmetric": symmetric,
         "lm_head": lm_head,
         "embedding": embedding,
-        "accuracy_level": accuracy_level,
+        "accuracy_level": int(accuracy_level)
+        if accuracy_level and accuracy_level.isdigit()
+        else accuracy_level,
+        "min_token_agreement": min_token_agreement,
         "prompts": prompts,
     }
     if weight_only is not None:
@@ -275,7 +287,7 @@ def _weight_only_text(result: dict[str, Any], out: str) -> str:
         f"quantized {result['matmul_nbits']} MatMuls to {settings['bits']}-bit MatMulNBits "
         f"({settings['algo']}, block {settings['block_size']}, "
         f"{'symmetric' if settings['symmetric'] else 'asymmetric'}, lm_head {result['lm_head']}, "
-        f"embedding {result['embedding']}, accuracy_level {settings['accuracy_level']}, "
+        f"embedding {result['embedding']}, accuracy_level {_level_text(result)}, "
         f"target {result['target']}); {result['input_size_mb']:.1f} MB -> {result['size_mb']:.1f} MB; wrote {out}"
     )
     fid = result.get("fidelity")
@@ -285,6 +297,18 @@ def _weight_only_text(result: dict[str, Any], out: str) -> str:
             f"(KL {fid['kl']:.2g}, {fid['tokens']} tokens on {fid['prompts']} prompts)"
         )
     return human
+
+
+def _level_text(result: dict[str, Any]) -> str:
+    levels = result.get("accuracy_levels")
+    if not levels:
+        return str(result["accuracy_level"])
+    measured = ", ".join(
+        f"{level}: {f['token_agreement']:.4f} at {f['decode_tokens_per_s']:.0f} tok/s"
+        for level, f in levels.items()
+        if "token_agreement" in f
+    )
+    return f"{result['accuracy_level']} (chosen of {measured})"
 
 
 def _summary_text(result: dict[str, Any], out: str, dynamic: bool, ranges_from_training: bool) -> str:

@@ -17,16 +17,12 @@ from tests.builders import make_causal_lm, make_csv
 from trimformer.artifact import ModelArtifact
 from trimformer.data.calibration import DecoderFeeds
 from trimformer.data.datasets import load_dataset
-from trimformer.errors import UserError
+from trimformer.errors import GateFailed, UserError
 from trimformer.exporters import export_model
 from trimformer.formats.decoder import DecoderSpec
 from trimformer.passes.base import PassContext
-from trimformer.passes.quantize.weight_only import (
-    WeightOnlyConfig,
-    WeightOnlyPass,
-    find_lm_head,
-    set_accuracy_level,
-)
+from trimformer.passes.quantize.accuracy_level import set_accuracy_level
+from trimformer.passes.quantize.weight_only import WeightOnlyConfig, WeightOnlyPass, find_lm_head
 
 BLOCK = 16
 
@@ -51,7 +47,9 @@ def _run(artifact_dir: Path, csv: Path | None = None, **settings: object) -> tup
     if csv is not None:
         texts = load_dataset(str(csv), split="all").texts
         ctx.calibration = lambda: DecoderFeeds(texts, tokenizer, spec, blocks=8, block=32)
-    config = WeightOnlyConfig(block_size=BLOCK, new_tokens=8, **settings)
+    config = WeightOnlyConfig(
+        **{"block_size": BLOCK, "new_tokens": 8, "min_token_agreement": 0.0, **settings}
+    )
     report = WeightOnlyPass(config, ctx)(ir.from_proto(artifact.load_model()))
     return ir.to_proto(report.model), report.stats
 
@@ -218,3 +216,18 @@ def test_decoder_feeds_are_blocks_of_running_text(lms: dict[str, Path]) -> None:
     assert rows[0]["input_ids"].shape == (1, 16) and rows[0]["past_key_values.0.key"].shape[2] == 0
     # Texts run on across block edges, each ended by eos, as in training.
     assert 2 in rows[0]["input_ids"] and rows[1]["position_ids"].tolist() == [list(range(16))]
+
+
+def test_a_given_level_is_gated_too(lms: dict[str, Path]) -> None:
+    with pytest.raises(GateFailed, match=r"token agreement with the float graph is .* at accuracy_level 1"):
+        _run(lms["llama"], lm_head="int4", block_size=256, accuracy_level=1, min_token_agreement=0.999)
+
+
+def test_auto_measures_each_distinct_kernel_once(lms: dict[str, Path]) -> None:
+    _, stats = _run(lms["llama"], bits=8)
+    levels = stats["accuracy_levels"]
+    measured = [k for k, f in levels.items() if "same_as" not in f]
+    assert "1" in measured and all(levels[k]["decode_tokens_per_s"] > 0 for k in measured)
+    # With no floor, the fastest measured level is kept.
+    fastest = max(measured, key=lambda k: levels[k]["decode_tokens_per_s"])
+    assert stats["accuracy_level"] == int(fastest)

@@ -5,9 +5,8 @@ along the input axis share a scale, and a zero point unless symmetric), quantize
 onnxruntime's ``matmul_nbits_quantizer``: round-to-nearest (its default quantizer, as
 onnxruntime-genai's model builder uses), GPTQ (its Intel Neural Compressor port, calibrated on
 text rows) or HQQ (its half-quadratic solver; it needs PyTorch at build time). Activations stay
-float: ``accuracy_level`` picks what the CPU kernel computes in (0: unset, the kernel's float
-path; 4: int8 activations, fastest on CPUs and where greedy tokens flip on models with outlier
-channels, onnxruntime#29849).
+float in the graph; ``accuracy_level`` says what the CPU kernel computes in, and by default
+(``auto``) it is chosen by token parity and decode speed (:mod:`.accuracy_level`).
 
 Two tensors get their own setting, because greedy decoding is most sensitive to them:
 ``lm_head`` (int8 by default) and the token embedding (float by default; 4- or 8-bit through
@@ -15,8 +14,8 @@ Two tensors get their own setting, because greedy decoding is most sensitive to 
 embedding through a Transpose; to quantize it, the pass gives it its own transposed copy.
 
 The pass measures what it did against its input graph: on held-out prompts, the float graph's
-greedy continuation is fed to both and the share of positions whose top token agrees, the mean
-KL and the largest prompt-logit difference go into the stats (the lineage and the report).
+greedy continuation is fed to both and the share of positions whose top token agrees and the mean
+KL go into the stats (the lineage and the report); under ``min_token_agreement`` nothing is written.
 """
 
 from __future__ import annotations
@@ -36,18 +35,19 @@ from onnx import helper, numpy_helper
 from onnx_ir.passes import FunctionalPass
 from pydantic import Field, field_validator
 
-from trimformer.errors import UserError
-from trimformer.formats.decoder import DecoderSpec
+from trimformer.errors import GateFailed, UserError
 from trimformer.passes.base import PassConfig, PassContext, PassReport, iter_feeds, register_pass
-from trimformer.runtime.decoding import CachedSession, fidelity
-from trimformer.runtime.session import cpu_session
+from trimformer.passes.quantize.accuracy_level import (
+    choose_accuracy_level,
+    measure_fidelity,
+    set_accuracy_level,
+)
 
 __all__ = [
     "ALGORITHMS",
     "WEIGHT_ONLY_BITS",
     "WeightOnlyConfig",
     "WeightOnlyPass",
-    "set_accuracy_level",
     "weight_only_quantize",
 ]
 
@@ -72,7 +72,9 @@ class WeightOnlyConfig(PassConfig):
     symmetric: bool | None = None
     lm_head: Literal["int4", "int8", "float"] = Field("int8", description="one of int4, int8, float")
     embedding: Literal["float", "int4", "int8"] = Field("float", description="one of float, int4, int8")
-    accuracy_level: Literal[0, 1, 2, 3, 4] = Field(0, description="one of 0, 1, 2, 3, 4")
+    # "auto": chosen by token parity and decode speed (passes/quantize/accuracy_level.py).
+    accuracy_level: Literal["auto", 0, 1, 2, 3, 4] = Field("auto", description="auto or one of 0, 1, 2, 3, 4")
+    min_token_agreement: float = Field(0.95, ge=0, le=1, description="in [0, 1]")
     samples: int = Field(128, ge=1, description="1 or more (GPTQ calibration blocks)")
     new_tokens: int = Field(32, ge=1, le=256, description="in [1, 256]")
 
@@ -160,21 +162,6 @@ def untie_lm_head(model: onnx.ModelProto, lm_head: onnx.NodeProto) -> bool:
     if not _consumers(graph, transpose.output[0]):
         graph.node.remove(transpose)
     return True
-
-
-def set_accuracy_level(model: onnx.ModelProto, level: int) -> int:
-    """Write ``accuracy_level`` on every MatMulNBits (0 removes it: the kernel's default); the count."""
-    count = 0
-    for node in model.graph.node:
-        if node.op_type != "MatMulNBits":
-            continue
-        kept = [a for a in node.attribute if a.name != "accuracy_level"]
-        del node.attribute[:]
-        node.attribute.extend(kept)
-        if level:
-            node.attribute.append(helper.make_attribute("accuracy_level", level))
-        count += 1
-    return count
 
 
 def _quiet_quantizer() -> Any:
@@ -295,7 +282,8 @@ def weight_only_quantize(
     embedding_bits = _bits(config.embedding)
     if gather is not None and embedding_bits:
         quantize_embedding(model, gather, embedding_bits, config.block_size)
-    set_accuracy_level(model, config.accuracy_level)
+    if config.accuracy_level != "auto":
+        set_accuracy_level(model, config.accuracy_level)
     ops = [n.op_type for n in model.graph.node]
     return model, {
         "matmul_nbits": ops.count("MatMulNBits"),
@@ -309,19 +297,6 @@ def weight_only_quantize(
 def _float_weight_matmuls(model: onnx.ModelProto) -> int:
     inits = _initializers(model.graph)
     return sum(1 for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits)
-
-
-def measure_fidelity(
-    quantized: onnx.ModelProto,
-    reference: onnx.ModelProto,
-    spec: DecoderSpec,
-    prompts: list[list[int]],
-    new_tokens: int,
-) -> dict[str, Any]:
-    """Top-1 agreement and KL of the quantized graph on the float graph's greedy continuations."""
-    model = CachedSession(cpu_session(quantized), spec)
-    ref = CachedSession(cpu_session(reference), spec)
-    return {**fidelity(model, ref, prompts, new_tokens), "prompts": len(prompts)}
 
 
 @register_pass(
@@ -350,6 +325,31 @@ class WeightOnlyPass(FunctionalPass):
         source = self.ctx.require_calibration("weight-only (GPTQ)")()
         return [feed for _, feed in zip(range(self.config.samples), iter_feeds(source), strict=False)]
 
+    def _accuracy(self, quantized: onnx.ModelProto, reference: onnx.ModelProto) -> dict[str, Any]:
+        """The accuracy level (chosen, or as given) and the token parity that let it through."""
+        config, spec, prompts = self.config, self.ctx.decoder_spec, self.ctx.prompts
+        if spec is None or not prompts:
+            raise UserError(
+                "weight-only quantization checks token parity: it needs the decoder spec and prompts"
+            )
+        if config.accuracy_level != "auto":
+            figures = measure_fidelity(quantized, reference, spec, prompts, config.new_tokens)
+            if figures["token_agreement"] < config.min_token_agreement:
+                raise GateFailed(
+                    f"token agreement with the float graph is {figures['token_agreement']:.4f} at accuracy_level "
+                    f"{config.accuracy_level}, under --min-token-agreement {config.min_token_agreement}"
+                )
+            return {"accuracy_level": config.accuracy_level, "fidelity": figures}
+        chosen, levels = choose_accuracy_level(
+            quantized, reference, spec, prompts, config.new_tokens, config.min_token_agreement
+        )
+        fidelity = {k: v for k, v in levels[str(chosen)].items() if k != "decode_tokens_per_s"}
+        return {
+            "accuracy_level": chosen,
+            "accuracy_levels": levels,
+            "fidelity": {**fidelity, "prompts": len(prompts)},
+        }
+
     def call(self, model: ir.Model) -> PassReport:
         started = time.perf_counter()
         reference = ir.to_proto(model)
@@ -360,8 +360,6 @@ class WeightOnlyPass(FunctionalPass):
             "input_size_mb": round(reference.ByteSize() / 1e6, 3),
             "size_mb": round(quantized.ByteSize() / 1e6, 3),
         }
-        spec, prompts = self.ctx.decoder_spec, self.ctx.prompts
-        if spec is not None and prompts:
-            stats["fidelity"] = measure_fidelity(quantized, reference, spec, prompts, self.config.new_tokens)
+        stats.update(self._accuracy(quantized, reference))
         stats["seconds"] = round(time.perf_counter() - started, 2)
         return PassReport(ir.from_proto(quantized), True, stats=stats)

@@ -193,7 +193,9 @@ def run_weight_only(config: WeightOnlyStageConfig) -> dict[str, Any]:
         "embedding": stats["embedding"],
         "size_mb": round(result.size_bytes() / 1e6, 2),
         "input_size_mb": round(artifact.size_bytes() / 1e6, 2),
-        "fidelity": stats.get("fidelity"),
+        "accuracy_level": stats["accuracy_level"],
+        "accuracy_levels": stats.get("accuracy_levels"),
+        "fidelity": stats["fidelity"],
         "seconds": stats["seconds"],
     }
 
