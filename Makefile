@@ -4,6 +4,7 @@
 #   make test [FAST=1]     the tests (FAST=1 skips the slow end-to-end ones; CI runs them all)
 #   make lint              ruff check, ruff format --check, mypy, lint-imports (the layer contracts)
 #   make lm                the built-in causal LM (tokenizer + small Llama, trained here, cached)
+#   make lm-demo           that LM as a verified int4 bundle (recipes/lm-int4.toml), and where the bundle is
 #   make bench             every variant side by side in one run -> docs/BENCHMARKS.md
 #                          (trains the teacher and, for the pruning check, a second one with seed 1)
 #   make pipeline RECIPE=recipes/int8.toml
@@ -25,7 +26,7 @@ endif
 
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test lint format demo teacher teacher2 lm bench bench-peers bench-load bench-serve clean pipeline fuse serve
+.PHONY: install test lint format demo teacher teacher2 lm lm-demo bench bench-peers bench-load bench-serve clean pipeline fuse serve
 
 install: $(STAMP)
 
@@ -56,6 +57,16 @@ format: $(STAMP)
 demo: $(STAMP)
 	$(TF) run recipes/edge-cpu.toml --workdir $(DEMO)/edge
 	@echo "report: $(DEMO)/edge/report/report.html"
+
+# The built-in causal LM trained, exported, quantized to weight-only int4 (accuracy level chosen by
+# token parity), validated against its PyTorch model and packaged (docs/DECODERS.md).
+LM_DEMO := $(WORK)/lm-int4
+lm-demo: $(STAMP)
+	$(TF) run recipes/lm-int4.toml --workdir $(LM_DEMO)
+	@bundle=$$(ls $(LM_DEMO)/stages/package-*/out/bundle.tar.gz 2>/dev/null | head -n 1); \
+	test -n "$$bundle" || { echo "make lm-demo: the run wrote no bundle"; exit 1; }; \
+	echo "bundle: $$bundle"; \
+	echo "try:    $(TF) generate $$bundle --prompt 'the weather today is'"
 
 # --- serving: a bundle over HTTP (docs/SERVING.md) --------------------------------------------
 BUNDLE ?= $(firstword $(wildcard $(DEMO)/edge/stages/package-*/out/bundle.tar.gz))

@@ -655,9 +655,9 @@ CASES: dict[str, tuple[Case, str]] = {
         ],
         "works on encoder graphs and .* is a causal-lm model with a KV cache",
     ),
-    "fuse: causal LM": (
-        lambda t, fx: ["fuse", str(fx["llama_onnx"]), "--out", str(t / OUT)],
-        "the fuse pass works on encoder graphs",
+    "fuse: head counts for a causal LM": (
+        lambda t, fx: ["fuse", str(fx["llama_onnx"]), "--num-heads", "4", "--out", str(t / OUT)],
+        "a causal LM's head counts come from its decoder spec; leave out --num-heads",
     ),
     "package: output exists": (
         lambda t, fx: ["package", str(fx["onnx"]), "--out", str((t / OUT).mkdir() or t / OUT)],

@@ -107,8 +107,8 @@ def test_a_second_run_is_all_cached(run: tuple[Path, object], tmp_path: Path) ->
     [
         ('[[passes]]\nname = "quantize"\n', "passes\\[0\\]: the quantize pass works on encoder graphs"),
         (
-            '[[passes]]\nname = "weight-only"\n',
-            "passes\\[0\\]: the weight-only pass does not run in a recipe yet",
+            '[[passes]]\nname = "fuse"\n',
+            "passes\\[0\\]: the fuse pass works on encoder graphs.*it takes: fuse-decoder, weight-only",
         ),
         ("[distill]\nepochs = 1\n", "distill: distillation is for encoders"),
     ],
@@ -154,3 +154,31 @@ def test_decoder_keys_on_an_encoder_recipe_are_refused(
 def test_the_shipped_recipe_reads(tmp_path: Path) -> None:
     recipe = load_recipe(Path(__file__).parents[2] / "recipes" / "lm.toml")
     assert recipe.is_causal_lm and recipe.model.source is None and recipe.model.train is not None
+
+
+def test_fuse_and_weight_only_between_export_and_validate(tmp_path: Path) -> None:
+    passes = '\n[[passes]]\nname = "fuse-decoder"\n'
+    passes += '\n[[passes]]\nname = "weight-only"\nbits = 8\nblock_size = 16\nmin_token_agreement = 0.5\n'
+    text = RECIPE.replace("min_token_agreement = 0.99", "min_token_agreement = 0.5").replace(
+        "max_perplexity_increase = 0.5", "max_perplexity_increase = 50"
+    )
+    path = _recipe(tmp_path, text=text.replace("[validate]\n", passes + "\n[validate]\n", 1))
+    result = run_recipe(load_recipe(path), tmp_path / "wd")
+    stages = {p.name: p for p in result.stages}
+    assert list(stages) == ["train", "export", "fuse-decoder", "weight-only", "validate", "package"]
+    assert result.gates_passed
+    step = json.loads((stages["weight-only"].out / "trimformer.json").read_text())["lineage"][-1]
+    assert step["step"] == "weight-only" and step["params"]["bits"] == 8
+    # The accuracy level was chosen on this CPU by the recipe's data: every level measured or matched.
+    assert set(step["stats"]["accuracy_levels"]) == {"1", "2", "3", "4"}
+    assert step["stats"]["fidelity"]["prompts"] >= 1
+    # The bundle ships the int4/int8 graph, validated against the PyTorch model.
+    bundle = stages["package"].out / "bundle"
+    verify_bundle(bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["model"]["quantized"] and manifest["lineage"]["steps"][-1]["step"] == "weight-only"
+    assert [s["step"] for s in manifest["lineage"]["steps"]] == ["export", "fuse-decoder", "weight-only"]
+    fused = json.loads((stages["fuse-decoder"].out / "trimformer.json").read_text())["lineage"][-1]
+    assert fused["stats"]["fusions"]["group_query_attention"] == 2
+    final = json.loads((stages["validate"].out / "cpu" / "final" / "report.json").read_text())
+    assert final["reference"]["model"] == str(stages["train"].out) and final["token_agreement"] >= 0.5

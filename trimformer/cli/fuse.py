@@ -40,8 +40,13 @@ def fuse_command(
     """Fuse MODEL's transformer blocks with onnxruntime's optimizer (checked against the input).
 
     \b
-    Example:
+    A causal LM gets the decoder fusions instead (GroupQueryAttention, SimplifiedLayerNormalization,
+    SkipSimplifiedLayerNormalization), written only when greedy tokens are unchanged.
+
+    \b
+    Examples:
       trimformer fuse work/teacher-onnx --out work/teacher-fused
+      trimformer fuse work/lm-onnx --out work/lm-fused
     """
     from trimformer.passes.fuse.fusion import FuseConfig
     from trimformer.pipeline.stages.quantize import run_fuse
@@ -53,7 +58,15 @@ def fuse_command(
         overwrite=overwrite,
         target=target,
     )
-    counts = ", ".join(f"{op} x{n}" for op, n in result["fusions"].items()) or "nothing fused"
+    counts = ", ".join(f"{op} x{n}" for op, n in result["fusions"].items() if n) or "nothing fused"
+    if result.get("task") == "causal-lm":
+        parity = result["parity"]
+        text = (
+            f"fused for {result['target']}: {counts}; greedy tokens equal the exported graph's "
+            f"({parity['tokens']} tokens on {parity['prompts']} prompts); wrote {out}"
+        )
+        emit(state, result, text)
+        return
     emit(
         state,
         result,

@@ -1,7 +1,7 @@
 """ONNX -> ONNX graph passes (one module each) and the helpers they share.
 
 Importing the package registers every pass: ``fp16``, ``fuse``, ``quantize``, ``prune``,
-``weight-only``.
+``weight-only``, ``fuse-decoder``.
 None of them imports torch.
 """
 
@@ -19,6 +19,7 @@ from trimformer.passes.base import (
     pass_order,
     register_pass,
 )
+from trimformer.passes.fuse import decoder  # noqa: F401  (registration)
 from trimformer.passes.quantize import weight_only  # noqa: F401  (registration)
 
 __all__ = [

@@ -24,6 +24,7 @@ from trimformer.formats.tasks import CAUSAL_LM
 from trimformer.fsutil import sha256_bytes
 from trimformer.packaging.package import package_artifact
 from trimformer.passes.base import PassConfig, apply_pass
+from trimformer.passes.fuse.decoder import DecoderFuseConfig
 from trimformer.passes.fuse.fusion import FuseConfig
 from trimformer.passes.prune.structured import PruneConfig
 from trimformer.passes.quantize.int8 import QuantizeConfig
@@ -33,6 +34,7 @@ from trimformer.passes.quantize.training_ranges import (
     check_training_options,
     check_training_settings,
 )
+from trimformer.passes.quantize.weight_only import WeightOnlyConfig
 from trimformer.pipeline.context import Columns, DataRequest, build_pass_context, host_target
 from trimformer.pipeline.recipe import PassSpec, Recipe, known_passes, pass_config, stage_params
 from trimformer.pipeline.stages.params import (
@@ -42,7 +44,14 @@ from trimformer.pipeline.stages.params import (
     QuantizeStageParams,
 )
 from trimformer.pipeline.stages.prune import PruneStageConfig, run_prune
-from trimformer.pipeline.stages.quantize import QuantizeStageConfig, run_fuse, run_quantize
+from trimformer.pipeline.stages.quantize import (
+    QuantizeStageConfig,
+    WeightOnlyStageConfig,
+    run_fuse,
+    run_fuse_decoder,
+    run_quantize,
+    run_weight_only,
+)
 from trimformer.pipeline.stages.result import StageResult
 from trimformer.runtime.cpu import cpu_class
 
@@ -312,10 +321,47 @@ def _run_fuse_stage(config: Any, spec: PassSpec, ctx: StageContext) -> StageResu
     )
 
 
+def _run_weight_only_stage(config: Any, spec: PassSpec, ctx: StageContext) -> StageResult:
+    """Through run_weight_only: GPTQ calibrates on [data]'s train split, token parity on its test split."""
+    recipe = ctx.recipe
+    data_spec = None if recipe.data is None else recipe.resolve(recipe.data.source)
+    summary = run_weight_only(
+        WeightOnlyStageConfig(
+            model=str(ctx.inputs["model"]),
+            out=str(ctx.out),
+            weight_only=config,
+            calibration=data_spec if config.algo == "gptq" else None,
+            prompts=data_spec,
+            target=recipe.target,
+            seed=recipe.seed,
+        )
+    )
+    return StageResult(
+        {
+            "matmul_nbits": summary["matmul_nbits"],
+            "accuracy_level": summary["accuracy_level"],
+            "token_agreement": summary["fidelity"]["token_agreement"],
+            "size_mb": summary["size_mb"],
+        }
+    )
+
+
+def _run_fuse_decoder_stage(config: Any, spec: PassSpec, ctx: StageContext) -> StageResult:
+    """Through run_fuse_decoder: greedy-token parity on [data]'s test prompts."""
+    recipe = ctx.recipe
+    data_spec = None if recipe.data is None else recipe.resolve(recipe.data.source)
+    summary = run_fuse_decoder(
+        ModelArtifact.open(ctx.inputs["model"]), ctx.out, config, target=recipe.target, prompts=data_spec
+    )
+    return StageResult({k: v for k, v in summary["fusions"].items() if v})
+
+
 _STAGE_ADAPTERS: dict[type[PassConfig], Callable[[Any, PassSpec, StageContext], StageResult]] = {
+    DecoderFuseConfig: _run_fuse_decoder_stage,
     PruneConfig: _run_prune_stage,
     QuantizeConfig: _run_quantize_stage,
     FuseConfig: _run_fuse_stage,
+    WeightOnlyConfig: _run_weight_only_stage,
 }
 
 
@@ -373,9 +419,13 @@ def _run_validate(ctx: StageContext) -> StageResult:
                 (reference or final).resolve(),
             ):
                 continue
+            # Variants are measured, not gated (a causal LM's gates sit in its decoder settings).
+            ungated = (
+                {**common, "decoder": _decoder_settings(section, True)} if recipe.is_causal_lm else common
+            )
             run_validate(
                 ValidateConfig(
-                    model=str(path), provider=provider, out=str(folder / role.split(":", 1)[1]), **common
+                    model=str(path), provider=provider, out=str(folder / role.split(":", 1)[1]), **ungated
                 )
             )
     return StageResult({"gates": gates, "passed": all(g["passed"] for g in gates.values())})
@@ -493,6 +543,13 @@ def _train_and_distill(plan: _Planner) -> tuple[_Ref | None, _Ref | None]:
     return distill, reference
 
 
+def _depends_on_cpu(spec: PassSpec) -> bool:
+    """A pass whose result depends on the CPU it runs on: an int8 preset or an accuracy level "auto"."""
+    if spec.name == "quantize":
+        return bool(spec.params.get("preset", AUTO_PRESET) == AUTO_PRESET)
+    return spec.name == "weight-only" and spec.params.get("accuracy_level", "auto") == "auto"
+
+
 def _pass_stages(plan: _Planner, current: _Ref, torch_model: _Ref | None) -> list[_Ref]:
     """One stage per [[passes]] entry, each reading the one before; returns every variant."""
     recipe = plan.recipe
@@ -504,7 +561,7 @@ def _pass_stages(plan: _Planner, current: _Ref, torch_model: _Ref | None) -> lis
             refs["source"] = torch_model
         inputs, external = plan.wire(refs)
         params: dict[str, Any] = {"pass": spec.name, "config": spec.params, "seed": recipe.seed}
-        if spec.params.get("preset", AUTO_PRESET) == AUTO_PRESET and spec.name == "quantize":
+        if _depends_on_cpu(spec):
             # "auto" resolves by CPU: a cached result from another CPU class is not this one's.
             params["cpu_class"] = cpu_class()
         if recipe.data is not None:

@@ -668,27 +668,23 @@ def _check_validate(recipe: Recipe) -> list[tuple[str, str]]:
 
 
 def _decoder_pass_problems(recipe: Recipe) -> list[tuple[str, str]]:
-    """Each pass gets the kind of graph its registry entry knows (decoder passes run from the
-    command line in this version: ``trimformer quantize --weight-only``)."""
+    """Each pass gets the kind of graph its registry entry knows."""
     registry = known_passes()
+    want = "decoder" if recipe.is_causal_lm else "encoder"
     problems = []
     for i, spec in enumerate(recipe.passes):
         entry = registry.get(spec.name)
-        if entry is None:
+        if entry is None or entry.models == want:
             continue
-        if recipe.is_causal_lm and entry.models == "encoder":
-            problems.append(
-                (f"passes[{i}]", f"the {spec.name} pass works on encoder graphs, not a causal LM")
-            )
-        elif recipe.is_causal_lm:
+        if recipe.is_causal_lm:
+            takes = ", ".join(sorted(n for n, e in registry.items() if e.models == "decoder"))
             problems.append(
                 (
                     f"passes[{i}]",
-                    f"the {spec.name} pass does not run in a recipe yet; run trimformer quantize "
-                    "--weight-only on the exported model",
+                    f"the {spec.name} pass works on encoder graphs, not a causal LM (it takes: {takes})",
                 )
             )
-        elif entry.models == "decoder":
+        else:
             problems.append(
                 (
                     f"passes[{i}]",

@@ -76,7 +76,7 @@ class WeightOnlyConfig(PassConfig):
     accuracy_level: Literal["auto", 0, 1, 2, 3, 4] = Field("auto", description="auto or one of 0, 1, 2, 3, 4")
     min_token_agreement: float = Field(0.95, ge=0, le=1, description="in [0, 1]")
     samples: int = Field(128, ge=1, description="1 or more (GPTQ calibration blocks)")
-    new_tokens: int = Field(32, ge=1, le=256, description="in [1, 256]")
+    new_tokens: int = Field(default=32, ge=1, le=256, description="in [1, 256]")
 
     @field_validator("block_size")
     @classmethod

@@ -19,8 +19,10 @@ from typing import Any
 from trimformer.artifact import ModelArtifact
 from trimformer.errors import UserError
 from trimformer.formats.targets import AUTO_TARGET, PRESET_TARGETS, Target
+from trimformer.formats.tasks import CAUSAL_LM
 from trimformer.fsutil import check_output_dir
 from trimformer.passes.base import PassContext, PassReport, apply_pass, check_model_kind, get_pass
+from trimformer.passes.fuse.decoder import DecoderFuseConfig
 from trimformer.passes.fuse.fusion import FuseConfig
 from trimformer.passes.quantize.int8 import QuantizeConfig
 from trimformer.passes.quantize.presets import AUTO_PRESET
@@ -40,6 +42,7 @@ __all__ = [
     "QuantizeStageConfig",
     "WeightOnlyStageConfig",
     "run_fuse",
+    "run_fuse_decoder",
     "run_quantize",
     "run_weight_only",
 ]
@@ -234,6 +237,12 @@ def run_fuse(
     out_path = Path(out)
     check_output_dir(out_path, overwrite)
     artifact = ModelArtifact.open(model)
+    if artifact.task == CAUSAL_LM:
+        if config is not None and (config.num_heads or config.hidden_size):
+            raise UserError(
+                "a causal LM's head counts come from its decoder spec; leave out --num-heads and --hidden-size"
+            )
+        return run_fuse_decoder(artifact, out_path, DecoderFuseConfig(), overwrite, target)
     config = config or FuseConfig()
     resolved = host_target(target)
     if not resolved.cpu_kernels:
@@ -242,3 +251,21 @@ def run_fuse(
         ctx = PassContext(scratch=Path(tmp), target=resolved)
         _, report = apply_pass(artifact, "fuse", config, ctx, out_path, overwrite)
     return {"out": str(out_path), "target": resolved.name, **report.stats}
+
+
+def run_fuse_decoder(
+    artifact: ModelArtifact,
+    out: Path,
+    config: DecoderFuseConfig,
+    overwrite: bool = False,
+    target: str = AUTO_TARGET,
+    prompts: str | None = None,
+) -> dict[str, Any]:
+    """A causal LM's fused graph (GroupQueryAttention, SimplifiedLayerNormalization, ...), written
+    only when its greedy tokens equal the exported graph's."""
+    check_output_dir(out, overwrite)
+    resolved = host_target(target)
+    with tempfile.TemporaryDirectory(prefix="trimformer-fuse-") as tmp:
+        ctx = build_decoder_context(artifact, None, prompts, 0, Path(tmp), resolved)
+        _, report = apply_pass(artifact, "fuse-decoder", config, ctx, out, overwrite, {"prompts": prompts})
+    return {"out": str(out), "task": CAUSAL_LM, "target": resolved.name, **report.stats}

@@ -1,0 +1,313 @@
+"""Decoder fusion: a causal LM's exported graph rewritten to onnxruntime's CPU kernels.
+
+What is rewritten, and by whose rules:
+
+- **RMSNorm -> SimplifiedLayerNormalization** (Llama, Mistral, Qwen2/3): a rule of ours
+  (:class:`RmsNormOpset17`), the opset-17 form of onnxscript's ``RmsNormFusion``: the exporter
+  writes ``ReduceMean`` with an ``axes`` attribute and ``1 / Sqrt`` as a ``Div``, where
+  onnxscript's rule wants ``axes`` as an input (opset 18) and ``Reciprocal``.
+- **residual Add + norm -> SkipSimplifiedLayerNormalization / SkipLayerNormalization**: onnxscript's
+  own ``ort_fusions`` rules (``fuse_skip_rms_normalization``, ``fuse_skip_layer_normalization``).
+- **attention -> GroupQueryAttention** (every family; GPT-2 with as many KV heads as query heads):
+  written here (:func:`fuse_group_query_attention`), because the exporter spells attention out
+  itself (``exporters/decoder_module.py``: cache Concat, repeat of the KV heads, scaled scores plus
+  an additive bias, Softmax): each layer is found from its Softmax and its two ``present.N``
+  Concats. The bias the graph already computes (causal, padding, Mistral's window) becomes
+  GroupQueryAttention's ``attention_bias``, and every row's ``seqlens_k`` is the full length
+  minus one, so left-padded batches keep their meaning; rotary stays as exported (the queries
+  and keys arrive rotated), and so does the cache contract (past and present in BNSH).
+
+The pass checks its own output: on held-out prompts, the float graph's greedy continuation fed to
+both graphs must give the same top token at every position (``token_agreement`` 1.0), else
+nothing is written.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes import FunctionalPass
+from onnx_ir.passes.common import (
+    IdentityEliminationPass,
+    LiftConstantsToInitializersPass,
+    RemoveUnusedNodesPass,
+    ShapeInferencePass,
+)
+from onnxscript.rewriter import MatchResult, RewriteRuleClassBase, RewriteRuleSet
+from onnxscript.rewriter.ort_fusions.skip_normalization import (
+    fuse_skip_layer_normalization,
+    fuse_skip_rms_normalization,
+)
+from onnxscript.rewriter.rules.common import no_op_cast_rule
+from pydantic import Field
+
+from trimformer.errors import ParityError, UserError
+from trimformer.formats.decoder import DecoderSpec, present_key_name, present_value_name
+from trimformer.passes.base import PassConfig, PassContext, PassReport, register_pass
+from trimformer.passes.graph import const_array
+from trimformer.runtime.decoding import CachedSession, fidelity
+from trimformer.runtime.session import cpu_session
+
+__all__ = ["DecoderFuseConfig", "DecoderFusePass", "RmsNormOpset17", "fuse_group_query_attention"]
+
+MS_DOMAIN = "com.microsoft"
+
+
+class DecoderFuseConfig(PassConfig):
+    """``trimformer fuse`` on a causal LM; the recipe's ``[passes.fuse-decoder]``."""
+
+    attention: bool = True
+    norms: bool = True
+    new_tokens: int = Field(default=32, ge=1, le=256, description="in [1, 256]")
+
+
+class RmsNormOpset17(RewriteRuleClassBase):
+    """``weight * (x / sqrt(mean(x^2) + eps))`` as the opset-17 TorchScript export writes it."""
+
+    def pattern(self, op: Any, x: Any, scale: Any, epsilon: Any) -> Any:  # type: ignore[override]
+        # The export's float-to-float Casts around it are gone by now (fuse_decoder removes them).
+        mean_square = op.ReduceMean(op.Pow(x, 2.0), axes=[-1], keepdims=1)
+        reciprocal = op.Div(1.0, op.Sqrt(op.Add(mean_square, epsilon)))
+        return op.Mul(scale, op.Mul(x, reciprocal))
+
+    def check(self, context: Any, x: ir.Value, scale: ir.Value, epsilon: ir.Value, **_: Any) -> MatchResult:  # type: ignore[override]
+        result = MatchResult()
+        eps = const_array(epsilon)
+        if eps is None or eps.size != 1:
+            return result.fail("epsilon is not a constant scalar", epsilon)
+        if x.dtype != ir.DataType.FLOAT or const_array(scale) is None:
+            return result.fail("input is not float or the scale is not a constant", x)
+        return result
+
+    def rewrite(self, op: Any, x: ir.Value, scale: ir.Value, epsilon: ir.Value, **_: Any) -> Any:  # type: ignore[override]
+        eps = float(np.asarray(const_array(epsilon)).reshape(-1)[0])
+        return op.SimplifiedLayerNormalization(x, scale, axis=-1, epsilon=eps, stash_type=1)
+
+
+rms_norm_rules = RewriteRuleSet([RmsNormOpset17.rule()])
+
+
+@dataclass
+class _Site:
+    """One layer's attention as exported, and what GroupQueryAttention replaces."""
+
+    query: ir.Value  # BNSH, rotated
+    key_concat: ir.Node  # Concat(past key, new key) -> present.N.key
+    value_concat: ir.Node
+    bias: ir.Value
+    scale: float
+    merged: ir.Value  # [batch, sequence, heads * head_dim], what o_proj reads
+    anchor: ir.Node  # the node that writes ``merged``
+
+
+def _producer(value: ir.Value | None, *op_types: str) -> ir.Node | None:
+    node = None if value is None else value.producer()
+    return node if node is not None and node.op_type in op_types else None
+
+
+def _skip_casts(value: ir.Value) -> ir.Value:
+    while (cast := _producer(value, "Cast")) is not None:
+        value = cast.inputs[0]  # type: ignore[assignment]
+    return value
+
+
+def _concat_behind(value: ir.Value | None) -> ir.Node | None:
+    """The cache Concat behind a (possibly head-repeated) key or value."""
+    for _ in range(6):
+        node = _producer(value, "Concat", "Reshape", "Expand", "Unsqueeze")
+        if node is None:
+            return None
+        if node.op_type == "Concat" and len(node.inputs) == 2:
+            return node
+        value = node.inputs[0]
+    return None
+
+
+def _only_consumer(value: ir.Value, op_type: str) -> ir.Node | None:
+    """The one consumer of ``value`` besides Shape nodes (the export reads shapes everywhere),
+    if it is an ``op_type``."""
+    users = [u.node for u in value.uses() if u.node.op_type != "Shape"]
+    return users[0] if len(users) == 1 and users[0].op_type == op_type else None
+
+
+def _scores_site(softmax: ir.Node) -> tuple[ir.Value, ir.Node, ir.Value, float] | None:
+    """(query, key Concat, bias, scale) of ``Softmax(MatMul(q, Transpose(k)) * scale + bias)``."""
+    add = _producer(_skip_casts(softmax.inputs[0]), "Add")  # type: ignore[arg-type]
+    if add is None:
+        return None
+    for scaled, bias in (add.inputs, add.inputs[::-1]):
+        mul = _producer(scaled, "Mul")
+        if mul is None:
+            continue
+        for product, factor in (mul.inputs, mul.inputs[::-1]):
+            matmul, scale = _producer(product, "MatMul"), const_array(factor)
+            if matmul is None or scale is None or scale.size != 1:
+                continue
+            transpose = _producer(matmul.inputs[1], "Transpose")
+            key = None if transpose is None else _concat_behind(transpose.inputs[0])
+            if key is not None and bias is not None:
+                return matmul.inputs[0], key, bias, float(scale.reshape(-1)[0])  # type: ignore[return-value]
+    return None
+
+
+def _site(softmax: ir.Node) -> _Site | None:
+    scores = _scores_site(softmax)
+    if scores is None:
+        return None
+    query, key_concat, bias, scale = scores
+    probs = softmax.outputs[0]
+    while (cast := _only_consumer(probs, "Cast")) is not None:
+        probs = cast.outputs[0]
+    context = _only_consumer(probs, "MatMul")
+    value_concat = None if context is None else _concat_behind(context.inputs[1])
+    transpose = None if context is None else _only_consumer(context.outputs[0], "Transpose")
+    reshape = None if transpose is None else _only_consumer(transpose.outputs[0], "Reshape")
+    if value_concat is None or reshape is None:
+        return None
+    return _Site(query, key_concat, value_concat, bias, scale, reshape.outputs[0], reshape)
+
+
+def _constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    value = ir.Value(
+        name=name,
+        shape=ir.Shape(array.shape),
+        type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+        const_value=ir.tensor(array, name=name),
+    )
+    graph.register_initializer(value)
+    return value
+
+
+def _lengths(graph: ir.Graph, tape: ir.tape.Tape) -> tuple[ir.Value, ir.Value]:
+    """``seqlens_k`` [batch] (every row's full length minus one: padding is in the bias) and
+    ``total_sequence_length`` (a scalar), both int32, from the attention mask's shape."""
+    mask = next(v for v in graph.inputs if v.name == "attention_mask")
+    shape = tape.op("Shape", [mask])
+    length = tape.op("Gather", [shape, _constant(graph, "gqa/one", np.array(1, np.int64))])
+    total = tape.op("Cast", [length], attributes={"to": ir.DataType.INT32})
+    zero, one = (
+        _constant(graph, f"gqa/{n}", np.array([i], np.int64)) for n, i in (("start", 0), ("stop", 1))
+    )
+    batch = tape.op("Slice", [shape, zero, one])
+    last = tape.op("Sub", [total, _constant(graph, "gqa/one_i32", np.array(1, np.int32))])
+    return tape.op("Expand", [last, batch]), total
+
+
+def _to_bsd(tape: ir.tape.Tape, bnsh: ir.Value, shape: ir.Value) -> ir.Value:
+    """[batch, heads, sequence, head_dim] -> [batch, sequence, heads * head_dim]."""
+    bsnh = tape.op("Transpose", [bnsh], attributes={"perm": [0, 2, 1, 3]})
+    return tape.op("Reshape", [bsnh, shape])
+
+
+def _rename_output(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
+    index = next(i for i, v in enumerate(graph.outputs) if v is old)
+    name = old.name
+    old.name = f"{name}/replaced"
+    new.name, new.type, new.shape = name, old.type, old.shape  # the contract's dtype and dynamic axes
+    graph.outputs[index] = new
+
+
+def fuse_group_query_attention(model: ir.Model, spec: DecoderSpec) -> int:
+    """Each layer's exported attention as one GroupQueryAttention; the number rewritten."""
+    graph = model.graph
+    sites = [s for node in list(graph) if node.op_type == "Softmax" and (s := _site(node)) is not None]
+    if not sites:
+        return 0
+    lengths_tape = ir.tape.Tape()
+    seqlens, total = _lengths(graph, lengths_tape)
+    graph.insert_before(next(iter(graph)), lengths_tape.nodes)
+    bsd = _constant(graph, "gqa/bsd_shape", np.array([0, 0, -1], np.int64))
+    for layer, site in enumerate(sites):
+        tape = ir.tape.Tape()
+        gqa = tape.op_multi_out(
+            "GroupQueryAttention",
+            [
+                _to_bsd(tape, site.query, bsd),
+                _to_bsd(tape, site.key_concat.inputs[1], bsd),  # type: ignore[arg-type]
+                _to_bsd(tape, site.value_concat.inputs[1], bsd),  # type: ignore[arg-type]
+                site.key_concat.inputs[0],
+                site.value_concat.inputs[0],
+                seqlens,
+                total,
+                None,
+                None,
+                None,
+                site.bias,
+            ],
+            attributes={"num_heads": spec.num_heads, "kv_num_heads": spec.num_kv_heads, "scale": site.scale},
+            domain=MS_DOMAIN,
+            num_outputs=3,
+        )
+        graph.insert_before(site.anchor, tape.nodes)
+        gqa[0].type, gqa[0].shape = site.merged.type, site.merged.shape
+        site.merged.replace_all_uses_with(gqa[0])
+        _rename_output(graph, site.key_concat.outputs[0], gqa[1])
+        _rename_output(graph, site.value_concat.outputs[0], gqa[2])
+        assert gqa[1].name == present_key_name(layer) and gqa[2].name == present_value_name(layer)
+    RemoveUnusedNodesPass()(model)
+    model.opset_imports.setdefault(MS_DOMAIN, 1)
+    return len(sites)
+
+
+def fuse_decoder(model: ir.Model, spec: DecoderSpec, config: DecoderFuseConfig) -> dict[str, int]:
+    """Every fusion in place on ``model``; the count of each."""
+    counts: dict[str, int] = {}
+    # The exporter writes scalars (exponents, epsilons, scales) as Constant nodes; the rewriter
+    # matches constants by value, which initializers carry.
+    LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=1)(model)
+    ShapeInferencePass()(model)  # the rules check dtypes and shapes
+    if config.norms:
+        # The export's float-to-float Casts sit between the residual Add and its norm.
+        RewriteRuleSet([no_op_cast_rule]).apply_to_model(model)
+        IdentityEliminationPass()(model)
+        counts["simplified_layer_norm"] = rms_norm_rules.apply_to_model(model)
+        ShapeInferencePass()(model)
+        counts["skip_simplified_layer_norm"] = fuse_skip_rms_normalization(model)
+        counts["skip_layer_norm"] = fuse_skip_layer_normalization(model)
+    if config.attention:
+        counts["group_query_attention"] = fuse_group_query_attention(model, spec)
+    RemoveUnusedNodesPass()(model)
+    return counts
+
+
+@register_pass("fuse-decoder", DecoderFuseConfig, order=1, data=(), emits=(MS_DOMAIN,), models="decoder")
+def make_decoder_fuse_pass(config: DecoderFuseConfig, ctx: PassContext) -> DecoderFusePass:
+    return DecoderFusePass(config, ctx)
+
+
+class DecoderFusePass(FunctionalPass):
+    def __init__(self, config: DecoderFuseConfig, ctx: PassContext) -> None:
+        super().__init__()
+        self.config = config
+        self.ctx = ctx
+
+    def call(self, model: ir.Model) -> PassReport:
+        started = time.perf_counter()
+        spec, prompts = self.ctx.decoder_spec, self.ctx.prompts
+        if spec is None or not prompts:
+            raise UserError("decoder fusion checks greedy tokens: it needs the decoder spec and prompts")
+        reference = ir.to_proto(model)
+        fused = ir.from_proto(reference)
+        counts = fuse_decoder(fused, spec, self.config)
+        proto = ir.to_proto(fused)
+        parity = fidelity(
+            CachedSession(cpu_session(proto), spec),
+            CachedSession(cpu_session(reference), spec),
+            prompts,
+            self.config.new_tokens,
+        )
+        if parity["token_agreement"] < 1.0:
+            raise ParityError(
+                f"the fused decoder graph changes greedy tokens (agreement {parity['token_agreement']:.4f} "
+                f"with the exported graph over {parity['tokens']} tokens); fuse with attention = false or norms = false"
+            )
+        stats = {
+            "fusions": counts,
+            "parity": {**parity, "prompts": len(prompts)},
+            "seconds": round(time.perf_counter() - started, 2),
+        }
+        return PassReport(ir.from_proto(proto), any(counts.values()), stats=stats)
