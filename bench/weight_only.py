@@ -90,7 +90,7 @@ def main() -> None:
         rows[name]["perplexity_128"] = round(perplexity(session, stream, 128), 3)
         if name != "float":
             rows[name].update(fidelity(session, sessions["float"], prompts, 32))
-    speed = decode_tokens_per_s(sessions, spec.vocab_size, rounds=args.rounds)
+    speed = decode_tokens_per_s(sessions, spec, rounds=args.rounds)
     for name in rows:
         rows[name]["decode_tokens_per_s_128"] = speed[name]
         rows[name]["decode_vs_float"] = round(speed[name] / speed["float"], 3)

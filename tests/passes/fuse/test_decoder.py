@@ -71,12 +71,14 @@ def test_fused_kernels_and_exact_greedy_tokens(
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in gqa.attribute}
     assert attrs["num_heads"] == spec.num_heads and attrs["kv_num_heads"] == spec.num_kv_heads
     assert ops[skip] >= 1 and ops[norms] + ops[skip] >= 3  # two per layer and the final norm
+    # Rotary families: each layer's query and key rotation is one RotaryEmbedding with cos/sin tables.
+    assert ops["RotaryEmbedding"] == (0 if family == "gpt2" else 4)
     # The cache contract is unchanged: same inputs and outputs, names, order.
     assert [o.name for o in fused.graph.output] == [o.name for o in plain.graph.output]
     assert stats["parity"]["token_agreement"] == 1.0 and stats["parity"]["tokens"] == len(PROMPTS) * 6
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
 def test_left_padded_batches_decode_as_before(exports: dict[str, Path], family: str) -> None:
     plain, fused, _, spec = _fuse(exports[family])
     ids, mask = left_pad(PROMPTS, spec.pad_token_id or 0)

@@ -37,7 +37,9 @@ from onnx_ir.passes.common import (
     RemoveUnusedNodesPass,
     ShapeInferencePass,
 )
+from onnxscript import optimizer as onnxscript_optimizer
 from onnxscript.rewriter import MatchResult, RewriteRuleClassBase, RewriteRuleSet
+from onnxscript.rewriter.ort_fusions.rotary_embedding import fuse_rotary_embedding
 from onnxscript.rewriter.ort_fusions.skip_normalization import (
     fuse_skip_layer_normalization,
     fuse_skip_rms_normalization,
@@ -62,6 +64,7 @@ class DecoderFuseConfig(PassConfig):
 
     attention: bool = True
     norms: bool = True
+    rotary: bool = True
     new_tokens: int = Field(default=32, ge=1, le=256, description="in [1, 256]")
 
 
@@ -253,6 +256,96 @@ def fuse_group_query_attention(model: ir.Model, spec: DecoderSpec) -> int:
     return len(sites)
 
 
+def fold_static_dims(model: ir.Model) -> int:
+    """``Gather(Shape(x), k)`` where dimension k of x is known becomes that number, so the
+    rotate-half slices (split at ``head_dim / 2``, computed from the shape) fold to constants."""
+    count = 0
+    for node in list(model.graph):
+        shape_node = node.inputs[0].producer() if node.op_type == "Gather" and node.inputs[0] else None
+        if shape_node is None or shape_node.op_type != "Shape" or "start" in shape_node.attributes:
+            continue
+        index, source = const_array(node.inputs[1]), shape_node.inputs[0]
+        if index is None or index.ndim != 0 or source is None or source.shape is None:
+            continue
+        dim = source.shape[int(index)]
+        if isinstance(dim, int):
+            name = f"{node.outputs[0].name}/static"
+            node.outputs[0].replace_all_uses_with(_constant(model.graph, name, np.array(dim, np.int64)))
+            count += 1
+    return count
+
+
+def _rotary_tables(cos: ir.Value, context: int) -> tuple[np.ndarray, np.ndarray, ir.Value] | None:
+    """(cos_cache, sin_cache [context, head_dim / 2], position_ids) behind a rotation's cos input:
+    ``Unsqueeze(Cos(Concat(f, f)) [* scale])`` with ``f = Cast(Unsqueeze(position_ids)) * inv_freq``."""
+    node = _producer(cos, "Unsqueeze")
+    value = None if node is None else _skip_casts(node.inputs[0])  # type: ignore[arg-type]
+    scale, mul = 1.0, _producer(value, "Mul")
+    if mul is not None:
+        factor = next((const_array(v) for v in mul.inputs if const_array(v) is not None), None)
+        if factor is None or factor.size != 1:
+            return None
+        scale = float(factor.reshape(-1)[0])
+        value = next(v for v in mul.inputs if const_array(v) is None)
+    cos_node = _producer(value, "Cos")
+    concat = None if cos_node is None else _producer(cos_node.inputs[0], "Concat")
+    freqs = (
+        None
+        if concat is None or concat.inputs[0] is not concat.inputs[1]
+        else _producer(concat.inputs[0], "Mul")
+    )
+    if freqs is None:
+        return None
+    inv_freq = next((const_array(v) for v in freqs.inputs if const_array(v) is not None), None)
+    positions = next((v for v in freqs.inputs if const_array(v) is None), None)
+    while positions is not None and (p := _producer(positions, "Cast", "Unsqueeze")) is not None:
+        positions = p.inputs[0]
+    if inv_freq is None or positions is None or positions.name != "position_ids":
+        return None
+    angles = np.arange(context, dtype=np.float64)[:, None] * inv_freq.reshape(1, -1).astype(np.float64)
+    return (np.cos(angles) * scale).astype(np.float32), (np.sin(angles) * scale).astype(np.float32), positions
+
+
+def fuse_rotary(model: ir.Model, spec: DecoderSpec) -> int:
+    """Rotations as onnxruntime's RotaryEmbedding with cos/sin tables over the model's context.
+
+    onnxscript's ``fuse_rotary_embedding`` finds ``x * cos + rotate_half(x) * sin`` and writes an
+    intermediate op that takes cos and sin; we replace it with the kernel, whose tables we compute
+    from the graph's own ``inv_freq`` and scale (its ``cos_sin_cache`` rule expects the MatMul form
+    of the frequencies, the export writes a broadcast Mul)."""
+    fold_static_dims(model)
+    onnxscript_optimizer.optimize(model)
+    if not fuse_rotary_embedding(model):
+        return 0
+    count, tables = 0, {}
+    for node in [n for n in model.graph if n.op_type == "RotaryEmbedding" and n.domain != MS_DOMAIN]:
+        x, cos, _sin = node.inputs
+        found = _rotary_tables(cos, spec.context_length)  # type: ignore[arg-type]
+        if found is None:
+            raise ParityError("a rotation's cos/sin could not be read back as tables; fuse with norms only")
+        key = id(cos.producer())  # type: ignore[union-attr]
+        if key not in tables:
+            cos_t, sin_t, positions = found
+            tables[key] = (
+                _constant(model.graph, f"rotary/cos_cache_{len(tables)}", cos_t),
+                _constant(model.graph, f"rotary/sin_cache_{len(tables)}", sin_t),
+                positions,
+            )
+        cos_cache, sin_cache, positions = tables[key]
+        fused = ir.Node(
+            MS_DOMAIN,
+            "RotaryEmbedding",
+            [x, positions, cos_cache, sin_cache],
+            attributes=[ir.AttrInt64("interleaved", 0)],
+        )
+        model.graph.insert_before(node, fused)
+        fused.outputs[0].type, fused.outputs[0].shape = node.outputs[0].type, node.outputs[0].shape
+        node.outputs[0].replace_all_uses_with(fused.outputs[0])
+        model.graph.remove(node, safe=True)
+        count += 1
+    return count
+
+
 def fuse_decoder(model: ir.Model, spec: DecoderSpec, config: DecoderFuseConfig) -> dict[str, int]:
     """Every fusion in place on ``model``; the count of each."""
     counts: dict[str, int] = {}
@@ -268,6 +361,8 @@ def fuse_decoder(model: ir.Model, spec: DecoderSpec, config: DecoderFuseConfig) 
         ShapeInferencePass()(model)
         counts["skip_simplified_layer_norm"] = fuse_skip_rms_normalization(model)
         counts["skip_layer_norm"] = fuse_skip_layer_normalization(model)
+    if config.rotary and spec.family != "gpt2":
+        counts["rotary_embedding"] = fuse_rotary(model, spec)
     if config.attention:
         counts["group_query_attention"] = fuse_group_query_attention(model, spec)
     RemoveUnusedNodesPass()(model)
