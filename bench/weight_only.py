@@ -3,7 +3,8 @@
     python -m bench.weight_only [--model work/lm-onnx] [--data builtin:tweets] [--rounds 7]
 
 For each variant (round-to-nearest, GPTQ and HQQ int4, int8, the lm_head and the embedding at
-other widths, accuracy_level 4), on the CPU it runs on (stated in the result):
+other widths, accuracy_level 4; the float graph fused by ``fuse-decoder``, and int4 on top of it),
+on the CPU it runs on (stated in the result):
 
 - **size** of the serialized graph (MB);
 - **token agreement** and **KL** with the float graph: the float graph's greedy continuation of 32
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import onnx
+import onnx_ir as ir
 from tokenizers import Tokenizer
 
 from trimformer.artifact import ModelArtifact
@@ -36,6 +38,7 @@ from trimformer.data.calibration import DecoderFeeds
 from trimformer.data.datasets import load_dataset
 from trimformer.data.prompts import held_out_prompts
 from trimformer.formats.decoder import DecoderSpec
+from trimformer.passes.fuse.decoder import DecoderFuseConfig, fuse_decoder
 from trimformer.passes.quantize.accuracy_level import decode_tokens_per_s
 from trimformer.passes.quantize.weight_only import WeightOnlyConfig, weight_only_quantize
 from trimformer.runtime.cpu import cpu_class, cpu_name
@@ -55,6 +58,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "hqq-int4": {"algo": "hqq"},
     "rtn-int8": {"bits": 8},
     "rtn-int8-acc4": {"bits": 8, "accuracy_level": 4},
+}
+# On the fused graph (GroupQueryAttention, RotaryEmbedding, SimplifiedLayerNormalization).
+FUSED_VARIANTS: dict[str, dict[str, Any]] = {
+    "fused-rtn-int4-acc4": {"accuracy_level": 4},
+    "fused-rtn-int4-acc4-emb-int4": {"accuracy_level": 4, "embedding": "int4"},
 }
 
 
@@ -76,14 +84,21 @@ def main() -> None:
     feeds = DecoderFeeds(train, tokenizer, spec, args.calibration_blocks)
     calibration = [f for f in iter(feeds.get_next, None)]
     reference = artifact.load_model()
-    graphs: dict[str, onnx.ModelProto] = {"float": reference}
-    rows: dict[str, dict[str, Any]] = {"float": {"settings": None}}
+    fused_model = ir.from_proto(reference)
+    fusions = fuse_decoder(fused_model, spec, DecoderFuseConfig())
+    fused = ir.to_proto(fused_model)
+    graphs: dict[str, onnx.ModelProto] = {"float": reference, "fused": fused}
+    rows: dict[str, dict[str, Any]] = {"float": {"settings": None}, "fused": {"fusions": fusions}}
     for name, settings in VARIANTS.items():
         config = WeightOnlyConfig(**{"accuracy_level": 0, **settings})
         started = time.perf_counter()
         graphs[name], _ = weight_only_quantize(reference, config, calibration)
         rows[name] = {"settings": config.settings(), "quantize_s": round(time.perf_counter() - started, 2)}
         print(f"{name}: quantized in {rows[name]['quantize_s']} s", flush=True)
+    for name, settings in FUSED_VARIANTS.items():
+        config = WeightOnlyConfig(**settings)
+        graphs[name], _ = weight_only_quantize(fused, config, calibration)
+        rows[name] = {"settings": config.settings(), "fused": True}
     sessions = {name: CachedSession(cpu_session(g, threads=THREADS), spec) for name, g in graphs.items()}
     for name, session in sessions.items():
         rows[name]["size_mb"] = round(graphs[name].ByteSize() / 1e6, 3)
@@ -105,10 +120,10 @@ def main() -> None:
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-    print(f"{'variant':22} {'MB':>7} {'agree':>7} {'KL':>9} {'ppl':>8} {'tok/s':>7} {'x float':>7}")
+    print(f"{'variant':30} {'MB':>7} {'agree':>7} {'KL':>9} {'ppl':>8} {'tok/s':>7} {'x float':>7}")
     for name, r in rows.items():
         print(
-            f"{name:22} {r['size_mb']:7.2f} {r.get('token_agreement', 1.0):7.4f} {r.get('kl', 0.0):9.5f} "
+            f"{name:30} {r['size_mb']:7.2f} {r.get('token_agreement', 1.0):7.4f} {r.get('kl', 0.0):9.5f} "
             f"{r['perplexity_128']:8.3f} {r['decode_tokens_per_s_128']:7.1f} {r['decode_vs_float']:7.3f}"
         )
     print(f"written {RESULTS} ({cpu_name()}, {cpu_class()})")

@@ -37,7 +37,10 @@ def test_the_built_in_entries() -> None:
     assert PASS_REGISTRY["prune"].emits == frozenset()
     assert PASS_REGISTRY["quantize"].emits == {"com.microsoft"}
     # Which graphs a pass knows: every encoder pass refuses a causal LM, weight-only an encoder.
-    assert {name for name, e in PASS_REGISTRY.items() if e.models == "decoder"} == {"weight-only", "fuse-decoder"}
+    assert {name for name, e in PASS_REGISTRY.items() if e.models == "decoder"} == {
+        "weight-only",
+        "fuse-decoder",
+    }
 
 
 def test_stage_parameters_follow_the_entry() -> None:

@@ -21,8 +21,11 @@ from trimformer.errors import GateFailed, UserError
 from trimformer.exporters import export_model
 from trimformer.formats.decoder import DecoderSpec
 from trimformer.passes.base import PassContext
+from trimformer.passes.quantize import accuracy_level
 from trimformer.passes.quantize.accuracy_level import set_accuracy_level
 from trimformer.passes.quantize.weight_only import WeightOnlyConfig, WeightOnlyPass, find_lm_head
+from trimformer.runtime.decoding import CachedSession
+from trimformer.runtime.session import cpu_session
 
 BLOCK = 16
 
@@ -231,3 +234,35 @@ def test_auto_measures_each_distinct_kernel_once(lms: dict[str, Path]) -> None:
     # With no floor, the fastest measured level is kept.
     fastest = max(measured, key=lambda k: levels[k]["decode_tokens_per_s"])
     assert stats["accuracy_level"] == int(fastest)
+
+
+def test_a_graph_with_nothing_to_quantize_is_refused(lms: dict[str, Path]) -> None:
+    quantized, _ = _run(lms["llama"], lm_head="int8")
+    with pytest.raises(UserError, match="no MatMul with a constant weight to quantize"):
+        WeightOnlyPass(WeightOnlyConfig(), PassContext())(ir.from_proto(quantized))
+
+
+def test_a_level_that_fails_parity_is_not_chosen(
+    lms: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Level 4's session is forced to a graph that flips tokens (the lm_head's scales negated), so
+    its measured agreement fails the floor however fast it is: the pass keeps level 1."""
+    real = accuracy_level._distinct_kernels
+
+    def with_broken_level_4(quantized: onnx.ModelProto, spec: DecoderSpec, probe: list[int]):
+        sessions, same_as = real(quantized, spec, probe)
+        broken = onnx.ModelProto.FromString(quantized.SerializeToString())
+        head = next(n for n in broken.graph.node if n.op_type == "MatMulNBits" and "logits" in n.output)
+        scales = next(i for i in broken.graph.initializer if i.name == head.input[2])
+        scales.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(scales), scales.name))
+        set_accuracy_level(broken, 4)
+        sessions[4] = CachedSession(cpu_session(broken), spec)
+        return sessions, same_as
+
+    monkeypatch.setattr(accuracy_level, "_distinct_kernels", with_broken_level_4)
+    model, stats = _run(lms["llama"], bits=8, min_token_agreement=0.9)
+    levels = stats["accuracy_levels"]
+    assert levels["4"]["token_agreement"] < 0.9 <= levels["1"]["token_agreement"]
+    assert stats["accuracy_level"] == 1
+    nodes = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert {_attr(n, "accuracy_level") for n in nodes} == {1}

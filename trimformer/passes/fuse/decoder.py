@@ -317,7 +317,8 @@ def fuse_rotary(model: ir.Model, spec: DecoderSpec) -> int:
     onnxscript_optimizer.optimize(model)
     if not fuse_rotary_embedding(model):
         return 0
-    count, tables = 0, {}
+    count = 0
+    tables: dict[int, tuple[ir.Value, ir.Value, ir.Value]] = {}
     for node in [n for n in model.graph if n.op_type == "RotaryEmbedding" and n.domain != MS_DOMAIN]:
         x, cos, _sin = node.inputs
         found = _rotary_tables(cos, spec.context_length)  # type: ignore[arg-type]

@@ -269,6 +269,11 @@ def weight_only_quantize(
 ) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """The quantized graph (a new ModelProto) and what became of each weight."""
     model = onnx.ModelProto.FromString(model.SerializeToString())
+    if not _weight_matmuls(model):
+        raise UserError(
+            "the graph has no MatMul with a constant weight to quantize (a MatMulNBits graph already, or "
+            "weights computed at run time); weight-only quantization needs the exported float graph"
+        )
     lm_head = find_lm_head(model.graph)
     lm_bits = _bits(config.lm_head)
     untied = untie_lm_head(model, lm_head) if lm_head is not None and lm_bits else False
@@ -292,6 +297,15 @@ def weight_only_quantize(
         "lm_head_untied": untied,
         "embedding": config.embedding if gather is not None else "not found",
     }
+
+
+def _weight_matmuls(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """MatMuls whose weight is constant: an initializer, or a Transpose of one (a tied lm_head)."""
+    inits = _initializers(model.graph)
+    tied = {n.output[0] for n in model.graph.node if n.op_type == "Transpose" and n.input[0] in inits}
+    return [
+        n for n in model.graph.node if n.op_type == "MatMul" and (n.input[1] in inits or n.input[1] in tied)
+    ]
 
 
 def _float_weight_matmuls(model: onnx.ModelProto) -> int:
