@@ -26,7 +26,7 @@ endif
 
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test lint format demo teacher teacher2 lm lm-demo bench bench-peers bench-load bench-serve clean pipeline fuse serve
+.PHONY: install test lint format demo teacher teacher2 lm lm-demo bench bench-decoder bench-peers bench-load bench-serve clean pipeline fuse serve
 
 install: $(STAMP)
 
@@ -121,7 +121,7 @@ $(LM)/trimformer_train.json: | $(STAMP)
 # --- benchmark: every variant side by side in one run (docs/BENCHMARKS.md) --------------
 # Peers get their own virtual environments: Optimum needs transformers<4.58. A peer that does not
 # install leaves its rows marked "skipped" with the reason.
-PEERS := optimum olive
+PEERS := optimum olive genai
 
 bench-peers: $(foreach p,$(PEERS),bench/.venvs/$(p)/.installed)
 
@@ -138,7 +138,15 @@ bench: $(TEACHER_ONNX)/model.onnx $(TEACHER2_ONNX)/model.onnx bench-peers
 	$(PY) -m bench.distill --reuse
 	$(PY) -m bench.qat --reuse --steps 1000
 	$(PY) -m bench.holdout
+	$(MAKE) bench-decoder
 	$(MAKE) bench-load
+
+# The decoder table (docs/BENCHMARKS.md): the built-in LM's quality and the SmolLM-135M shape's speed,
+# trimformer's variants beside PyTorch and onnxruntime-genai's model builder (its own venv).
+bench-decoder: $(LM)/trimformer_train.json bench/.venvs/genai/.installed
+	$(TF) export $(LM) --out $(WORK)/lm-onnx --prompts builtin:tweets --overwrite
+	$(PY) -m bench.weight_only --model $(WORK)/lm-onnx
+	$(PY) -m bench.decoder_table --lm $(LM) --smollm
 
 $(WORK)/package/teacher/manifest.json: $(TEACHER_ONNX)/model.onnx
 	$(TF) package $(TEACHER_ONNX) --out $(WORK)/package/teacher --overwrite

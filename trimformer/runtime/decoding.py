@@ -69,6 +69,8 @@ class CachedSession:
         self._past_names = spec.past_names()
         self._present_names = spec.present_names()
         self._outputs = ["logits", *self._present_names]
+        # Graphs that derive positions from the attention mask (onnxruntime-genai's builder) take none.
+        self._takes_positions = "position_ids" in {i.name for i in session.get_inputs()}
 
     def empty_past(self, batch: int) -> dict[str, ort.OrtValue]:
         shape = (batch, self.spec.num_kv_heads, 0, self.spec.head_dim)
@@ -80,7 +82,9 @@ class CachedSession:
     def _run(
         self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: dict[str, ort.OrtValue]
     ) -> tuple[np.ndarray, CacheState]:
-        arrays = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+        arrays = {"input_ids": ids, "attention_mask": mask}
+        if self._takes_positions:
+            arrays["position_ids"] = positions
         feeds = {
             name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for name, a in arrays.items()
         }

@@ -200,8 +200,34 @@ def _lengths(graph: ir.Graph, tape: ir.tape.Tape) -> tuple[ir.Value, ir.Value]:
     return tape.op("Expand", [last, batch]), total
 
 
-def _to_bsd(tape: ir.tape.Tape, bnsh: ir.Value, shape: ir.Value) -> ir.Value:
-    """[batch, heads, sequence, head_dim] -> [batch, sequence, heads * head_dim]."""
+def _split_from(bnsh: ir.Value) -> ir.Value | None:
+    """The [batch, sequence, heads * head_dim] projection behind ``Transpose(Reshape(x))`` (the
+    export's split into heads), if that is what made ``bnsh``."""
+    transpose = _producer(bnsh, "Transpose")
+    if transpose is None or list(transpose.attributes.get_ints("perm", [])) != [0, 2, 1, 3]:
+        return None
+    reshape = _producer(transpose.inputs[0], "Reshape")
+    source = None if reshape is None else reshape.inputs[0]
+    return source if source is not None and source.shape is not None and source.shape.rank() == 3 else None
+
+
+def _to_bsd(tape: ir.tape.Tape, bnsh: ir.Value, shape: ir.Value, heads: int) -> ir.Value:
+    """[batch, heads, sequence, head_dim] as [batch, sequence, heads * head_dim], what
+    GroupQueryAttention reads: the projection itself where the export only split it into heads
+    (a rotation moves onto the projection, RotaryEmbedding reading 3-D input), else a Transpose
+    and a Reshape."""
+    if (source := _split_from(bnsh)) is not None:
+        return source
+    rotary = _producer(bnsh, "RotaryEmbedding")
+    if (
+        rotary is not None
+        and rotary.domain == MS_DOMAIN
+        and (source := _split_from(rotary.inputs[0])) is not None
+    ):  # type: ignore[arg-type]
+        inputs = [source, *rotary.inputs[1:]]
+        return tape.op(
+            "RotaryEmbedding", inputs, attributes={"interleaved": 0, "num_heads": heads}, domain=MS_DOMAIN
+        )
     bsnh = tape.op("Transpose", [bnsh], attributes={"perm": [0, 2, 1, 3]})
     return tape.op("Reshape", [bsnh, shape])
 
@@ -229,9 +255,9 @@ def fuse_group_query_attention(model: ir.Model, spec: DecoderSpec) -> int:
         gqa = tape.op_multi_out(
             "GroupQueryAttention",
             [
-                _to_bsd(tape, site.query, bsd),
-                _to_bsd(tape, site.key_concat.inputs[1], bsd),  # type: ignore[arg-type]
-                _to_bsd(tape, site.value_concat.inputs[1], bsd),  # type: ignore[arg-type]
+                _to_bsd(tape, site.query, bsd, spec.num_heads),
+                _to_bsd(tape, site.key_concat.inputs[1], bsd, spec.num_kv_heads),  # type: ignore[arg-type]
+                _to_bsd(tape, site.value_concat.inputs[1], bsd, spec.num_kv_heads),  # type: ignore[arg-type]
                 site.key_concat.inputs[0],
                 site.value_concat.inputs[0],
                 seqlens,

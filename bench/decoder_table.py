@@ -1,0 +1,188 @@
+"""The decoder table: trimformer's decoder variants beside PyTorch and onnxruntime-genai's model builder.
+
+    python -m bench.decoder_table [--lm work/lm] [--smollm] [--work work/bench-decoder]
+
+Rows, produced from the same weights: PyTorch eager fp32; trimformer fp32 (the export), fused
+(``trimformer fuse``), weight-only int8 and int4 (RTN and GPTQ; accuracy level chosen by the pass);
+the model builder's fp32 and int4 (``python -m onnxruntime_genai.models.builder -i HF -o OUT -p
+int4 -e cpu``, run in its own venv ``bench/.venvs/genai``, ``make bench-peers``). Every ONNX row is
+measured by the same harness in one process with the same threads (``validation.decoder``:
+onnxruntime sessions stepping the KV cache; the builder's graphs take no ``position_ids`` and are fed
+without it): perplexity (128-token window, the test split), greedy-token agreement and KL with the
+PyTorch model (24 test prompts x 32 tokens), prompt ms at 1x128, decode tokens/s at a 128- and a
+512-token cache, file size, the producing command's seconds and peak memory.
+
+``--smollm`` adds the speed table on a SmolLM-135M-shaped Llama with random weights (config in
+``bench.decoder``): no quality figures there (random weights have none to lose).
+Results: ``bench/results/decoder_table.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from trimformer.artifact import ModelArtifact
+from trimformer.formats.decoder import DecoderSpec
+from trimformer.runtime.cpu import cpu_class, cpu_name
+from trimformer.runtime.decoding import CachedSession
+from trimformer.runtime.session import cpu_session
+from trimformer.validation.decoder import (
+    DecoderValidateConfig,
+    measure_decoder,
+    prompt_token_rows,
+)
+
+RESULTS = Path(__file__).parent / "results" / "decoder_table.json"
+GENAI_PYTHON = Path(__file__).parent / ".venvs" / "genai" / "bin" / "python"
+TF = [sys.executable, "-m", "trimformer", "--quiet"]
+THREADS = 2
+
+
+class _GraphRunner:
+    """A decoder graph stepped by the harness validation uses (the builder's graphs take no
+    ``position_ids``: ``CachedSession`` leaves them out)."""
+
+    def __init__(self, name: str, model: Path, spec: DecoderSpec) -> None:
+        self.name, self.spec = name, spec
+        self.session = CachedSession(cpu_session(model, threads=THREADS), spec)
+
+    def prompt(self, ids: np.ndarray, mask: np.ndarray) -> Any:
+        return self.session.prompt(ids, mask)
+
+    def step(self, next_ids: np.ndarray, state: Any) -> Any:
+        return self.session.step(next_ids, state)
+
+
+def _timed(cmd: list[str]) -> tuple[float, float]:
+    """Run a producing command; (seconds, its peak RSS in MB)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    started = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    peak = max(before, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+    return round(time.perf_counter() - started, 1), round(peak / 1024, 1)
+
+
+def _size_mb(folder: Path) -> float:
+    return round(sum(p.stat().st_size for p in folder.glob("model.onnx*")) / 1e6, 2)
+
+
+def produce(hf: Path, work: Path, gptq: bool) -> dict[str, dict[str, Any]]:
+    """Every variant's folder, with the seconds and peak memory it took to make."""
+    rows: dict[str, dict[str, Any]] = {}
+    fp32 = work / "trimformer-fp32"
+    steps = {
+        "trimformer-fp32": [*TF, "export", str(hf), "--out", str(fp32), "--overwrite"],
+        "trimformer-fused": [*TF, "fuse", str(fp32), "--out", str(work / "trimformer-fused"), "--overwrite"],
+        "trimformer-int8": [*TF, "quantize", str(work / "trimformer-fused"), "--weight-only", "int8"],
+        "trimformer-int4-rtn": [*TF, "quantize", str(work / "trimformer-fused"), "--weight-only", "int4"],
+    }
+    if gptq:
+        steps["trimformer-int4-gptq"] = [
+            *steps["trimformer-int4-rtn"],
+            "--algo",
+            "gptq",
+            "--calibration",
+            "builtin:tweets",
+        ]
+    for name, cmd in steps.items():
+        if name.startswith("trimformer-int"):
+            cmd = [
+                *cmd,
+                "--prompts",
+                "builtin:tweets",
+                "--min-token-agreement",
+                "0",
+                "--out",
+                str(work / name),
+                "--overwrite",
+            ]
+        seconds, peak = _timed(cmd)
+        rows[name] = {"folder": str(work / name), "seconds": seconds, "peak_mb": peak}
+        print(f"{name}: {seconds} s", flush=True)
+    for precision in ("fp32", "int4"):
+        name, out = f"builder-{precision}", work / f"builder-{precision}"
+        cmd = [str(GENAI_PYTHON), "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out)]
+        seconds, peak = _timed([*cmd, "-p", precision, "-e", "cpu", "-c", str(work / "builder-cache")])
+        rows[name] = {"folder": str(out), "seconds": seconds, "peak_mb": peak}
+        print(f"{name}: {seconds} s", flush=True)
+    return rows
+
+
+def measure(rows: dict[str, dict[str, Any]], hf: Path, quality: bool, spec: DecoderSpec) -> None:
+    from tokenizers import Tokenizer
+
+    from trimformer.data import load_dataset
+    from trimformer.pipeline.stages.validate import open_decoder_reference
+    from trimformer.runtime.decoding import fidelity
+
+    texts = list(load_dataset("builtin:tweets", split="test").texts)
+    tokenizer = Tokenizer.from_file(str(hf / "tokenizer.json"))
+    tokenizer.no_truncation()
+    config = DecoderValidateConfig(
+        perplexity_context=128, perplexity_tokens=16384 if quality else 256, runs=10
+    )
+    torch_runner = open_decoder_reference(str(hf), THREADS)
+    prompts = prompt_token_rows(tokenizer, texts, 24, 64)
+    report = measure_decoder(torch_runner, tokenizer, texts, config, None)
+    rows["pytorch-fp32"] = {"seconds": None, "peak_mb": None, **report}
+    for name, row in rows.items():
+        if name == "pytorch-fp32":
+            continue
+        runner = _GraphRunner(name, Path(row["folder"]) / "model.onnx", spec)
+        row.update(measure_decoder(runner, tokenizer, texts, config, _size_mb(Path(row["folder"]))))
+        if quality:
+            row.update(fidelity(runner, torch_runner, prompts, 32))
+        print(f"{name}: measured", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--lm", default="work/lm")
+    parser.add_argument("--work", default="work/bench-decoder")
+    parser.add_argument("--smollm", action="store_true")
+    args = parser.parse_args()
+    tables: dict[str, Any] = {}
+    models = [("built-in LM", Path(args.lm), True)]
+    if args.smollm:
+        from bench.decoder import _make_model  # the SmolLM-135M shape, random weights
+
+        smol = Path(args.work) / "smollm-hf"
+        if not (smol / "config.json").is_file():
+            _make_model(smol)
+        models.append(("SmolLM-135M shape", smol, False))
+    for title, hf, quality in models:
+        work = Path(args.work) / hf.name
+        work.mkdir(parents=True, exist_ok=True)
+        rows = produce(hf, work, gptq=quality)
+        spec = DecoderSpec.from_extras(ModelArtifact.open(work / "trimformer-fp32").meta.extras)
+        measure(rows, hf, quality, spec)
+        tables[title] = rows
+    result = {"cpu": cpu_name(), "cpu_class": cpu_class(), "threads": THREADS, "tables": tables}
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=1, default=str) + "\n", encoding="utf-8")
+    for title, rows in tables.items():
+        print(f"\n{title} ({cpu_name()}, {THREADS} threads)")
+        print(
+            f"{'variant':22} {'MB':>7} {'ppl':>8} {'agree':>7} {'prompt':>7} {'tok/s128':>9} {'tok/s512':>9} {'s':>6}"
+        )
+        for name, r in rows.items():
+            speed = r.get("decode_tokens_per_s", {})
+            print(
+                f"{name:22} {r.get('size_mb') or 0:7.2f} {r.get('perplexity', 0):8.3f} "
+                f"{r.get('token_agreement', float('nan')):7.4f} {r.get('prompt_latency_ms', 0):7.2f} "
+                f"{speed.get('128', 0):9.1f} {speed.get('512', 0):9.1f} {r.get('seconds') or 0:6.1f}"
+            )
+    print(f"written {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
