@@ -200,7 +200,7 @@ def _lengths(graph: ir.Graph, tape: ir.tape.Tape) -> tuple[ir.Value, ir.Value]:
     return tape.op("Expand", [last, batch]), total
 
 
-def _split_from(bnsh: ir.Value) -> ir.Value | None:
+def _split_from(bnsh: ir.Value | None) -> ir.Value | None:
     """The [batch, sequence, heads * head_dim] projection behind ``Transpose(Reshape(x))`` (the
     export's split into heads), if that is what made ``bnsh``."""
     transpose = _producer(bnsh, "Transpose")
@@ -219,11 +219,8 @@ def _to_bsd(tape: ir.tape.Tape, bnsh: ir.Value, shape: ir.Value, heads: int) -> 
     if (source := _split_from(bnsh)) is not None:
         return source
     rotary = _producer(bnsh, "RotaryEmbedding")
-    if (
-        rotary is not None
-        and rotary.domain == MS_DOMAIN
-        and (source := _split_from(rotary.inputs[0])) is not None
-    ):  # type: ignore[arg-type]
+    rotated = None if rotary is None or rotary.domain != MS_DOMAIN else rotary.inputs[0]
+    if rotary is not None and rotated is not None and (source := _split_from(rotated)) is not None:
         inputs = [source, *rotary.inputs[1:]]
         return tape.op(
             "RotaryEmbedding", inputs, attributes={"interleaved": 0, "num_heads": heads}, domain=MS_DOMAIN
