@@ -144,12 +144,44 @@ def measure(rows: dict[str, dict[str, Any]], hf: Path, quality: bool, spec: Deco
         print(f"{name}: measured", flush=True)
 
 
+PLOT = Path(__file__).parents[1] / "docs" / "bench_decoder.png"
+
+
+def plot(result: dict[str, Any], path: Path = PLOT) -> None:
+    """Decode tokens/s at a 128-token cache per variant, one panel per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tables = result["tables"]
+    fig, axes = plt.subplots(1, len(tables), figsize=(6 * len(tables), 4), squeeze=False)
+    for ax, (title, rows) in zip(axes[0], tables.items(), strict=True):
+        names = list(rows)
+        speeds = [rows[n].get("decode_tokens_per_s", {}).get("128", 0) for n in names]
+        colors = [
+            "#888" if n.startswith("pytorch") else "#c44" if n.startswith("builder") else "#36c"
+            for n in names
+        ]
+        ax.barh(names, speeds, color=colors)
+        ax.invert_yaxis()
+        ax.set_xlabel("decode tokens/s, batch 1, 128-token cache")
+        ax.set_title(f"{title} ({result['cpu']}, {result['threads']} threads)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--lm", default="work/lm")
     parser.add_argument("--work", default="work/bench-decoder")
     parser.add_argument("--smollm", action="store_true")
+    parser.add_argument("--plot-only", action="store_true", help="redraw the plot from the last result")
     args = parser.parse_args()
+    if args.plot_only:
+        plot(json.loads(RESULTS.read_text(encoding="utf-8")))
+        return
     tables: dict[str, Any] = {}
     models = [("built-in LM", Path(args.lm), True)]
     if args.smollm:
@@ -169,6 +201,7 @@ def main() -> None:
     result = {"cpu": cpu_name(), "cpu_class": cpu_class(), "threads": THREADS, "tables": tables}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=1, default=str) + "\n", encoding="utf-8")
+    plot(result)
     for title, rows in tables.items():
         print(f"\n{title} ({cpu_name()}, {THREADS} threads)")
         print(
