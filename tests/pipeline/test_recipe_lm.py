@@ -111,6 +111,10 @@ def test_a_second_run_is_all_cached(run: tuple[Path, object], tmp_path: Path) ->
             "passes\\[0\\]: the fuse pass works on encoder graphs.*it takes: fuse-decoder, weight-only",
         ),
         ("[distill]\nepochs = 1\n", "distill: distillation is for encoders"),
+        (
+            '[[passes]]\nname = "weight-only"\nalgo = "gptq"\nbits = 8\n',
+            "GPTQ writes MatMulNBits for 4 bits only",
+        ),
     ],
 )
 def test_what_a_causal_lm_recipe_cannot_take(tmp_path: Path, extra: str, message: str) -> None:

@@ -248,13 +248,15 @@ def build_decoder_context(
     calibration: str | None,
     prompts: str | None,
     blocks: int,
+    new_tokens: int,
     scratch: Path,
     target: Target | None = None,
     seed: int = 0,
 ) -> PassContext:
     """A decoder pass's context: the graph contract, held-out prompts for token parity (the test
-    split's first halves of ``prompts``, else the built-in prompts, as the export's parity uses)
-    and, with ``calibration``, its train split as ``blocks`` token blocks of running text."""
+    split's first halves of ``prompts``, else the built-in prompts, as the export's parity uses;
+    each leaves room for ``new_tokens`` in the context) and, with ``calibration``, its train split
+    as ``blocks`` token blocks of running text."""
     spec = DecoderSpec.from_extras(artifact.meta.extras, str(artifact.path))
     tokenizer = Tokenizer.from_file(str(artifact.path / artifact.meta.tokenizer.file))
     tokenizer.no_truncation()
@@ -265,7 +267,7 @@ def build_decoder_context(
         architecture=artifact.meta.architecture,
         source_model_hash=artifact.meta.source_hash or artifact.model_hash(),
         decoder_spec=spec,
-        prompts=held_out_prompts(tokenizer, spec.context_length, prompts, len(PARITY_PROMPTS), 64),
+        prompts=held_out_prompts(tokenizer, spec.context_length, prompts, len(PARITY_PROMPTS), new_tokens),
     )
     if calibration is not None:
         texts = load_dataset(calibration, split=calibration_split(calibration), seed=seed).texts

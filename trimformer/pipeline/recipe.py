@@ -699,14 +699,12 @@ def _check_task_sections(recipe: Recipe) -> list[tuple[str, str]]:
     problems: list[tuple[str, str]] = []
     gates = recipe.validate_.gates if recipe.validate_ else Gates()
     validate = recipe.validate_ or ValidateSection()
-    if not recipe.is_causal_lm:
-        problems += _decoder_pass_problems(recipe)
+    problems += _decoder_pass_problems(recipe)
     if recipe.is_causal_lm:
         if recipe.distill is not None:
             problems.append(
                 ("distill", "distillation is for encoders; a causal LM recipe trains, exports and validates")
             )
-        problems += _decoder_pass_problems(recipe)
         problems += [
             (f"validate.gates.{name}", "an encoder gate; a causal LM takes " + ", ".join(DECODER_GATES))
             for name in ENCODER_GATES

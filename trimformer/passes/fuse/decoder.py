@@ -346,7 +346,9 @@ def fuse_rotary(model: ir.Model, spec: DecoderSpec) -> int:
         x, cos, _sin = node.inputs
         found = _rotary_tables(cos, spec.context_length)  # type: ignore[arg-type]
         if found is None:
-            raise ParityError("a rotation's cos/sin could not be read back as tables; fuse with norms only")
+            raise ParityError(
+                "a rotation's cos/sin could not be read back as tables; fuse with rotary = false"
+            )
         key = id(cos.producer())  # type: ignore[union-attr]
         if key not in tables:
             cos_t, sin_t, positions = found
@@ -385,7 +387,7 @@ def fuse_decoder(model: ir.Model, spec: DecoderSpec, config: DecoderFuseConfig) 
         ShapeInferencePass()(model)
         counts["skip_simplified_layer_norm"] = fuse_skip_rms_normalization(model)
         counts["skip_layer_norm"] = fuse_skip_layer_normalization(model)
-    if config.rotary and spec.family != "gpt2":
+    if config.rotary:
         counts["rotary_embedding"] = fuse_rotary(model, spec)
     if config.attention:
         counts["group_query_attention"] = fuse_group_query_attention(model, spec)
@@ -422,11 +424,11 @@ class DecoderFusePass(FunctionalPass):
         if parity["token_agreement"] < 1.0:
             raise ParityError(
                 f"the fused decoder graph changes greedy tokens (agreement {parity['token_agreement']:.4f} "
-                f"with the exported graph over {parity['tokens']} tokens); fuse with attention = false or norms = false"
+                f"with the exported graph over {parity['tokens']} tokens); fuse with attention, rotary or norms = false"
             )
         stats = {
             "fusions": counts,
             "parity": {**parity, "prompts": len(prompts)},
             "seconds": round(time.perf_counter() - started, 2),
         }
-        return PassReport(ir.from_proto(proto), any(counts.values()), stats=stats)
+        return PassReport(fused, any(counts.values()), stats=stats)

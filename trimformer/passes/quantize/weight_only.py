@@ -33,7 +33,7 @@ import onnx
 import onnx_ir as ir
 from onnx import helper, numpy_helper
 from onnx_ir.passes import FunctionalPass
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from trimformer.errors import GateFailed, UserError
 from trimformer.passes.base import PassConfig, PassContext, PassReport, iter_feeds, register_pass
@@ -85,21 +85,23 @@ class WeightOnlyConfig(PassConfig):
             raise ValueError(f"block_size must be a power of two from 16 to 256 (got {value})")
         return value
 
-    def check(self) -> None:
-        """What the quantizer cannot do, refused before anything is read."""
+    @model_validator(mode="after")
+    def _supported(self) -> WeightOnlyConfig:
+        """What the quantizer cannot do, refused when the config is made (command line or recipe)."""
         if self.algo == "gptq" and self.bits != 4:
-            raise UserError(
+            raise ValueError(
                 "onnxruntime's GPTQ writes MatMulNBits for 4 bits only (8 bits stays float); "
                 "use --algo rtn for int8"
             )
         if self.algo == "hqq" and self.symmetric:
-            raise UserError(
+            raise ValueError(
                 "HQQ fits a zero point per block: it has no symmetric mode; leave out --symmetric"
             )
         if self.algo == "hqq" and importlib.util.find_spec("torch") is None:
-            raise UserError(
+            raise ValueError(
                 "onnxruntime's HQQ quantizer needs PyTorch at build time; install torch or use --algo rtn"
             )
+        return self
 
     def is_symmetric(self) -> bool:
         return self.symmetric if self.symmetric is not None else self.algo != "hqq"
@@ -292,7 +294,7 @@ def weight_only_quantize(
     ops = [n.op_type for n in model.graph.node]
     return model, {
         "matmul_nbits": ops.count("MatMulNBits"),
-        "float_matmuls_with_weights": _float_weight_matmuls(model),
+        "float_matmuls_with_weights": len(_weight_matmuls(model)),
         "lm_head": config.lm_head if lm_head is not None else "not found",
         "lm_head_untied": untied,
         "embedding": config.embedding if gather is not None else "not found",
@@ -306,11 +308,6 @@ def _weight_matmuls(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     return [
         n for n in model.graph.node if n.op_type == "MatMul" and (n.input[1] in inits or n.input[1] in tied)
     ]
-
-
-def _float_weight_matmuls(model: onnx.ModelProto) -> int:
-    inits = _initializers(model.graph)
-    return sum(1 for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits)
 
 
 @register_pass(
@@ -329,7 +326,6 @@ def weight_only_factory(config: WeightOnlyConfig, ctx: PassContext) -> WeightOnl
 class WeightOnlyPass(FunctionalPass):
     def __init__(self, config: WeightOnlyConfig, ctx: PassContext) -> None:
         super().__init__()
-        config.check()
         self.config = config
         self.ctx = ctx
 

@@ -170,7 +170,6 @@ def run_weight_only(config: WeightOnlyStageConfig) -> dict[str, Any]:
     """Weight-only quantization of a decoder artifact; returns a summary (the full stats are in
     the report file and the lineage)."""
     wcfg = config.weight_only
-    wcfg.check()
     if wcfg.algo == "gptq" and config.calibration is None:
         raise UserError("GPTQ is calibrated on text: pass --calibration DATA (its train split is read)")
     out = Path(config.out)
@@ -181,7 +180,14 @@ def run_weight_only(config: WeightOnlyStageConfig) -> dict[str, Any]:
     extra = {"symmetric": wcfg.is_symmetric(), "calibration": config.calibration, "prompts": config.prompts}
     with tempfile.TemporaryDirectory(prefix="trimformer-weight-only-") as tmp:
         ctx = build_decoder_context(
-            artifact, config.calibration, config.prompts, wcfg.samples, Path(tmp), target, config.seed
+            artifact,
+            config.calibration,
+            config.prompts,
+            wcfg.samples,
+            wcfg.new_tokens,
+            Path(tmp),
+            target,
+            config.seed,
         )
         result, report = apply_pass(
             artifact, "weight-only", wcfg, ctx, out, config.overwrite, extra, _write_reports
@@ -266,6 +272,6 @@ def run_fuse_decoder(
     check_output_dir(out, overwrite)
     resolved = host_target(target)
     with tempfile.TemporaryDirectory(prefix="trimformer-fuse-") as tmp:
-        ctx = build_decoder_context(artifact, None, prompts, 0, Path(tmp), resolved)
+        ctx = build_decoder_context(artifact, None, prompts, 0, config.new_tokens, Path(tmp), resolved)
         _, report = apply_pass(artifact, "fuse-decoder", config, ctx, out, overwrite, {"prompts": prompts})
     return {"out": str(out), "task": CAUSAL_LM, "target": resolved.name, **report.stats}
