@@ -21,22 +21,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from trimformer.artifact import ModelArtifact
 from trimformer.formats.decoder import DecoderSpec
 from trimformer.runtime.cpu import cpu_class, cpu_name
-from trimformer.runtime.decoding import CachedSession
-from trimformer.runtime.session import cpu_session
 from trimformer.validation.decoder import (
     DecoderValidateConfig,
+    graph_decoder,
     measure_decoder,
     prompt_token_rows,
 )
@@ -47,28 +44,15 @@ TF = [sys.executable, "-m", "trimformer", "--quiet"]
 THREADS = 2
 
 
-class _GraphRunner:
-    """A decoder graph stepped by the harness validation uses (the builder's graphs take no
-    ``position_ids``: ``CachedSession`` leaves them out)."""
-
-    def __init__(self, name: str, model: Path, spec: DecoderSpec) -> None:
-        self.name, self.spec = name, spec
-        self.session = CachedSession(cpu_session(model, threads=THREADS), spec)
-
-    def prompt(self, ids: np.ndarray, mask: np.ndarray) -> Any:
-        return self.session.prompt(ids, mask)
-
-    def step(self, next_ids: np.ndarray, state: Any) -> Any:
-        return self.session.step(next_ids, state)
-
-
 def _timed(cmd: list[str]) -> tuple[float, float]:
-    """Run a producing command; (seconds, its peak RSS in MB)."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    """Run a producing command; (seconds, that process's peak RSS in MB, from its own rusage)."""
     started = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    peak = max(before, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
-    return round(time.perf_counter() - started, 1), round(peak / 1024, 1)
+    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode:
+        raise subprocess.CalledProcessError(process.returncode, cmd)
+    return round(time.perf_counter() - started, 1), round(usage.ru_maxrss / 1024, 1)
 
 
 def _size_mb(folder: Path) -> float:
@@ -137,7 +121,7 @@ def measure(rows: dict[str, dict[str, Any]], hf: Path, quality: bool, spec: Deco
     for name, row in rows.items():
         if name == "pytorch-fp32":
             continue
-        runner = _GraphRunner(name, Path(row["folder"]) / "model.onnx", spec)
+        runner = graph_decoder(name, Path(row["folder"]) / "model.onnx", spec, THREADS)
         row.update(measure_decoder(runner, tokenizer, texts, config, _size_mb(Path(row["folder"]))))
         if quality:
             row.update(fidelity(runner, torch_runner, prompts, 32))

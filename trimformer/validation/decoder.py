@@ -28,6 +28,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -45,6 +46,7 @@ __all__ = [
     "DecoderOpener",
     "DecoderRunner",
     "DecoderValidateConfig",
+    "graph_decoder",
     "measure_decoder",
     "onnx_decoder",
     "prompt_token_rows",
@@ -81,9 +83,13 @@ class _OnnxDecoder:
 
 def onnx_decoder(artifact: ModelArtifact, threads: int) -> DecoderRunner:
     spec = DecoderSpec.from_extras(artifact.meta.extras, str(artifact.path))
-    return _OnnxDecoder(
-        str(artifact.path), spec, CachedSession(cpu_session(artifact.model_path, threads=threads), spec)
-    )
+    return graph_decoder(str(artifact.path), artifact.model_path, spec, threads)
+
+
+def graph_decoder(name: str, model: Path, spec: DecoderSpec, threads: int) -> DecoderRunner:
+    """Any decoder graph of the cache contract ``spec`` states (one that derives positions from the
+    attention mask too, such as onnxruntime-genai's builder's), stepped by this harness."""
+    return _OnnxDecoder(name, spec, CachedSession(cpu_session(model, threads=threads), spec))
 
 
 @dataclass
@@ -278,8 +284,6 @@ DecoderOpener = Callable[[str, int], DecoderRunner]
 def _open_reference(
     spec: str, threads: int, opener: DecoderOpener | None
 ) -> tuple[DecoderRunner, float | None]:
-    from pathlib import Path
-
     from trimformer.artifact import ARTIFACT_META
 
     if (Path(spec) / ARTIFACT_META).is_file():
