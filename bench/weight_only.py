@@ -42,7 +42,7 @@ from trimformer.passes.fuse.decoder import DecoderFuseConfig, fuse_decoder
 from trimformer.passes.quantize.accuracy_level import decode_tokens_per_s
 from trimformer.passes.quantize.weight_only import WeightOnlyConfig, weight_only_quantize
 from trimformer.runtime.cpu import cpu_class, cpu_name
-from trimformer.runtime.decoding import CachedSession, fidelity
+from trimformer.runtime.decoding import CachedSession, fidelities
 from trimformer.runtime.session import cpu_session
 from trimformer.validation.decoder import perplexity, text_stream
 
@@ -103,8 +103,9 @@ def main() -> None:
     for name, session in sessions.items():
         rows[name]["size_mb"] = round(graphs[name].ByteSize() / 1e6, 3)
         rows[name]["perplexity_128"] = round(perplexity(session, stream, 128), 3)
-        if name != "float":
-            rows[name].update(fidelity(session, sessions["float"], prompts, 32))
+    quantized = {name: session for name, session in sessions.items() if name != "float"}
+    for name, figures in fidelities(quantized, sessions["float"], prompts, 32).items():
+        rows[name].update(figures)
     speed = decode_tokens_per_s(sessions, spec, rounds=args.rounds)
     for name in rows:
         rows[name]["decode_tokens_per_s_128"] = speed[name]

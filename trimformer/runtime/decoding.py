@@ -10,7 +10,7 @@ Imports: onnxruntime, numpy and the task's graph contract only (no torch).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -23,6 +23,7 @@ __all__ = [
     "CacheState",
     "CachedSession",
     "Stepper",
+    "fidelities",
     "fidelity",
     "full_pass",
     "greedy_tokens",
@@ -151,15 +152,33 @@ def fidelity(
     """Top-1 agreement and mean KL(reference || model) on the reference's greedy continuations
     (teacher-forced, so one early difference does not cascade): decoder validation's token
     agreement and the decoder passes' token parity."""
-    agree, kl, count = 0, 0.0, 0
+    return fidelities({"model": model}, reference, prompts, new_tokens)["model"]
+
+
+def fidelities(
+    models: Mapping[str, Stepper], reference: Stepper, prompts: list[list[int]], new_tokens: int
+) -> dict[str, dict[str, float]]:
+    """:func:`fidelity` of several models against one reference, whose continuations and
+    log-probabilities are computed once."""
+    agree = dict.fromkeys(models, 0)
+    kl = dict.fromkeys(models, 0.0)
+    count = 0
     for prompt in prompts:
         continuation, _ = greedy_tokens(reference, prompt, new_tokens)
         ids = np.asarray(prompt + continuation, dtype=np.int64)
         # Positions that predict the continuation's tokens.
         span = slice(len(prompt) - 1, len(ids) - 1)
         ref_lp = log_softmax(full_pass(reference, ids)[span])
-        model_lp = log_softmax(full_pass(model, ids)[span])
-        agree += int((model_lp.argmax(-1) == ref_lp.argmax(-1)).sum())
-        kl += float((np.exp(ref_lp) * (ref_lp - model_lp)).sum())
+        for name, model in models.items():
+            model_lp = log_softmax(full_pass(model, ids)[span])
+            agree[name] += int((model_lp.argmax(-1) == ref_lp.argmax(-1)).sum())
+            kl[name] += float((np.exp(ref_lp) * (ref_lp - model_lp)).sum())
         count += len(continuation)
-    return {"token_agreement": round(agree / count, 4), "kl": round(kl / count, 6), "tokens": count}
+    return {
+        name: {
+            "token_agreement": round(agree[name] / count, 4),
+            "kl": round(kl[name] / count, 6),
+            "tokens": count,
+        }
+        for name in models
+    }

@@ -26,7 +26,7 @@ import onnx
 
 from trimformer.errors import GateFailed
 from trimformer.formats.decoder import DecoderSpec
-from trimformer.runtime.decoding import CachedSession, fidelity
+from trimformer.runtime.decoding import CachedSession, fidelities, fidelity
 from trimformer.runtime.session import cpu_session
 
 __all__ = ["LEVELS", "choose_accuracy_level", "decode_tokens_per_s", "set_accuracy_level"]
@@ -125,10 +125,9 @@ def choose_accuracy_level(
     """The fastest level meeting the agreement floor (written on ``quantized``) and every level's figures."""
     sessions, same_as = _distinct_kernels(quantized, spec, prompts[0])
     ref = CachedSession(cpu_session(reference), spec)
-    figures: dict[str, dict[str, Any]] = {}
-    for level, session in sessions.items():
-        figures[str(level)] = fidelity(session, ref, prompts, new_tokens)
-    speed = decode_tokens_per_s({str(level): s for level, s in sessions.items()}, spec)
+    named = {str(level): session for level, session in sessions.items()}
+    figures: dict[str, dict[str, Any]] = dict(fidelities(named, ref, prompts, new_tokens))
+    speed = decode_tokens_per_s(named, spec)
     for name, tokens_per_s in speed.items():
         figures[name]["decode_tokens_per_s"] = tokens_per_s
     for level, twin in same_as.items():
