@@ -185,6 +185,13 @@ def test_gptq_without_calibration_is_refused(lms: dict[str, Path]) -> None:
         _run(lms["llama"], algo="gptq")
 
 
+def test_gptq_on_text_shorter_than_a_block_is_refused(lms: dict[str, Path], tmp_path: Path) -> None:
+    short = tmp_path / "short.csv"
+    short.write_text("text,label\nhi,a\n")
+    with pytest.raises(UserError, match="shorter than one block of tokens"):
+        _run(lms["llama"], csv=short, algo="gptq")
+
+
 def test_accuracy_level_is_written_on_every_node(lms: dict[str, Path]) -> None:
     model, stats = _run(lms["llama"], accuracy_level=4)
     nodes = [n for n in model.graph.node if n.op_type == "MatMulNBits"]

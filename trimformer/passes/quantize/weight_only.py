@@ -333,7 +333,13 @@ class WeightOnlyPass(FunctionalPass):
         if self.config.algo != "gptq":
             return None
         source = self.ctx.require_calibration("weight-only (GPTQ)")()
-        return [feed for _, feed in zip(range(self.config.samples), iter_feeds(source), strict=False)]
+        feeds = [feed for _, feed in zip(range(self.config.samples), iter_feeds(source), strict=False)]
+        if not feeds:
+            raise UserError(
+                "the calibration text is shorter than one block of tokens: GPTQ has nothing to calibrate on; "
+                "pass more text with --calibration"
+            )
+        return feeds
 
     def _accuracy(self, quantized: onnx.ModelProto, reference: onnx.ModelProto) -> dict[str, Any]:
         """The accuracy level (chosen, or as given) and the token parity that let it through."""
