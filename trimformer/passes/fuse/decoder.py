@@ -49,14 +49,13 @@ from pydantic import Field
 
 from trimformer.errors import ParityError, UserError
 from trimformer.formats.decoder import DecoderSpec, present_key_name, present_value_name
+from trimformer.formats.targets import MS_DOMAIN
 from trimformer.passes.base import PassConfig, PassContext, PassReport, register_pass
 from trimformer.passes.graph import const_array
 from trimformer.runtime.decoding import CachedSession, fidelity
 from trimformer.runtime.session import cpu_session
 
 __all__ = ["DecoderFuseConfig", "DecoderFusePass", "RmsNormOpset17", "fuse_group_query_attention"]
-
-MS_DOMAIN = "com.microsoft"
 
 
 class DecoderFuseConfig(PassConfig):

@@ -36,6 +36,7 @@ from onnx_ir.passes import FunctionalPass
 from pydantic import Field, field_validator, model_validator
 
 from trimformer.errors import GateFailed, UserError
+from trimformer.formats.targets import MS_DOMAIN
 from trimformer.passes.base import PassConfig, PassContext, PassReport, iter_feeds, register_pass
 from trimformer.passes.quantize.accuracy_level import (
     choose_accuracy_level,
@@ -44,7 +45,6 @@ from trimformer.passes.quantize.accuracy_level import (
 )
 
 __all__ = [
-    "ALGORITHMS",
     "WEIGHT_ONLY_BITS",
     "WeightOnlyConfig",
     "WeightOnlyPass",
@@ -53,13 +53,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-ALGORITHMS = ("rtn", "gptq", "hqq")
 # The CLI's --weight-only names and the bits they mean.
 WEIGHT_ONLY_BITS: dict[str, Literal[4, 8]] = {"int4": 4, "int8": 8}
-ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 # The transposed copy a tied lm_head gets when it is quantized.
 TIED_SUFFIX = ".lm_head.T"
-MS_DOMAIN = "com.microsoft"
 
 
 class WeightOnlyConfig(PassConfig):
