@@ -3,7 +3,8 @@
     python -m bench.decoder_table [--lm work/lm] [--smollm] [--work work/bench-decoder]
 
 Rows, produced from the same weights: PyTorch eager fp32; trimformer fp32 (the export), fused
-(``trimformer fuse``), weight-only int8 and int4 (RTN and GPTQ; accuracy level chosen by the pass);
+(``trimformer fuse``), weight-only int8 and int4 (RTN and GPTQ; accuracy level chosen by the pass;
+RTN again with the builder's int4 layout, ``--lm-head int4 --embedding int4``);
 the model builder's fp32 and int4 (``python -m onnxruntime_genai.models.builder -i HF -o OUT -p
 int4 -e cpu``, run in its own venv ``bench/.venvs/genai``, ``make bench-peers``). Every ONNX row is
 measured by the same harness in one process with the same threads (``validation.decoder``:
@@ -69,6 +70,14 @@ def produce(hf: Path, work: Path, gptq: bool) -> dict[str, dict[str, Any]]:
         "trimformer-int8": [*TF, "quantize", str(work / "trimformer-fused"), "--weight-only", "int8"],
         "trimformer-int4-rtn": [*TF, "quantize", str(work / "trimformer-fused"), "--weight-only", "int4"],
     }
+    # The builder's int4 layout: lm_head at 4 bits and the (tied) table read from its blocks.
+    steps["trimformer-int4-rtn-head4"] = [
+        *steps["trimformer-int4-rtn"],
+        "--lm-head",
+        "int4",
+        "--embedding",
+        "int4",
+    ]
     if gptq:
         steps["trimformer-int4-gptq"] = [
             *steps["trimformer-int4-rtn"],

@@ -139,27 +139,50 @@ def test_tied_lm_head_gets_its_own_copy_and_the_table_goes_8_bit(lms: dict[str, 
     assert np.all(np.abs(rows - table) <= step + 1e-6)
 
 
+@pytest.mark.parametrize(("bits", "block"), [("int4", BLOCK), ("int8", BLOCK), ("int4", 64)])
+def test_tied_table_is_read_from_the_lm_head_blocks(lms: dict[str, Path], bits: str, block: int) -> None:
+    separate, _ = _run(lms["gpt2"], lm_head=bits, embedding="float", block_size=block)
+    model, stats = _run(lms["gpt2"], lm_head=bits, embedding=bits, block_size=block)
+    assert stats["embedding_shares_lm_head"] and stats["embedding"] == bits
+    head = next(n for n in model.graph.node if n.op_type == "MatMulNBits" and "logits" in n.output)
+    gather = next(n for n in model.graph.node if n.op_type == "GatherBlockQuantized")
+    # One quantized copy of the table: beside a float table, sharing saves the whole float table
+    # less a few nodes, and adds no quantized copy.
+    table_bytes = max(w.nbytes for w in _float_weights(separate).values() if w.dtype == np.float32)
+    assert table_bytes - 1000 < separate.ByteSize() - model.ByteSize() <= table_bytes
+    # Every token's row is the lm_head's dequantized column for that token (K=32: block 64 pads).
+    weight, _ = _dequantize(model, head)
+    rows = _gather_rows(model, gather, np.arange(weight.shape[1]))
+    np.testing.assert_allclose(rows, weight.T, rtol=1e-6, atol=1e-7)
+    assert stats["fidelity"]["tokens"] == 3 * 8  # the whole graph decodes with the shared table
+
+
 def _gather_rows(model: onnx.ModelProto, gather: onnx.NodeProto, ids: np.ndarray) -> np.ndarray:
-    inits = [i for i in model.graph.initializer if i.name in gather.input]
-    node = helper.make_node(
-        gather.op_type,
-        [*list(gather.input[:1]), "ids", *list(gather.input[2:])],
-        ["rows"],
-        domain=gather.domain,
-        **{a.name: helper.get_attribute_value(a) for a in gather.attribute},
-    )
+    """The rows a token-table lookup gives, run alone by onnxruntime: the Gather and the nodes
+    between it and the initializers (a tied table's Reshape, the Slice of a padded block)."""
+    producers = {out: n for n in model.graph.node for out in n.output}
+    nodes, names = [gather], set(gather.input)
+    while missing := [name for name in names if name in producers and producers[name] not in nodes]:
+        nodes.insert(0, producers[missing[0]])
+        names |= set(producers[missing[0]].input)
+    after = next((n for n in model.graph.node if n.op_type == "Slice" and gather.output[0] in n.input), None)
+    nodes += [after] if after is not None else []
+    names |= {name for node in nodes for name in node.input}
+    inits = [i for i in model.graph.initializer if i.name in names]
+    nodes = [onnx.NodeProto.FromString(n.SerializeToString()) for n in nodes]
+    ids_name = gather.input[1]
     graph = helper.make_graph(
-        [node],
+        nodes,
         "g",
-        [helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, [None])],
-        [helper.make_tensor_value_info("rows", onnx.TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info(ids_name, onnx.TensorProto.INT64, [None])],
+        [helper.make_tensor_value_info(nodes[-1].output[0], onnx.TensorProto.FLOAT, None)],
         initializer=inits,
     )
     small = helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
     )
     session = ort.InferenceSession(small.SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run(None, {"ids": ids.astype(np.int64)})[0]
+    return session.run(None, {ids_name: ids.astype(np.int64)})[0]
 
 
 def test_gptq_is_calibrated_on_text_rows(lms: dict[str, Path]) -> None:

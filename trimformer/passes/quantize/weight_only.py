@@ -11,7 +11,9 @@ float in the graph; ``accuracy_level`` says what the CPU kernel computes in, and
 Two tensors get their own setting, because greedy decoding is most sensitive to them:
 ``lm_head`` (int8 by default) and the token embedding (float by default; 4- or 8-bit through
 ``GatherBlockQuantized``, which reads the same blockwise layout). A tied lm_head reads the
-embedding through a Transpose; to quantize it, the pass gives it its own transposed copy.
+embedding through a Transpose; to quantize it, the pass gives it its own transposed copy, and
+where the table is asked at the lm_head's bits, the table is then read from the lm_head's blocks
+(one quantized copy, as onnxruntime-genai's builder ties them).
 
 The pass measures what it did against its input graph: on held-out prompts, the float graph's
 greedy continuation is fed to both and the share of positions whose top token agrees and the mean
@@ -259,6 +261,62 @@ def quantize_embedding(model: onnx.ModelProto, gather: onnx.NodeProto, bits: int
     logger.info("embedding %s: %d x %d at %d bits", base, vocab, hidden, bits)
 
 
+def share_lm_head_blocks(model: onnx.ModelProto, gather: onnx.NodeProto, bits: int) -> bool:
+    """Read the token table from a tied lm_head's ``MatMulNBits`` blocks (its weight is the table
+    transposed, so its N rows of K blocks are the table's rows) through ``GatherBlockQuantized``,
+    as onnxruntime-genai's builder does: one quantized copy of the table instead of two. False
+    (nothing changed) where the lm_head is not a symmetric ``bits``-bit copy of this table."""
+    graph = model.graph
+    head = find_quantized_lm_head(graph)
+    table = gather.input[0]
+    if head is None or not head.input[1].startswith(table + TIED_SUFFIX) or _attribute(head, "bits") != bits:
+        return False
+    if len(head.input) > 3 and head.input[3]:
+        return False  # its zero points are packed for MatMulNBits, not in the Gather layout
+    vocab, hidden, block = _attribute(head, "N"), _attribute(head, "K"), _attribute(head, "block_size")
+    padded = -(-hidden // block) * block
+    rows, shape = table + "/lm_head_rows", table + "/lm_head_rows_shape"
+    graph.initializer.append(numpy_helper.from_array(np.array([vocab, padded * bits // 8], np.int64), shape))
+    looked_up = gather.output[0] if padded == hidden else table + "/padded_rows"
+    nodes = [
+        helper.make_node("Reshape", [head.input[1], shape], [rows], name=table + "/lm_head_rows"),
+        helper.make_node(
+            "GatherBlockQuantized",
+            [rows, gather.input[1], head.input[2]],
+            [looked_up],
+            name=gather.name + "/quantized",
+            domain=MS_DOMAIN,
+            gather_axis=0,
+            quantize_axis=1,
+            block_size=block,
+            bits=bits,
+        ),
+    ]
+    if padded != hidden:  # the lm_head pads K to whole blocks; the rows lose the padding
+        bounds = {"/start": [0], "/end": [hidden], "/axis": [-1]}
+        graph.initializer.extend(
+            numpy_helper.from_array(np.array(v, np.int64), table + k) for k, v in bounds.items()
+        )
+        slice_inputs = [looked_up, *(table + k for k in bounds)]
+        nodes.append(helper.make_node("Slice", slice_inputs, list(gather.output), name=table + "/unpad"))
+    index = list(graph.node).index(gather)
+    graph.node.remove(gather)
+    for offset, node in enumerate(nodes):
+        graph.node.insert(index + offset, node)
+    if not _consumers(graph, table):
+        graph.initializer.remove(_initializers(graph)[table])
+    logger.info("embedding %s: read from the tied lm_head's %d-bit blocks", table, bits)
+    return True
+
+
+def find_quantized_lm_head(graph: onnx.GraphProto) -> onnx.NodeProto | None:
+    return next((n for n in graph.node if n.op_type == "MatMulNBits" and "logits" in n.output), None)
+
+
+def _attribute(node: onnx.NodeProto, name: str) -> Any:
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), None)
+
+
 def _bits(setting: str) -> int | None:
     return WEIGHT_ONLY_BITS.get(setting)
 
@@ -284,8 +342,11 @@ def weight_only_quantize(
         model = _run_quantizer(model, _algo_config(head_config, None), head_config)
     gather = find_embedding(model.graph)
     embedding_bits = _bits(config.embedding)
+    shared = False
     if gather is not None and embedding_bits:
-        quantize_embedding(model, gather, embedding_bits, config.block_size)
+        shared = untied and share_lm_head_blocks(model, gather, embedding_bits)
+        if not shared:
+            quantize_embedding(model, gather, embedding_bits, config.block_size)
     if config.accuracy_level != "auto":
         set_accuracy_level(model, config.accuracy_level)
     ops = [n.op_type for n in model.graph.node]
@@ -295,6 +356,7 @@ def weight_only_quantize(
         "lm_head": config.lm_head if lm_head is not None else "not found",
         "lm_head_untied": untied,
         "embedding": config.embedding if gather is not None else "not found",
+        "embedding_shares_lm_head": shared,
     }
 
 
