@@ -197,7 +197,9 @@ def make_bpe_tokenizer(vocab: int = 320, seed: int = 0) -> Tokenizer:
     return tok
 
 
-def _decoder_config(family: str, vocab: int, context: int, tied: bool = False) -> object:
+def _decoder_config(
+    family: str, vocab: int, context: int, tied: bool = False, head_dim: int | None = None
+) -> object:
     from transformers import GPT2Config, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     ids = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "vocab_size": vocab}
@@ -213,6 +215,8 @@ def _decoder_config(family: str, vocab: int, context: int, tied: bool = False) -
         # not hinge on ties that float rounding decides.
         "initializer_range": 0.2,
         **ids,
+        # 16: onnxruntime's attention kernel rotates and packs itself only for whole 16-float heads.
+        **({"head_dim": head_dim} if head_dim else {}),
     }
     if family == "llama":
         return LlamaConfig(**llama_like)
@@ -221,7 +225,7 @@ def _decoder_config(family: str, vocab: int, context: int, tied: bool = False) -
     if family == "qwen2":
         return Qwen2Config(**llama_like)
     if family == "qwen3":
-        return Qwen3Config(**llama_like, head_dim=8)
+        return Qwen3Config(**{"head_dim": 8, **llama_like})
     if family == "gpt2":
         return GPT2Config(
             n_embd=32,
@@ -236,15 +240,23 @@ def _decoder_config(family: str, vocab: int, context: int, tied: bool = False) -
 
 
 def make_causal_lm(
-    folder: Path, family: str = "llama", context: int = 128, seed: int = 0, tied: bool = False
+    folder: Path,
+    family: str = "llama",
+    context: int = 128,
+    seed: int = 0,
+    tied: bool = False,
+    head_dim: int | None = None,
 ) -> Path:
     """A tiny causal-LM folder of ``family`` with random weights, its BPE tokenizer and config;
-    ``tied``: the lm_head shares the token table."""
+    ``tied``: the lm_head shares the token table; ``head_dim``: wider heads than hidden / heads
+    (Llama-like families)."""
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
     tok = make_bpe_tokenizer()
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(_decoder_config(family, tok.get_vocab_size(), context, tied))
+    model = AutoModelForCausalLM.from_config(
+        _decoder_config(family, tok.get_vocab_size(), context, tied, head_dim)
+    )
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(folder), safe_serialization=True)
     fast = PreTrainedTokenizerFast(

@@ -31,10 +31,12 @@ PROMPTS = [[1, 17, 43, 9, 88], [1, 5], [1, 200, 31, 7, 7, 64, 12, 3, 99]]
 def exports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("fuse-decoder")
     out = {}
-    for family in ("llama", "qwen2", "gpt2"):
-        make_causal_lm(root / family, family=family, context=128)
-        export_model(root / family, root / f"{family}-onnx", parity_tokens=2)
-        out[family] = root / f"{family}-onnx"
+    # "-h16": heads of 16 floats, which onnxruntime's attention kernel rotates and packs itself.
+    for name in ("llama", "qwen2", "gpt2", "llama-h16", "qwen2-h16"):
+        family, _, wide = name.partition("-")
+        make_causal_lm(root / name, family=family, context=128, head_dim=16 if wide else None)
+        export_model(root / name, root / f"{name}-onnx", parity_tokens=2)
+        out[name] = root / f"{name}-onnx"
     return out
 
 
@@ -70,15 +72,46 @@ def test_fused_kernels_and_exact_greedy_tokens(
     gqa = next(n for n in fused.graph.node if n.op_type == "GroupQueryAttention")
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in gqa.attribute}
     assert attrs["num_heads"] == spec.num_heads and attrs["kv_num_heads"] == spec.num_kv_heads
-    assert ops[skip] >= 1 and ops[norms] + ops[skip] >= 3  # two per layer and the final norm
+    # Every residual Add of the rotary families is in a skip norm (both of each layer's, the attention
+    # output's once attention is one node); only the first norm, on the embeddings, has no skip.
+    if family != "gpt2":
+        assert ops[skip] == 4 and ops[norms] == 1
+        assert ops["Add"] == (6 if family == "qwen2" else 0)  # qwen2: its q, k, v biases
+    else:  # GPT-2: the position embedding Add too; the final norm reads the last residual sum
+        assert ops[skip] == 3 and ops[norms] == 2
     # Rotary families: each layer's query and key rotation is one RotaryEmbedding with cos/sin tables.
     assert ops["RotaryEmbedding"] == (0 if family == "gpt2" else 4)
+    assert stats["fusions"]["packed_qkv"] == stats["fusions"]["rotary_in_attention"] == 0
     # The cache contract is unchanged: same inputs and outputs, names, order.
     assert [o.name for o in fused.graph.output] == [o.name for o in plain.graph.output]
     assert stats["parity"]["token_agreement"] == 1.0 and stats["parity"]["tokens"] == len(PROMPTS) * 6
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("family", ["llama-h16", "qwen2-h16"])
+def test_wide_heads_are_rotated_and_packed_by_the_attention_kernel(
+    exports: dict[str, Path], family: str
+) -> None:
+    _, fused, stats, spec = _fuse(exports[family])
+    ops = Counter(n.op_type for n in fused.graph.node)
+    # No RotaryEmbedding node: GroupQueryAttention rotates queries and keys (do_rotary, the graph's
+    # cos/sin tables), and q, k, v are one MatMul per layer (qwen2: one bias Add).
+    assert ops["RotaryEmbedding"] == 0 and stats["fusions"]["rotary_in_attention"] == 2
+    assert stats["fusions"]["packed_qkv"] == 2 and ops["MatMul"] == 2 * (1 + 1 + 3) + 1
+    assert ops["Add"] == (2 if family.startswith("qwen2") else 0)
+    producers = {out: n for n in fused.graph.node for out in n.output}
+    weights = {i.name: list(i.dims) for i in fused.graph.initializer}
+    for gqa in (n for n in fused.graph.node if n.op_type == "GroupQueryAttention"):
+        # packed q, k, v; rotation by cache slot (see fuse_group_query_attention), not position_ids
+        assert gqa.input[1] == gqa.input[2] == "" and gqa.input[7] and gqa.input[9] == ""
+        packed = producers[gqa.input[0]]
+        if packed.op_type == "Add":  # qwen2's q/k/v biases, packed the same way
+            packed = producers[next(name for name in packed.input if name in producers)]
+        # hidden 32 in, every query head and both KV heads' keys and values out
+        assert weights[packed.input[1]] == [32, (spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim]
+    assert stats["parity"]["token_agreement"] == 1.0
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "llama-h16", "qwen2-h16"])
 def test_left_padded_batches_decode_as_before(exports: dict[str, Path], family: str) -> None:
     plain, fused, _, spec = _fuse(exports[family])
     ids, mask = left_pad(PROMPTS, spec.pad_token_id or 0)

@@ -14,8 +14,12 @@ What is rewritten, and by whose rules:
   an additive bias, Softmax): each layer is found from its Softmax and its two ``present.N``
   Concats. The bias the graph already computes (causal, padding, Mistral's window) becomes
   GroupQueryAttention's ``attention_bias``, and every row's ``seqlens_k`` is the full length
-  minus one, so left-padded batches keep their meaning; rotary stays as exported (the queries
-  and keys arrive rotated), and so does the cache contract (past and present in BNSH).
+  minus one, so left-padded batches keep their meaning; the cache contract stays (past and
+  present in BNSH). Where the head size is a multiple of 16, the kernel rotates queries and keys
+  itself (``do_rotary``, by cache slot: see :func:`fuse_group_query_attention`) and reads q, k, v
+  as one packed MatMul; else the queries and keys arrive rotated by RotaryEmbedding nodes.
+- **the attention output's residual Add + norm**: onnxscript's skip rules again, once attention is
+  one node and :func:`residual_shapes` has given the residual stream its shapes.
 
 The pass checks its own output: on held-out prompts, the float graph's greedy continuation fed to
 both graphs must give the same top token at every position (``token_agreement`` 1.0), else
@@ -210,6 +214,76 @@ def _split_from(bnsh: ir.Value | None) -> ir.Value | None:
     return source if source is not None and source.shape is not None and source.shape.rank() == 3 else None
 
 
+def _projection_behind(bnsh: ir.Value | None) -> tuple[ir.Value, tuple[ir.Value, ...]] | None:
+    """The [batch, sequence, heads * head_dim] projection behind a query, key or value in BNSH, and
+    the rotation applied to it (RotaryEmbedding's position_ids, cos and sin tables; empty if none)."""
+    if (source := _split_from(bnsh)) is not None:
+        return source, ()
+    rotary = _producer(bnsh, "RotaryEmbedding")
+    if rotary is None or rotary.domain != MS_DOMAIN:
+        return None
+    source = _split_from(rotary.inputs[0])
+    return None if source is None else (source, tuple(rotary.inputs[1:4]))  # type: ignore[arg-type]
+
+
+def _linear(value: ir.Value) -> tuple[ir.Value, np.ndarray, np.ndarray | None] | None:
+    """(input, weight [K, N], bias [N] or None) of ``MatMul(x, W)`` or ``MatMul(x, W) + b``."""
+    bias, add = None, _producer(value, "Add")
+    if add is not None:
+        for product, constant in (add.inputs, add.inputs[::-1]):
+            if (bias := const_array(constant)) is not None and bias.ndim == 1:
+                value = product  # type: ignore[assignment]
+                break
+        else:
+            return None
+    matmul = _producer(value, "MatMul")
+    weight = None if matmul is None else const_array(matmul.inputs[1])
+    if matmul is None or weight is None or weight.ndim != 2:
+        return None
+    return matmul.inputs[0], weight, bias  # type: ignore[return-value]
+
+
+def _packed_qkv(
+    graph: ir.Graph, tape: ir.tape.Tape, projections: list[ir.Value], layer: int
+) -> ir.Value | None:
+    """The query, key and value projections of one input as one MatMul (and one bias Add), the
+    packed QKV GroupQueryAttention reads when key and value are absent: one weight read per token
+    instead of three (None: they do not share an input, or not all have a bias)."""
+    linear = [_linear(value) for value in projections]
+    if any(part is None for part in linear) or len({part[0] for part in linear}) != 1:  # type: ignore[index]
+        return None
+    biases = [part[2] for part in linear]  # type: ignore[index]
+    if any(b is None for b in biases) and any(b is not None for b in biases):
+        return None
+    weight = np.concatenate([part[1] for part in linear], axis=1)  # type: ignore[index]
+    packed = tape.op("MatMul", [linear[0][0], _constant(graph, f"gqa/qkv_weight_{layer}", weight)])  # type: ignore[index]
+    if biases[0] is not None:
+        bias: np.ndarray = np.concatenate(biases)  # type: ignore[arg-type]
+        packed = tape.op("Add", [packed, _constant(graph, f"gqa/qkv_bias_{layer}", bias)])
+    return packed
+
+
+def _attention_inputs(
+    graph: ir.Graph, tape: ir.tape.Tape, site: _Site, spec: DecoderSpec, layer: int
+) -> tuple[list[ir.Value | None], tuple[ir.Value, ...]]:
+    """GroupQueryAttention's query, key and value (key and value None: packed in the query) and the
+    rotation it applies itself (position_ids, cos, sin; empty: the inputs arrive rotated or
+    unrotated as exported). The kernel rotates and packs where every part allows it."""
+    bnsh = [site.query, site.key_concat.inputs[1], site.value_concat.inputs[1]]
+    behind = [_projection_behind(value) for value in bnsh]
+    rotations = {parts[1] for parts in behind[:2] if parts is not None}
+    # The kernel's own rotation needs a head size in whole 16-float vectors.
+    rotates = rotations != {()} and spec.head_dim % 16 == 0
+    if all(behind) and len(rotations) == 1 and not behind[2][1] and (rotates or rotations == {()}):  # type: ignore[index]
+        projections = [parts[0] for parts in behind]  # type: ignore[index]
+        rotation = rotations.pop()
+        packed = _packed_qkv(graph, tape, projections, layer)
+        return ([packed, None, None] if packed is not None else projections), rotation  # type: ignore[return-value]
+    bsd = _constant(graph, f"gqa/bsd_shape_{layer}", np.array([0, 0, -1], np.int64))
+    heads = (spec.num_heads, spec.num_kv_heads, spec.num_kv_heads)
+    return [_to_bsd(tape, value, bsd, n) for value, n in zip(bnsh, heads, strict=True)], ()  # type: ignore[arg-type]
+
+
 def _to_bsd(tape: ir.tape.Tape, bnsh: ir.Value, shape: ir.Value, heads: int) -> ir.Value:
     """[batch, heads, sequence, head_dim] as [batch, sequence, heads * head_dim], what
     GroupQueryAttention reads: the projection itself where the export only split it into heads
@@ -245,30 +319,36 @@ def fuse_group_query_attention(model: ir.Model, spec: DecoderSpec) -> int:
     lengths_tape = ir.tape.Tape()
     seqlens, total = _lengths(graph, lengths_tape)
     graph.insert_before(next(iter(graph)), lengths_tape.nodes)
-    bsd = _constant(graph, "gqa/bsd_shape", np.array([0, 0, -1], np.int64))
+    ids = next(v for v in graph.inputs if v.name == "input_ids")
+    attributes = {"num_heads": spec.num_heads, "kv_num_heads": spec.num_kv_heads}
     for layer, site in enumerate(sites):
         tape = ir.tape.Tape()
+        qkv, rotation = _attention_inputs(graph, tape, site, spec, layer)
+        # The kernel rotates by cache slot (its own positions: a row's past length plus the token's
+        # index), not by the graph's position_ids, which it reads only from a prompt's first
+        # token. Rotation angles enter attention as differences, and slot differences equal
+        # position differences within a row, left padding included: the same attention.
+        _, cos, sin = rotation or (None, None, None)
         gqa = tape.op_multi_out(
             "GroupQueryAttention",
             [
-                _to_bsd(tape, site.query, bsd, spec.num_heads),
-                _to_bsd(tape, site.key_concat.inputs[1], bsd, spec.num_kv_heads),  # type: ignore[arg-type]
-                _to_bsd(tape, site.value_concat.inputs[1], bsd, spec.num_kv_heads),  # type: ignore[arg-type]
+                *qkv,
                 site.key_concat.inputs[0],
                 site.value_concat.inputs[0],
                 seqlens,
                 total,
-                None,
-                None,
+                cos,
+                sin,
                 None,
                 site.bias,
             ],
-            attributes={"num_heads": spec.num_heads, "kv_num_heads": spec.num_kv_heads, "scale": site.scale},
+            attributes={**attributes, "scale": site.scale, "do_rotary": int(bool(rotation))},
             domain=MS_DOMAIN,
             num_outputs=3,
         )
         graph.insert_before(site.anchor, tape.nodes)
-        gqa[0].type, gqa[0].shape = site.merged.type, site.merged.shape
+        gqa[0].type = site.merged.type
+        gqa[0].shape = ir.Shape([*ids.shape, spec.num_heads * spec.head_dim])  # type: ignore[misc]
         site.merged.replace_all_uses_with(gqa[0])
         _rename_output(graph, site.key_concat.outputs[0], gqa[1])
         _rename_output(graph, site.value_concat.outputs[0], gqa[2])
@@ -371,6 +451,37 @@ def fuse_rotary(model: ir.Model, spec: DecoderSpec) -> int:
     return count
 
 
+# onnxruntime's ops whose first output (and a skip norm's residual sum, output 3) has the shape of
+# their first input.
+_SHAPE_OF_INPUT = {"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "LayerNormalization"}
+_SHAPE_OF_INPUT |= {"SkipLayerNormalization", "RotaryEmbedding", "Sigmoid", "Gelu", "FastGelu", "Tanh"}
+
+
+def residual_shapes(model: ir.Model) -> None:
+    """The [batch, sequence, hidden] shapes of the residual stream, set in graph order from the
+    attention outputs on: onnx's shape inference stops at onnxruntime's ops, and the export's
+    dynamic reshapes leave unrelated symbolic dims, where onnxscript's skip-norm rules want the
+    residual Add's two inputs to share theirs."""
+    for node in model.graph:
+        first = node.inputs[0].shape if node.inputs and node.inputs[0] is not None else None
+        shape = None
+        if node.op_type in _SHAPE_OF_INPUT:
+            shape = first
+        elif node.op_type in ("Add", "Mul", "Sub") and len(node.inputs) == 2 and first is not None:
+            other = node.inputs[1].shape  # type: ignore[union-attr]
+            rank_one = other is not None and other.rank() == 1 and other[0] == first[-1]
+            shape = first if other == first or rank_one else None
+        elif node.op_type == "MatMul" and first is not None and first.rank() == 3:
+            weight = const_array(node.inputs[1])
+            shape = None if weight is None or weight.ndim != 2 else ir.Shape([*first[:-1], weight.shape[1]])
+        if shape is None:
+            continue
+        for index, value in enumerate(node.outputs):
+            if index in (0, 3) or node.op_type not in _SHAPE_OF_INPUT:
+                value.shape = shape
+                value.type = value.type or node.inputs[0].type  # type: ignore[union-attr]
+
+
 def fuse_decoder(model: ir.Model, spec: DecoderSpec, config: DecoderFuseConfig) -> dict[str, int]:
     """Every fusion in place on ``model``; the count of each."""
     counts: dict[str, int] = {}
@@ -390,6 +501,14 @@ def fuse_decoder(model: ir.Model, spec: DecoderSpec, config: DecoderFuseConfig) 
         counts["rotary_embedding"] = fuse_rotary(model, spec)
     if config.attention:
         counts["group_query_attention"] = fuse_group_query_attention(model, spec)
+    if config.norms and counts.get("group_query_attention"):
+        # The attention output's residual Add: its shapes are known once attention is one node.
+        residual_shapes(model)
+        counts["skip_simplified_layer_norm"] += fuse_skip_rms_normalization(model)
+        counts["skip_layer_norm"] += fuse_skip_layer_normalization(model)
+    attention = [node for node in model.graph if node.op_type == "GroupQueryAttention"]
+    counts["packed_qkv"] = sum(node.inputs[1] is None for node in attention)
+    counts["rotary_in_attention"] = sum(node.attributes.get_int("do_rotary", 0) for node in attention)
     RemoveUnusedNodesPass()(model)
     return counts
 
