@@ -11,7 +11,10 @@ measured by the same harness in one process with the same threads (``validation.
 onnxruntime sessions stepping the KV cache; the builder's graphs take no ``position_ids`` and are fed
 without it): perplexity (128-token window, the test split), greedy-token agreement and KL with the
 PyTorch model (24 test prompts x 32 tokens), prompt ms at 1x128, decode tokens/s at a 128- and a
-512-token cache, file size, the producing command's seconds and peak memory.
+512-token cache, file size, the producing command's seconds and peak memory. The harness keeps the
+cache in place where the graph allows (GroupQueryAttention: the fused rows and the builder's), as
+onnxruntime-genai does; the builder's rows also get the same figures through onnxruntime-genai's own
+Generator (``bench.genai_generator``, in its venv).
 
 ``--smollm`` adds the speed table on a SmolLM-135M-shaped Llama with random weights (config in
 ``bench.decoder``): no quality figures there (random weights have none to lose).
@@ -30,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from trimformer.artifact import ModelArtifact
-from trimformer.formats.decoder import DecoderSpec
+from trimformer.formats.decoder import CACHE_IN_PLACE_KEY, DecoderSpec
 from trimformer.runtime.cpu import cpu_class, cpu_name
 from trimformer.validation.decoder import (
     DecoderValidateConfig,
@@ -110,6 +113,27 @@ def produce(hf: Path, work: Path, gptq: bool) -> dict[str, dict[str, Any]]:
     return rows
 
 
+def _in_place(name: str, folder: Path) -> bool:
+    """Whether the harness keeps the cache in place: where the fused artifact says its attention can
+    (trimformer's rows) and for the builder's graphs (GroupQueryAttention, which onnxruntime-genai
+    runs with past_present_share_buffer)."""
+    if name.startswith("builder"):
+        return True
+    return bool(ModelArtifact.open(folder).meta.extras.get(CACHE_IN_PLACE_KEY))
+
+
+def _genai_generator(folder: Path, vocab: int) -> dict[str, Any]:
+    """The builder's graph as its users run it: onnxruntime-genai's Generator (bench.genai_generator)."""
+    script = Path(__file__).parent / "genai_generator.py"
+    out = subprocess.run(
+        [str(GENAI_PYTHON), str(script), str(folder), str(vocab), "--threads", str(THREADS)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def measure(rows: dict[str, dict[str, Any]], hf: Path, quality: bool, spec: DecoderSpec) -> None:
     from tokenizers import Tokenizer
 
@@ -130,8 +154,11 @@ def measure(rows: dict[str, dict[str, Any]], hf: Path, quality: bool, spec: Deco
     for name, row in rows.items():
         if name == "pytorch-fp32":
             continue
-        runner = graph_decoder(name, Path(row["folder"]) / "model.onnx", spec, THREADS)
-        row.update(measure_decoder(runner, tokenizer, texts, config, _size_mb(Path(row["folder"]))))
+        folder = Path(row["folder"])
+        runner = graph_decoder(name, folder / "model.onnx", spec, THREADS, _in_place(name, folder))
+        row.update(measure_decoder(runner, tokenizer, texts, config, _size_mb(folder)))
+        if name.startswith("builder"):
+            row["generator"] = _genai_generator(folder, spec.vocab_size)
         if quality:
             row.update(fidelity(runner, torch_runner, prompts, 32))
         print(f"{name}: measured", flush=True)
@@ -207,6 +234,12 @@ def main() -> None:
                 f"{r.get('token_agreement', float('nan')):7.4f} {r.get('prompt_latency_ms', 0):7.2f} "
                 f"{speed.get('128', 0):9.1f} {speed.get('512', 0):9.1f} {r.get('seconds') or 0:6.1f}"
             )
+            if "generator" in r:  # the same graph through onnxruntime-genai's Generator
+                gen = r["generator"]
+                print(
+                    f"{'  (genai Generator)':22} {'':7} {'':8} {'':7} {gen['prompt_ms']['128']:7.2f} "
+                    f"{gen['decode_tokens_per_s']['128']:9.1f} {gen['decode_tokens_per_s']['512']:9.1f}"
+                )
     print(f"written {RESULTS}")
 
 

@@ -25,6 +25,7 @@ from typing import Any
 from trimformer.errors import UserError
 
 __all__ = [
+    "CACHE_IN_PLACE_KEY",
     "DECODER_EXTRAS_KEY",
     "DecoderSpec",
     "past_key_name",
@@ -34,6 +35,10 @@ __all__ = [
 ]
 
 DECODER_EXTRAS_KEY = "decoder"
+# Set (True) in an artifact's extras when every present comes from GroupQueryAttention, which can
+# write each step's keys and values into the past buffer itself: a session may then bind each
+# layer's past and present to one buffer (``runtime.decoding.CachedSession(in_place=True)``).
+CACHE_IN_PLACE_KEY = "decoder_cache_in_place"
 
 
 def past_key_name(layer: int) -> str:

@@ -5,6 +5,15 @@ previous step's presents back as pasts, so the prompt is never recomputed. Rows 
 left-padded: positions count real tokens only, and the attention mask grows by one column a step.
 The export's greedy-token parity, the Generator and decoder validation all step through it.
 
+``in_place`` (graphs whose attention is GroupQueryAttention: the artifact's
+``formats.decoder.CACHE_IN_PLACE_KEY``): each layer's past and present are bound to one buffer
+with room for more tokens, and the kernel writes each step's keys and values into it, as
+onnxruntime-genai's Generator runs the model builder's graphs (``past_present_share_buffer``);
+otherwise each step's presents are new tensors holding the whole cache again, a copy that grows
+with the cache. A state then shares its buffer with the states stepped from it: continuing one
+state once (generation, a decode-speed loop that restarts from one prompt state) is exact; two
+different continuations of one state (beam search) would overwrite each other's slots.
+
 Imports: onnxruntime, numpy and the task's graph contract only (no torch).
 """
 
@@ -55,6 +64,8 @@ class CacheState:
     past: dict[str, ort.OrtValue]
     mask: np.ndarray  # [batch, tokens so far]
     next_positions: np.ndarray  # [batch, 1]
+    # In place: the buffers behind ``past`` ([batch, kv heads, capacity, head_dim]; capacity >= length).
+    buffers: dict[str, np.ndarray] | None = None
 
     @property
     def length(self) -> int:
@@ -64,9 +75,13 @@ class CacheState:
 class CachedSession:
     """A causal-LM session and its graph contract (see the module docstring)."""
 
-    def __init__(self, session: ort.InferenceSession, spec: DecoderSpec) -> None:
+    # In place, a prompt's buffers have room for this many more tokens; they double when full.
+    HEADROOM = 256
+
+    def __init__(self, session: ort.InferenceSession, spec: DecoderSpec, in_place: bool = False) -> None:
         self.session = session
         self.spec = spec
+        self.in_place = in_place
         self._past_names = spec.past_names()
         self._present_names = spec.present_names()
         self._outputs = ["logits", *self._present_names]
@@ -94,14 +109,56 @@ class CachedSession:
         state = CacheState(present, mask, positions[:, -1:] + 1)
         return logits.numpy(), state
 
+    def _run_in_place(
+        self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, buffers: dict[str, np.ndarray]
+    ) -> tuple[np.ndarray, CacheState]:
+        binding = self.session.io_binding()
+        arrays = {"input_ids": ids, "attention_mask": mask}
+        if self._takes_positions:
+            arrays["position_ids"] = positions
+        for name, array in arrays.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(array))
+        past = {name: ort.OrtValue.ortvalue_from_numpy(buffer) for name, buffer in buffers.items()}
+        for past_name, present_name in zip(self._past_names, self._present_names, strict=True):
+            binding.bind_ortvalue_input(past_name, past[past_name])
+            binding.bind_ortvalue_output(present_name, past[past_name])
+        binding.bind_output("logits")
+        self.session.run_with_iobinding(binding)
+        logits = binding.get_outputs()[-1].numpy()
+        return logits, CacheState(past, mask, positions[:, -1:] + 1, buffers)
+
+    def _buffers(self, batch: int, length: int, state: CacheState | None = None) -> dict[str, np.ndarray]:
+        """Buffers with room for ``length`` tokens: the state's own while they have it, else new
+        ones (zeros, or the state's cache copied into twice the room, up to the context)."""
+        if state is not None and state.buffers is not None:
+            capacity = next(iter(state.buffers.values())).shape[2]
+            if length <= capacity:
+                return state.buffers
+            room = min(max(length, 2 * capacity), self.spec.context_length)
+        else:
+            room = min(length + self.HEADROOM, self.spec.context_length)
+        shape = (batch, self.spec.num_kv_heads, max(room, length), self.spec.head_dim)
+        buffers = {name: np.zeros(shape, dtype=np.float32) for name in self._past_names}
+        if state is not None and state.buffers is not None:
+            kept = state.length
+            for name, buffer in buffers.items():
+                buffer[:, :, :kept] = state.buffers[name][:, :, :kept]
+        return buffers
+
     def prompt(self, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, CacheState]:
         """All prompt tokens in one pass; returns every position's logits and the cache."""
         positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None).astype(np.int64)
+        if self.in_place:
+            buffers = self._buffers(ids.shape[0], ids.shape[1])
+            return self._run_in_place(ids, mask.astype(np.int64), positions, buffers)
         return self._run(ids, mask.astype(np.int64), positions, self.empty_past(ids.shape[0]))
 
     def step(self, next_ids: np.ndarray, state: CacheState) -> tuple[np.ndarray, CacheState]:
         """One new token per row (``next_ids`` [batch, 1]) on top of the cache."""
         mask = np.concatenate([state.mask, np.ones((state.mask.shape[0], 1), dtype=np.int64)], axis=1)
+        if self.in_place:
+            buffers = self._buffers(mask.shape[0], mask.shape[1], state)
+            return self._run_in_place(next_ids.astype(np.int64), mask, state.next_positions, buffers)
         return self._run(next_ids.astype(np.int64), mask, state.next_positions, state.past)
 
     def greedy(self, prompt_ids: Sequence[int], new_tokens: int) -> list[int]:

@@ -30,7 +30,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from trimformer.errors import UserError
-from trimformer.formats.decoder import DECODER_EXTRAS_KEY, DecoderSpec
+from trimformer.formats.decoder import CACHE_IN_PLACE_KEY, DECODER_EXTRAS_KEY, DecoderSpec
 from trimformer.formats.tasks import CAUSAL_LM
 from trimformer.runtime.bundle import MANIFEST, VerifiedBundle, read_verified
 from trimformer.runtime.decoder_smoke import check_decoder_smoke
@@ -161,7 +161,10 @@ class Generator:
         self.tokenizer.no_truncation()
         self.tokenizer.no_padding()
         self.pad_token_id = int(meta["tokenizer"]["pad_token_id"])
-        self.session = CachedSession(make_session(model, providers, threads, label="decoder"), self.spec)
+        session = make_session(model, providers, threads, label="decoder")
+        self.session = CachedSession(
+            session, self.spec, in_place=bool(meta["extras"].get(CACHE_IN_PLACE_KEY))
+        )
 
     def _check_task(self, meta: dict[str, Any]) -> None:
         task = meta.get("task")

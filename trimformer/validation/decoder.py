@@ -37,7 +37,7 @@ from trimformer.artifact import ModelArtifact
 from trimformer.data import load_dataset
 from trimformer.data.prompts import first_halves
 from trimformer.errors import UserError
-from trimformer.formats.decoder import DecoderSpec
+from trimformer.formats.decoder import CACHE_IN_PLACE_KEY, DecoderSpec
 from trimformer.runtime.decoding import CachedSession, fidelity, full_pass, log_softmax
 from trimformer.runtime.session import cpu_session
 from trimformer.validation.latency import PeakMemory
@@ -83,13 +83,18 @@ class _OnnxDecoder:
 
 def onnx_decoder(artifact: ModelArtifact, threads: int) -> DecoderRunner:
     spec = DecoderSpec.from_extras(artifact.meta.extras, str(artifact.path))
-    return graph_decoder(str(artifact.path), artifact.model_path, spec, threads)
+    in_place = bool(artifact.meta.extras.get(CACHE_IN_PLACE_KEY))
+    return graph_decoder(str(artifact.path), artifact.model_path, spec, threads, in_place)
 
 
-def graph_decoder(name: str, model: Path, spec: DecoderSpec, threads: int) -> DecoderRunner:
+def graph_decoder(
+    name: str, model: Path, spec: DecoderSpec, threads: int, in_place: bool = False
+) -> DecoderRunner:
     """Any decoder graph of the cache contract ``spec`` states (one that derives positions from the
-    attention mask too, such as onnxruntime-genai's builder's), stepped by this harness."""
-    return _OnnxDecoder(name, spec, CachedSession(cpu_session(model, threads=threads), spec))
+    attention mask too, such as onnxruntime-genai's builder's), stepped by this harness; ``in_place``:
+    its cache kept in one buffer per layer (GroupQueryAttention graphs, see CachedSession)."""
+    session = CachedSession(cpu_session(model, threads=threads), spec, in_place=in_place)
+    return _OnnxDecoder(name, spec, session)
 
 
 @dataclass

@@ -52,7 +52,12 @@ from onnxscript.rewriter.rules.common import no_op_cast_rule
 from pydantic import Field
 
 from trimformer.errors import ParityError, UserError
-from trimformer.formats.decoder import DecoderSpec, present_key_name, present_value_name
+from trimformer.formats.decoder import (
+    CACHE_IN_PLACE_KEY,
+    DecoderSpec,
+    present_key_name,
+    present_value_name,
+)
 from trimformer.formats.targets import MS_DOMAIN
 from trimformer.passes.base import PassConfig, PassContext, PassReport, register_pass
 from trimformer.passes.graph import const_array
@@ -549,4 +554,11 @@ class DecoderFusePass(FunctionalPass):
             "parity": {**parity, "prompts": len(prompts)},
             "seconds": round(time.perf_counter() - started, 2),
         }
-        return PassReport(fused, any(counts.values()), stats=stats)
+        return PassReport(fused, any(counts.values()), stats=stats, extras=_cache_extras(fused))
+
+
+def _cache_extras(model: ir.Model) -> dict[str, bool]:
+    """Where GroupQueryAttention writes every present, sessions may keep the cache in place."""
+    presents = [v for v in model.graph.outputs if v.name and v.name.startswith("present.")]
+    producers = {v.producer().op_type if v.producer() else None for v in presents}  # type: ignore[union-attr]
+    return {CACHE_IN_PLACE_KEY: True} if presents and producers == {"GroupQueryAttention"} else {}
