@@ -11,10 +11,12 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
+from click.testing import CliRunner
 from onnx import helper, numpy_helper
 
 from tests.builders import make_causal_lm, make_csv
 from trimformer.artifact import ModelArtifact
+from trimformer.cli.commands import cli
 from trimformer.data.calibration import DecoderFeeds
 from trimformer.data.datasets import load_dataset
 from trimformer.errors import GateFailed, UserError
@@ -38,6 +40,14 @@ def lms(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         folder = make_causal_lm(root / family, context=256, tied=family == "gpt2")
         export_model(folder, root / f"{family}-onnx", parity_tokens=2)
         out[family] = root / f"{family}-onnx"
+    # Fused with 16-float heads: attention rotates by cache slot, and nothing reads position_ids.
+    folder = make_causal_lm(root / "wide", context=256, head_dim=16)
+    export_model(folder, root / "wide-onnx", parity_tokens=2)
+    result = CliRunner().invoke(
+        cli, ["--quiet", "fuse", str(root / "wide-onnx"), "--out", str(root / "wide-fused")]
+    )
+    assert result.exit_code == 0, result.output
+    out["fused"] = root / "wide-fused"
     return out
 
 
@@ -196,6 +206,15 @@ def test_gptq_is_calibrated_on_text_rows(lms: dict[str, Path]) -> None:
     assert gptq_blocks.keys() == rtn_blocks.keys()
     changed = [out for out, packed in gptq_blocks.items() if not np.array_equal(packed, rtn_blocks[out])]
     assert len(changed) >= 14  # every GPTQ'd projection; the lm_head is RTN int8 in both
+
+
+def test_gptq_takes_a_fused_graph_whose_position_ids_nothing_reads(lms: dict[str, Path]) -> None:
+    model, stats = _run(lms["fused"], csv=lms["csv"], algo="gptq", samples=4)
+    # 2 layers x (packed qkv, o, gate, up, down) and the lm_head; position_ids stays an input, unread.
+    assert stats["matmul_nbits"] == 11 and stats["float_matmuls_with_weights"] == 0
+    assert "position_ids" in [i.name for i in model.graph.input]
+    assert not any(n.op_type == "Identity" and "position_ids" in n.input for n in model.graph.node)
+    assert stats["fidelity"]["tokens"] == 3 * 8
 
 
 def _blocks_by_output(model: onnx.ModelProto) -> dict[str, np.ndarray]:

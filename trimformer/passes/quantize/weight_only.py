@@ -196,10 +196,23 @@ def _run_quantizer(model: onnx.ModelProto, algo_config: Any, config: WeightOnlyC
         is_symmetric=config.is_symmetric(),
         algo_config=algo_config,
     )
+    # Its GPTQ port sorts the graph from every input's consumers and fails on an input nothing
+    # reads (a fused decoder's position_ids, when attention rotates by cache slot): each such input
+    # gets an Identity to read it while the quantizer runs.
+    readers = [
+        helper.make_node("Identity", [value.name], [value.name + "/read"], name="read/" + value.name)
+        for value in model.graph.input
+        if not _consumers(model.graph, value.name)
+    ]
+    model.graph.node.extend(readers)
     # Its GPTQ and RTN ports print a progress bar on stdout, which --json output owns.
     with contextlib.redirect_stdout(io.StringIO()):
         quantizer.process()
-    return quantizer.model.model if hasattr(quantizer.model, "model") else quantizer.model
+    quantized = quantizer.model.model if hasattr(quantizer.model, "model") else quantizer.model
+    names = {node.name for node in readers}
+    for node in [n for n in quantized.graph.node if n.name in names]:
+        quantized.graph.node.remove(node)
+    return quantized
 
 
 def _hidden(model: onnx.ModelProto, node: onnx.NodeProto | None) -> str | None:
