@@ -25,13 +25,17 @@ ROUNDS = 5
 
 def _one_run(model: og.Model, ids: np.ndarray) -> tuple[float, float]:
     params = og.GeneratorParams(model)
-    params.set_search_options(max_length=ids.shape[1] + STEPS + 1, do_sample=False)
+    # min_length = max_length: random weights may well pick eos, after which steps are no-ops.
+    length = ids.shape[1] + STEPS + 1
+    params.set_search_options(max_length=length, min_length=length, do_sample=False)
     generator = og.Generator(model, params)
     started = time.perf_counter()
     generator.append_tokens(ids)
     prompted = time.perf_counter()
     for _ in range(STEPS):
         generator.generate_next_token()
+    if generator.is_done() and generator.token_count() < ids.shape[1] + STEPS:
+        raise RuntimeError("the generator stopped before its steps were done")
     return prompted - started, time.perf_counter() - prompted
 
 

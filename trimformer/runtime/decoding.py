@@ -82,6 +82,9 @@ class CachedSession:
         self.session = session
         self.spec = spec
         self.in_place = in_place
+        self._binding: ort.IOBinding | None = None
+        self._bound: dict[str, np.ndarray] | None = None
+        self._bound_past: dict[str, ort.OrtValue] = {}
         self._past_names = spec.past_names()
         self._present_names = spec.present_names()
         self._outputs = ["logits", *self._present_names]
@@ -112,20 +115,27 @@ class CachedSession:
     def _run_in_place(
         self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, buffers: dict[str, np.ndarray]
     ) -> tuple[np.ndarray, CacheState]:
-        binding = self.session.io_binding()
+        # One binding per session; the cache's pasts and presents are bound again only when the
+        # buffers change (a new prompt, or growth): per step, only the new token's inputs are.
+        if self._binding is None or self._bound is not buffers:
+            self._binding = self.session.io_binding()
+            self._bound, self._bound_past = (
+                buffers,
+                {n: ort.OrtValue.ortvalue_from_numpy(b) for n, b in buffers.items()},
+            )
+            for past_name, present_name in zip(self._past_names, self._present_names, strict=True):
+                self._binding.bind_ortvalue_input(past_name, self._bound_past[past_name])
+                self._binding.bind_ortvalue_output(present_name, self._bound_past[past_name])
+        binding = self._binding
+        binding.bind_output("logits")  # unallocated again: its shape follows the tokens fed
         arrays = {"input_ids": ids, "attention_mask": mask}
         if self._takes_positions:
             arrays["position_ids"] = positions
         for name, array in arrays.items():
             binding.bind_cpu_input(name, np.ascontiguousarray(array))
-        past = {name: ort.OrtValue.ortvalue_from_numpy(buffer) for name, buffer in buffers.items()}
-        for past_name, present_name in zip(self._past_names, self._present_names, strict=True):
-            binding.bind_ortvalue_input(past_name, past[past_name])
-            binding.bind_ortvalue_output(present_name, past[past_name])
-        binding.bind_output("logits")
         self.session.run_with_iobinding(binding)
         logits = binding.get_outputs()[-1].numpy()
-        return logits, CacheState(past, mask, positions[:, -1:] + 1, buffers)
+        return logits, CacheState(self._bound_past, mask, positions[:, -1:] + 1, buffers)
 
     def _buffers(self, batch: int, length: int, state: CacheState | None = None) -> dict[str, np.ndarray]:
         """Buffers with room for ``length`` tokens: the state's own while they have it, else new
