@@ -143,10 +143,14 @@ bench: $(TEACHER_ONNX)/model.onnx $(TEACHER2_ONNX)/model.onnx bench-peers
 
 # The decoder table (docs/BENCHMARKS.md): the built-in LM's quality and the SmolLM-135M shape's speed,
 # trimformer's variants beside PyTorch and onnxruntime-genai's model builder (its own venv).
+SMOL := $(WORK)/bench-decoder/smollm-hf
 bench-decoder: $(LM)/trimformer_train.json bench/.venvs/genai/.installed
 	$(TF) export $(LM) --out $(WORK)/lm-onnx --prompts builtin:tweets --overwrite
 	$(PY) -m bench.weight_only --model $(WORK)/lm-onnx
 	$(PY) -m bench.decoder_table --lm $(LM) --smollm
+	$(PY) -m bench.decoder_ab --spec $(SMOL)/trimformer-fp32 int4-head4=$(SMOL)/trimformer-int4-rtn-head4 \
+		builder-int4=$(SMOL)/builder-int4 fused=$(SMOL)/trimformer-fused builder-fp32=$(SMOL)/builder-fp32 \
+		--genai builder-int4=$(SMOL)/builder-int4 builder-fp32=$(SMOL)/builder-fp32
 
 $(WORK)/package/teacher/manifest.json: $(TEACHER_ONNX)/model.onnx
 	$(TF) package $(TEACHER_ONNX) --out $(WORK)/package/teacher --overwrite
