@@ -81,3 +81,25 @@ def test_the_generator_keeps_the_cache_in_place_where_the_artifact_says_so(
     prompts = ["the car", "my new phone is the best"]
     expected = [g.token_ids for g in plain_generator.generate(prompts, max_new_tokens=12)]
     assert [g.token_ids for g in fused_generator.generate(prompts, max_new_tokens=12)] == expected
+
+
+def test_the_cache_is_kept_in_place_on_the_cpu_provider_only(fused: tuple) -> None:
+    _, _, graph, spec, _ = fused
+    assert CachedSession(cpu_session(graph), spec, in_place=True).in_place
+
+    class DeviceSession:  # a session on another provider: host buffers would not be the kernel's memory
+        def __init__(self, session: object) -> None:
+            self._session = session
+
+        def get_providers(self) -> list[str]:
+            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self._session, name)
+
+    on_device = CachedSession(DeviceSession(cpu_session(graph)), spec, in_place=True)  # type: ignore[arg-type]
+    assert not on_device.in_place
+    # ... and it steps through the copying path: new presents one token longer each step.
+    ids = np.asarray([PROMPTS[0]], dtype=np.int64)
+    _, state = on_device.prompt(ids, np.ones_like(ids))
+    assert state.buffers is None and state.past[spec.past_names()[0]].shape()[2] == len(PROMPTS[0])

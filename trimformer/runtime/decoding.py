@@ -81,7 +81,10 @@ class CachedSession:
     def __init__(self, session: ort.InferenceSession, spec: DecoderSpec, in_place: bool = False) -> None:
         self.session = session
         self.spec = spec
-        self.in_place = in_place
+        # The kernel writes into the past only where the bound buffers are its own memory: on the
+        # CPU provider. Elsewhere the host buffers would be copied to the device and back, and the
+        # presents would come out a token longer than the buffers bound for them.
+        self.in_place = in_place and session.get_providers()[:1] == ["CPUExecutionProvider"]
         self._binding: ort.IOBinding | None = None
         self._bound: dict[str, np.ndarray] | None = None
         self._bound_past: dict[str, ort.OrtValue] = {}
