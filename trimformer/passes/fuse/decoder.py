@@ -560,5 +560,5 @@ class DecoderFusePass(FunctionalPass):
 def _cache_extras(model: ir.Model) -> dict[str, bool]:
     """Where GroupQueryAttention writes every present, sessions may keep the cache in place."""
     presents = [v for v in model.graph.outputs if v.name and v.name.startswith("present.")]
-    producers = {v.producer().op_type if v.producer() else None for v in presents}  # type: ignore[union-attr]
-    return {CACHE_IN_PLACE_KEY: True} if presents and producers == {"GroupQueryAttention"} else {}
+    in_place = bool(presents) and all(_producer(v, "GroupQueryAttention") for v in presents)
+    return {CACHE_IN_PLACE_KEY: True} if in_place else {}

@@ -128,9 +128,10 @@ def _initializers(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
     return {init.name: init for init in graph.initializer}
 
 
-def find_lm_head(graph: onnx.GraphProto) -> onnx.NodeProto | None:
-    """The MatMul that writes the logits output (None: the graph computes them otherwise)."""
-    return next((n for n in graph.node if n.op_type == "MatMul" and "logits" in n.output), None)
+def find_lm_head(graph: onnx.GraphProto, op_type: str = "MatMul") -> onnx.NodeProto | None:
+    """The ``op_type`` node (a MatMul; a MatMulNBits once quantized) that writes the logits output
+    (None: the graph computes them otherwise)."""
+    return next((n for n in graph.node if n.op_type == op_type and "logits" in n.output), None)
 
 
 def find_embedding(graph: onnx.GraphProto) -> onnx.NodeProto | None:
@@ -188,14 +189,6 @@ def _algo_config(config: WeightOnlyConfig, feeds: list[dict[str, np.ndarray]] | 
 
 
 def _run_quantizer(model: onnx.ModelProto, algo_config: Any, config: WeightOnlyConfig) -> onnx.ModelProto:
-    nbits = _quiet_quantizer()
-    quantizer = nbits.MatMulNBitsQuantizer(
-        model,
-        bits=config.bits,
-        block_size=config.block_size,
-        is_symmetric=config.is_symmetric(),
-        algo_config=algo_config,
-    )
     # Its GPTQ port sorts the graph from every input's consumers and fails on an input nothing
     # reads (a fused decoder's position_ids, when attention rotates by cache slot): each such input
     # gets an Identity to read it while the quantizer runs.
@@ -205,6 +198,14 @@ def _run_quantizer(model: onnx.ModelProto, algo_config: Any, config: WeightOnlyC
         if not _consumers(model.graph, value.name)
     ]
     model.graph.node.extend(readers)
+    nbits = _quiet_quantizer()
+    quantizer = nbits.MatMulNBitsQuantizer(
+        model,
+        bits=config.bits,
+        block_size=config.block_size,
+        is_symmetric=config.is_symmetric(),
+        algo_config=algo_config,
+    )
     # Its GPTQ and RTN ports print a progress bar on stdout, which --json output owns.
     with contextlib.redirect_stdout(io.StringIO()):
         quantizer.process()
@@ -280,7 +281,7 @@ def share_lm_head_blocks(model: onnx.ModelProto, gather: onnx.NodeProto, bits: i
     as onnxruntime-genai's builder does: one quantized copy of the table instead of two. False
     (nothing changed) where the lm_head is not a symmetric ``bits``-bit copy of this table."""
     graph = model.graph
-    head = find_quantized_lm_head(graph)
+    head = find_lm_head(graph, "MatMulNBits")
     table = gather.input[0]
     if head is None or not head.input[1].startswith(table + TIED_SUFFIX) or _attribute(head, "bits") != bits:
         return False
@@ -320,10 +321,6 @@ def share_lm_head_blocks(model: onnx.ModelProto, gather: onnx.NodeProto, bits: i
         graph.initializer.remove(_initializers(graph)[table])
     logger.info("embedding %s: read from the tied lm_head's %d-bit blocks", table, bits)
     return True
-
-
-def find_quantized_lm_head(graph: onnx.GraphProto) -> onnx.NodeProto | None:
-    return next((n for n in graph.node if n.op_type == "MatMulNBits" and "logits" in n.output), None)
 
 
 def _attribute(node: onnx.NodeProto, name: str) -> Any:
