@@ -16,11 +16,10 @@ harness ``--repeats`` times: prompt 1x128 ms and decode tokens/s, medians of the
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
 from pathlib import Path
 
+from bench.decoder_table import THREADS, genai_generator
 from trimformer.artifact import ModelArtifact
 from trimformer.formats.decoder import DecoderSpec
 from trimformer.passes.quantize.accuracy_level import decode_tokens_per_s
@@ -28,9 +27,6 @@ from trimformer.runtime.cpu import cpu_name
 from trimformer.runtime.decoding import CachedSession
 from trimformer.runtime.session import cpu_session
 from trimformer.validation.decoder import graph_decoder, speed
-
-GENAI_PYTHON = Path(__file__).parent / ".venvs" / "genai" / "bin" / "python"
-THREADS = 2
 
 
 def _pairs(values: list[str]) -> dict[str, Path]:
@@ -50,9 +46,7 @@ def interleaved(graphs: dict[str, Path], spec: DecoderSpec, rounds: int) -> dict
 
 
 def _generator(folder: Path, vocab: int) -> tuple[float, float, float]:
-    script = Path(__file__).parent / "genai_generator.py"
-    cmd = [str(GENAI_PYTHON), str(script), str(folder), str(vocab), "--threads", str(THREADS)]
-    got = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+    got = genai_generator(folder, vocab)
     return got["prompt_ms"]["128"], got["decode_tokens_per_s"]["128"], got["decode_tokens_per_s"]["512"]
 
 

@@ -122,7 +122,7 @@ def _in_place(name: str, folder: Path) -> bool:
     return bool(ModelArtifact.open(folder).meta.extras.get(CACHE_IN_PLACE_KEY))
 
 
-def _genai_generator(folder: Path, vocab: int) -> dict[str, Any]:
+def genai_generator(folder: Path, vocab: int) -> dict[str, Any]:
     """The builder's graph as its users run it: onnxruntime-genai's Generator (bench.genai_generator)."""
     script = Path(__file__).parent / "genai_generator.py"
     out = subprocess.run(
@@ -158,7 +158,7 @@ def measure(rows: dict[str, dict[str, Any]], hf: Path, quality: bool, spec: Deco
         runner = graph_decoder(name, folder / "model.onnx", spec, THREADS, _in_place(name, folder))
         row.update(measure_decoder(runner, tokenizer, texts, config, _size_mb(folder)))
         if name.startswith("builder"):
-            row["generator"] = _genai_generator(folder, spec.vocab_size)
+            row["generator"] = genai_generator(folder, spec.vocab_size)
         if quality:
             row.update(fidelity(runner, torch_runner, prompts, 32))
         print(f"{name}: measured", flush=True)
