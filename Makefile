@@ -149,8 +149,11 @@ bench-decoder: $(LM)/trimformer_train.json bench/.venvs/genai/.installed
 	$(PY) -m bench.weight_only --model $(WORK)/lm-onnx
 	$(PY) -m bench.decoder_table --lm $(LM) --smollm
 	$(PY) -m bench.decoder_ab --spec $(SMOL)/trimformer-fp32 int4-head4=$(SMOL)/trimformer-int4-rtn-head4 \
-		builder-int4=$(SMOL)/builder-int4 fused=$(SMOL)/trimformer-fused builder-fp32=$(SMOL)/builder-fp32 \
-		--genai builder-int4=$(SMOL)/builder-int4 builder-fp32=$(SMOL)/builder-fp32
+		builder-int4=$(SMOL)/builder-int4 --genai builder-int4=$(SMOL)/builder-int4 \
+		int4-head4=$(SMOL)/trimformer-int4-rtn-head4 --repeats 5
+	$(PY) -m bench.decoder_ab --spec $(SMOL)/trimformer-fp32 fused=$(SMOL)/trimformer-fused \
+		builder-fp32=$(SMOL)/builder-fp32 --genai builder-fp32=$(SMOL)/builder-fp32 \
+		fused=$(SMOL)/trimformer-fused --repeats 5
 
 $(WORK)/package/teacher/manifest.json: $(TEACHER_ONNX)/model.onnx
 	$(TF) package $(TEACHER_ONNX) --out $(WORK)/package/teacher --overwrite

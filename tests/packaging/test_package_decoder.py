@@ -171,3 +171,61 @@ def test_cli_package_generation_options_and_generate_defaults(lm: dict[str, Path
         cli, ["package", str(lm["onnx"]), "--out", str(tmp_path / "c"), "--generation", "top_k"]
     )
     assert bad.exit_code == 2 and "KEY=VALUE" in bad.output and not (tmp_path / "c").exists()
+
+
+def _until_eos(tokens: list[int], eos: tuple[int, ...]) -> list[int]:
+    cut = next((i for i, t in enumerate(tokens) if t in eos), len(tokens))
+    return list(tokens[:cut])
+
+
+def _genai_greedy(bundle: Path, prompt_ids: list[int], new_tokens: int) -> list[int]:
+    """Greedy tokens from onnxruntime-genai's own Generator, reading only the bundle's folder."""
+    import onnxruntime_genai as og
+
+    model = og.Model(og.Config(str(bundle)))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt_ids) + new_tokens)
+    generator = og.Generator(model, params)
+    generator.append_tokens(np.asarray([prompt_ids], dtype=np.int32))
+    while not generator.is_done():
+        generator.generate_next_token()
+    return [int(t) for t in generator.get_sequence(0)[len(prompt_ids) :]]
+
+
+@pytest.fixture(scope="module")
+def fused_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fused Llama (GroupQueryAttention rotating itself: the cache can be kept in place), packaged."""
+    root = tmp_path_factory.mktemp("fused-lm")
+    export_model(make_causal_lm(root / "hf", context=96, head_dim=16), root / "onnx", parity_tokens=2)
+    result = CliRunner().invoke(cli, ["--quiet", "fuse", str(root / "onnx"), "--out", str(root / "fused")])
+    assert result.exit_code == 0, result.output
+    package_artifact(root / "fused", root / "bundle", generation={"max_new_tokens": 8})
+    return root / "bundle"
+
+
+@pytest.mark.parametrize("which", ["plain", "fused"])
+def test_onnxruntime_genai_runs_the_bundle_as_trimformer_does(
+    which: str, lm: dict[str, Path], fused_bundle: Path
+) -> None:
+    bundle = lm["bundle"] if which == "plain" else fused_bundle
+    config = json.loads((bundle / "genai_config.json").read_text())
+    decoder, model = config["model"]["decoder"], json.loads((bundle / MANIFEST).read_text())["model"]
+    ins, outs, layers = decoder["inputs"], decoder["outputs"], range(decoder["num_hidden_layers"])
+    assert {io["name"] for io in model["inputs"]} == {
+        ins["input_ids"], ins["attention_mask"], ins["position_ids"],
+        *(ins["past_key_names"] % i for i in layers), *(ins["past_value_names"] % i for i in layers),
+    }  # fmt: skip
+    assert {io["name"] for io in model["outputs"]} == {
+        outs["logits"],
+        *(outs["present_key_names"] % i for i in layers), *(outs["present_value_names"] % i for i in layers),
+    }  # fmt: skip
+    # The builder's own setting for GroupQueryAttention graphs: one buffer per layer, written in place.
+    assert config["search"]["past_present_share_buffer"] is (which == "fused")
+    ours = Generator(bundle)
+    compared = []
+    for prompt in ["the car is", "my new phone is the best", "sad"]:
+        expected = _until_eos(ours.generate(prompt, max_new_tokens=10)[0].token_ids, ours.eos_token_ids)
+        got = _until_eos(_genai_greedy(bundle, ours.encode(prompt), 10), ours.eos_token_ids)
+        assert got == expected
+        compared += expected
+    assert len(compared) > 6  # the tokens compared include steps on the cache, not only first tokens

@@ -27,7 +27,9 @@ from trimformer.errors import UserError
 __all__ = [
     "CACHE_IN_PLACE_KEY",
     "DECODER_EXTRAS_KEY",
+    "GENAI_CONFIG_FILE",
     "DecoderSpec",
+    "genai_config",
     "past_key_name",
     "past_value_name",
     "present_key_name",
@@ -39,22 +41,35 @@ DECODER_EXTRAS_KEY = "decoder"
 # write each step's keys and values into the past buffer itself: a session may then bind each
 # layer's past and present to one buffer (``runtime.decoding.CachedSession(in_place=True)``).
 CACHE_IN_PLACE_KEY = "decoder_cache_in_place"
+# What onnxruntime-genai reads to run a folder's decoder with its own Generator (C, C++, C#, Java,
+# Python; on phones too): see :func:`genai_config`.
+GENAI_CONFIG_FILE = "genai_config.json"
+# onnxruntime-genai's decoder-only model types (its ``ModelType::IsLLM``) among the families the
+# export knows; any other family runs as its generic ``decoder``.
+_GENAI_TYPES = frozenset(
+    {"gemma", "gemma2", "gpt2", "granite", "llama", "mistral", "phi", "phi3", "qwen2", "qwen3"}
+)
+
+
+# The cache's io names, genai's way (``%d``: the layer).
+_PAST_KEY, _PAST_VALUE = "past_key_values.%d.key", "past_key_values.%d.value"
+_PRESENT_KEY, _PRESENT_VALUE = "present.%d.key", "present.%d.value"
 
 
 def past_key_name(layer: int) -> str:
-    return f"past_key_values.{layer}.key"
+    return _PAST_KEY % layer
 
 
 def past_value_name(layer: int) -> str:
-    return f"past_key_values.{layer}.value"
+    return _PAST_VALUE % layer
 
 
 def present_key_name(layer: int) -> str:
-    return f"present.{layer}.key"
+    return _PRESENT_KEY % layer
 
 
 def present_value_name(layer: int) -> str:
-    return f"present.{layer}.value"
+    return _PRESENT_VALUE % layer
 
 
 _POSITIVE = (
@@ -130,3 +145,55 @@ class DecoderSpec:
         if raw is None:
             raise UserError(f"{where} is not a causal language model (no decoder spec in trimformer.json)")
         return cls.from_dict(raw, where)
+
+
+def genai_config(
+    spec: DecoderSpec, *, model_file: str, in_place: bool, search: dict[str, Any]
+) -> dict[str, Any]:
+    """onnxruntime-genai's ``genai_config.json`` for a graph of this contract.
+
+    The io names are the contract's (the builder's own, plus ``position_ids``, which genai feeds
+    from the attention mask as the Generator does). ``past_present_share_buffer`` is set where the
+    cache can be kept in place (``CACHE_IN_PLACE_KEY``: every present from GroupQueryAttention),
+    as the builder sets it for its graphs: one buffer per layer, written by the kernel. ``search``
+    holds the default search settings (genai's keys); the context is the model's."""
+    eos = spec.eos_token_ids
+    return {
+        "model": {
+            "type": spec.family if spec.family in _GENAI_TYPES else "decoder",
+            "bos_token_id": spec.bos_token_id if spec.bos_token_id is not None else (eos or [0])[0],
+            "eos_token_id": eos[0] if len(eos) == 1 else list(eos),
+            "pad_token_id": spec.pad_token_id if spec.pad_token_id is not None else (eos or [0])[0],
+            "context_length": spec.context_length,
+            "vocab_size": spec.vocab_size,
+            "decoder": {
+                "filename": model_file,
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "head_size": spec.head_dim,
+                "hidden_size": spec.hidden_size,
+                "num_attention_heads": spec.num_heads,
+                "num_key_value_heads": spec.num_kv_heads,
+                "num_hidden_layers": spec.num_layers,
+                "inputs": {
+                    "input_ids": "input_ids",
+                    "attention_mask": "attention_mask",
+                    "position_ids": "position_ids",
+                    "past_key_names": _PAST_KEY,
+                    "past_value_names": _PAST_VALUE,
+                },
+                "outputs": {
+                    "logits": "logits",
+                    "present_key_names": _PRESENT_KEY,
+                    "present_value_names": _PRESENT_VALUE,
+                },
+            },
+        },
+        "search": {
+            "max_length": spec.context_length,
+            "min_length": 0,
+            "num_beams": 1,
+            "num_return_sequences": 1,
+            "past_present_share_buffer": in_place,
+            **search,
+        },
+    }

@@ -30,7 +30,13 @@ import onnxruntime as ort
 from trimformer import __version__
 from trimformer.artifact import EXPORTED_FROM, MODEL_FILE, ModelArtifact, write_meta
 from trimformer.errors import UserError
-from trimformer.formats.decoder import DECODER_EXTRAS_KEY, DecoderSpec
+from trimformer.formats.decoder import (
+    CACHE_IN_PLACE_KEY,
+    DECODER_EXTRAS_KEY,
+    GENAI_CONFIG_FILE,
+    DecoderSpec,
+    genai_config,
+)
 from trimformer.formats.targets import built_for
 from trimformer.formats.tasks import CAUSAL_LM
 from trimformer.fsutil import atomic_output_dir, check_output_dir, sha256_bytes, sha256_file
@@ -346,6 +352,7 @@ def _write_bundle(
     external, tokenizer_files = _copy_files(artifact, tmp)
     facts = replace(facts, model=replace(facts.model, external_data=tuple(external)))
     if artifact.task == CAUSAL_LM:
+        _write_genai_config(artifact, tmp, facts.generation or GenerationSettings())
         # The copied folder is an artifact the Generator opens as is; it walks the smoke prompts.
         generator = Generator(tmp)
         smoke = record_decoder_smoke(generator.session, generator.encode, _SMOKE_ATOL[facts.model.quantized])
@@ -362,6 +369,29 @@ def _write_bundle(
     smoke, atol = _smoke(model_input, encoder, facts.model)
     ort_facts = _ort_copy(tmp, encoder, smoke, atol) if ort_format else None
     return _finish_bundle(artifact, tmp, facts, tokenizer_files, smoke, ort_facts)
+
+
+def _write_genai_config(artifact: ModelArtifact, tmp: Path, settings: GenerationSettings) -> None:
+    """onnxruntime-genai's config beside the model, so its Generator runs the bundle's folder as is
+    with the bundle's default search (``max_new_tokens`` and stop strings have no genai key:
+    genai stops at the context or an eos token)."""
+    sampled = not settings.greedy
+    search: dict[str, Any] = {
+        "do_sample": sampled,
+        "temperature": settings.temperature if sampled else 1.0,
+        "top_k": settings.top_k,  # 0: no limit, in both
+        "top_p": settings.top_p,
+        "repetition_penalty": settings.repetition_penalty,
+    }
+    if settings.seed is not None:
+        search["random_seed"] = settings.seed
+    config = genai_config(
+        DecoderSpec.from_extras(artifact.meta.extras, str(artifact.path)),
+        model_file=MODEL_FILE,
+        in_place=bool(artifact.meta.extras.get(CACHE_IN_PLACE_KEY)),
+        search=search,
+    )
+    (tmp / GENAI_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
 def _finish_bundle(

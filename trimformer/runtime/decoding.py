@@ -72,6 +72,14 @@ class CacheState:
         return int(self.mask.shape[1])
 
 
+def _logits_layout(session: ort.InferenceSession, spec: DecoderSpec) -> tuple[int, type]:
+    """The logits' last dimension as the graph declares it (a trimmed vocabulary's own, else the
+    spec's) and their element type."""
+    output = next(o for o in session.get_outputs() if o.name == "logits")
+    width = output.shape[-1] if isinstance(output.shape[-1], int) else spec.vocab_size
+    return width, np.float16 if output.type == "tensor(float16)" else np.float32
+
+
 class CachedSession:
     """A causal-LM session and its graph contract (see the module docstring)."""
 
@@ -93,6 +101,7 @@ class CachedSession:
         self._outputs = ["logits", *self._present_names]
         # Graphs that derive positions from the attention mask (onnxruntime-genai's builder) take none.
         self._takes_positions = "position_ids" in {i.name for i in session.get_inputs()}
+        self._vocab, self._logits_dtype = _logits_layout(session, spec)
 
     def empty_past(self, batch: int) -> dict[str, ort.OrtValue]:
         shape = (batch, self.spec.num_kv_heads, 0, self.spec.head_dim)
@@ -130,14 +139,17 @@ class CachedSession:
                 self._binding.bind_ortvalue_input(past_name, self._bound_past[past_name])
                 self._binding.bind_ortvalue_output(present_name, self._bound_past[past_name])
         binding = self._binding
-        binding.bind_output("logits")  # unallocated again: its shape follows the tokens fed
+        # The kernel writes the logits into a new array of the caller's: no copy out, and no
+        # ``get_outputs()``, which wraps every bound output again (a third of a millisecond a step
+        # with 60 cache tensors, measured on the 135M shape).
+        logits = np.empty((*ids.shape, self._vocab), dtype=self._logits_dtype)
+        binding.bind_output("logits", "cpu", 0, logits.dtype.type, list(logits.shape), logits.ctypes.data)
         arrays = {"input_ids": ids, "attention_mask": mask}
         if self._takes_positions:
             arrays["position_ids"] = positions
         for name, array in arrays.items():
             binding.bind_cpu_input(name, np.ascontiguousarray(array))
         self.session.run_with_iobinding(binding)
-        logits = binding.get_outputs()[-1].numpy()
         return logits, CacheState(self._bound_past, mask, positions[:, -1:] + 1, buffers)
 
     def _buffers(self, batch: int, length: int, state: CacheState | None = None) -> dict[str, np.ndarray]:
