@@ -27,6 +27,8 @@ import json
 import statistics
 import subprocess
 import sys
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from bench.decoder_table import TF, THREADS, genai_generator
@@ -87,13 +89,15 @@ def _one(spec: DecoderSpec, folder: Path) -> None:
 def against_generator(
     graphs: dict[str, Path], genai: dict[str, Path], spec_folder: str, vocab: int, repeats: int
 ) -> dict[str, list[tuple[float, float, float]]]:
-    runs: dict[str, list[tuple[float, float, float]]] = {}
-    folders = {name: genai_folder(folder) for name, folder in genai.items()}
-    for _ in range(repeats):
-        for name, folder in folders.items():
-            runs.setdefault(f"{name} (genai Generator)", []).append(_generator(folder, vocab))
-        for name, folder in graphs.items():
-            runs.setdefault(name, []).append(_trimformer(spec_folder, folder))
+    jobs: list[tuple[str, Callable[[], tuple[float, float, float]]]] = [
+        (f"{name} (genai Generator)", partial(_generator, genai_folder(folder), vocab))
+        for name, folder in genai.items()
+    ] + [(name, partial(_trimformer, spec_folder, folder)) for name, folder in graphs.items()]
+    runs: dict[str, list[tuple[float, float, float]]] = {name: [] for name, _ in jobs}
+    for repeat in range(repeats):
+        # Every other repeat in reverse order: no row always runs first (or after the same row).
+        for name, job in jobs if repeat % 2 == 0 else jobs[::-1]:
+            runs[name].append(job())
     return runs
 
 

@@ -119,6 +119,18 @@ def test_a_decoder_pass_in_an_encoder_recipe(tmp_path: Path, tiny_bert: Path, ti
         ("[model.train]\nstepz = 3\n", "model.train.stepz", "unknown key; allowed: steps, epochs"),
         ("[model.train]\nout = 'x'\n", "model.train.out", "set by the recipe"),
         ("[package]\nformat = 'zip'\n", "package.format", "unknown key; allowed: ort_format"),
+        ("[package]\nlayout = 'helm'\n", "package.layout", "unknown layout 'helm'; known: triton"),
+        (
+            "[package]\nlayout = 'triton'\ntriton = { max_batch_size = 0 }\n",
+            "package.triton",
+            "max_batch_size must be at least 1",
+        ),
+        (
+            "[package]\nlayout = 'triton'\ntriton = { batch = 3 }\n",
+            "package.triton",
+            "unknown keys ['batch']",
+        ),
+        ("[package]\ntriton = { kind = 'gpu' }\n", "package.triton", 'add layout = "triton"'),
     ],
 )
 def test_bad_keys_types_and_files(

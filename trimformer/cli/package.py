@@ -32,6 +32,19 @@ def _generation_options(pairs: tuple[str, ...]) -> dict[str, Any] | None:
     return values
 
 
+def _triton_options(layout: str | None, given: dict[str, Any]) -> Any:
+    """``--triton-*`` values as TritonOptions (checked now); refused without ``--layout triton``."""
+    from trimformer.packaging.triton import TritonOptions
+
+    values = {key.removeprefix("triton_"): value for key, value in given.items() if value is not None}
+    if values and layout != "triton":
+        flags = ", ".join(f"--triton-{key.replace('_', '-')}" for key in values)
+        raise UserError(f"{flags} apply to the Triton repository; add --layout triton")
+    options = TritonOptions(**values)
+    options.check()
+    return options
+
+
 def _read_recipe(path: str | None) -> str | None:
     if path is None:
         return None
@@ -69,6 +82,23 @@ def _read_recipe(path: str | None) -> str | None:
     help="A causal LM's default generation setting (max_new_tokens, temperature, top_k, top_p, "
     "repetition_penalty, stop_strings, stop_tokens, seed); repeatable.",
 )
+@click.option(
+    "--layout",
+    default=None,
+    help="Also write a serving layout into the bundle: triton (a Triton model repository under triton/).",
+)
+@click.option("--triton-max-batch-size", type=int, default=None, help="Triton: max_batch_size [32].")
+@click.option(
+    "--triton-max-queue-delay-ms",
+    type=float,
+    default=None,
+    help="Triton: dynamic batching's queue delay [1].",
+)
+@click.option("--triton-kind", default=None, help="Triton: instances on cpu or gpu [cpu].")
+@click.option("--triton-instances", type=int, default=None, help="Triton: instances of each entry [1].")
+@click.option(
+    "--triton-threads", type=int, default=None, help="Triton: onnxruntime intra-op threads [0: its default]."
+)
 @overwrite_option
 @pass_state
 def package_command(
@@ -80,7 +110,9 @@ def package_command(
     name: str | None,
     ort_format: bool,
     generation: tuple[str, ...],
+    layout: str | None,
     overwrite: bool,
+    **triton: Any,
 ) -> None:
     """Package MODEL (an artifact folder) into a self-verifying bundle folder and OUT.tar.gz.
 
@@ -93,6 +125,7 @@ def package_command(
     from trimformer.packaging.package import package_artifact
 
     generation_settings = _generation_options(generation)
+    triton_options = _triton_options(layout, triton)
     result = package_artifact(
         model,
         out,
@@ -102,6 +135,8 @@ def package_command(
         overwrite=overwrite,
         generation=generation_settings,
         name=name,
+        layout=layout,
+        triton=triton_options,
     )
     info = result.to_dict()
     note = "" if info["validated"] else " (no --report: the manifest carries no metrics)"

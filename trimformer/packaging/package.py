@@ -42,6 +42,13 @@ from trimformer.formats.tasks import CAUSAL_LM
 from trimformer.fsutil import atomic_output_dir, check_output_dir, sha256_bytes, sha256_file
 from trimformer.packaging.manifest import lineage_facts, model_facts, validation_facts
 from trimformer.packaging.ort_format import ORT_CONFIG_FILE, ORT_FILE, convert_to_ort
+from trimformer.packaging.triton import (
+    LAYOUTS,
+    TritonOptions,
+    TritonSource,
+    check_triton,
+    write_triton_repository,
+)
 from trimformer.runtime.archive import ARCHIVE_SUFFIXES, archive_sidecar, write_tar_gz
 from trimformer.runtime.bundle import (
     BUNDLE_FORMAT,
@@ -303,6 +310,11 @@ class _Facts:
     generation: GenerationSettings | None = None
     # The model's name for servers (package --name, else the recipe's name).
     name: str | None = None
+    # --layout triton: the repository's settings and its model name (checked before writing).
+    triton: TritonOptions | None = None
+    triton_name: str | None = None
+    # What the layouts written into the bundle record in the manifest.
+    layouts: dict[str, Any] | None = None
 
 
 def _manifest(
@@ -341,6 +353,7 @@ def _manifest(
         generation=None if facts.generation is None else facts.generation.to_dict(),
         name=facts.name,
         target=built_for([step.params for step in artifact.meta.lineage]),
+        layouts=facts.layouts,
     )
 
 
@@ -368,6 +381,18 @@ def _write_bundle(
     model_input: bytes | Path = tmp / MODEL_FILE if external else (tmp / MODEL_FILE).read_bytes()
     smoke, atol = _smoke(model_input, encoder, facts.model)
     ort_facts = _ort_copy(tmp, encoder, smoke, atol) if ort_format else None
+    if facts.triton is not None and facts.triton_name is not None:
+        source = TritonSource(
+            tmp,
+            artifact.task,
+            facts.model,
+            tuple(artifact.labels or ()),
+            tok.file,
+            tok.max_length,
+            tok.pad_token_id,
+        )
+        repository = write_triton_repository(source, facts.triton_name, facts.triton)
+        facts = replace(facts, layouts={"triton": repository})
     return _finish_bundle(artifact, tmp, facts, tokenizer_files, smoke, ort_facts)
 
 
@@ -482,15 +507,26 @@ def package_artifact(
     overwrite: bool = False,
     generation: Mapping[str, Any] | None = None,
     name: str | None = None,
+    layout: str | None = None,
+    triton: TritonOptions | None = None,
 ) -> PackageResult:
     """Write the bundle folder ``out`` and ``<out>.tar.gz``; see the module docstring.
     ``generation`` overrides a causal LM's default generation settings (GenerationSettings keys);
-    ``name`` is the model's name for servers (default: the recipe's ``name``, if any)."""
+    ``name`` is the model's name for servers (default: the recipe's ``name``, if any); ``layout``
+    "triton" adds a Triton model repository (``trimformer.packaging.triton``) with ``triton``'s
+    settings (default: TritonOptions())."""
+    if layout is not None and layout not in LAYOUTS:
+        raise UserError(f"unknown layout {layout!r}; known: {', '.join(LAYOUTS)}")
     artifact = ModelArtifact.open(artifact_dir)
     out = Path(out)
     archive = archive_path_for(out)
     _check_destinations(artifact, out, archive, overwrite)
     facts = _gather_facts(artifact, report, recipe_text, generation, name)
+    if layout == "triton":
+        options = triton or TritonOptions()
+        triton_name = facts.name or out.name
+        check_triton(artifact.task, triton_name, options)
+        facts = replace(facts, triton=options, triton_name=triton_name)
     if ort_format and artifact.task == CAUSAL_LM:
         raise UserError("--ort is not supported for causal language models yet; package it without --ort")
     if ort_format and len(artifact.model_files()) > 1:

@@ -36,7 +36,14 @@ from trimformer.passes.quantize.training_ranges import (
 )
 from trimformer.passes.quantize.weight_only import WeightOnlyConfig
 from trimformer.pipeline.context import Columns, DataRequest, build_pass_context, host_target
-from trimformer.pipeline.recipe import PassSpec, Recipe, known_passes, pass_config, stage_params
+from trimformer.pipeline.recipe import (
+    PassSpec,
+    Recipe,
+    known_passes,
+    pass_config,
+    stage_params,
+    triton_options,
+)
 from trimformer.pipeline.stages.params import (
     EvaluatingStageParams,
     PassStageParams,
@@ -458,6 +465,8 @@ def _run_package(ctx: StageContext) -> StageResult:
         overwrite=False,
         generation=recipe.package.generation,
         name=recipe.name,
+        layout=recipe.package.layout,
+        triton=None if recipe.package.triton is None else triton_options(recipe.package.triton),
     )
     return StageResult({"archive": Path(result.archive).name if result.archive else None})
 

@@ -203,6 +203,26 @@ class PackageSection(_Strict):
     ort_format: bool = False
     # A causal LM's default generation settings (GenerationSettings keys), checked when read.
     generation: dict[str, Any] | None = None
+    # A serving layout written into the bundle (trimformer.packaging.triton.LAYOUTS) and, for
+    # "triton", the repository's settings (TritonOptions keys), checked when read.
+    layout: str | None = None
+    triton: dict[str, Any] | None = None
+
+    @field_validator("layout")
+    @classmethod
+    def _layout(cls, value: str | None) -> str | None:
+        from trimformer.packaging.triton import LAYOUTS
+
+        if value is not None and value not in LAYOUTS:
+            raise ValueError(f"unknown layout {value!r}; known: {', '.join(LAYOUTS)}")
+        return value
+
+    @field_validator("triton")
+    @classmethod
+    def _triton(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            triton_options(value)
+        return value
 
     @field_validator("generation")
     @classmethod
@@ -215,6 +235,24 @@ class PackageSection(_Strict):
             except UserError as exc:
                 raise ValueError(str(exc).removeprefix("generation: ")) from None
         return value
+
+
+def triton_options(values: dict[str, Any]) -> Any:
+    """``[package.triton]`` as TritonOptions, every key and value checked."""
+    from dataclasses import fields
+
+    from trimformer.packaging.triton import TritonOptions
+
+    known = sorted(f.name for f in fields(TritonOptions))
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"unknown keys {unknown}; known: {known}")
+    try:
+        options = TritonOptions(**values)
+        options.check()
+    except (TypeError, UserError) as exc:
+        raise ValueError(str(exc).replace("--triton-", "").replace("-", "_")) from None
+    return options
 
 
 class Recipe(_Strict):
@@ -721,6 +759,10 @@ def _check_task_sections(recipe: Recipe) -> list[tuple[str, str]]:
             problems.append(
                 ("validate.providers", 'causal LMs are validated on the cpu provider for now; use ["cpu"]')
             )
+        if recipe.package is not None and recipe.package.layout == "triton":
+            problems.append(
+                ("package.layout", "the Triton layout does not support causal language models yet; remove it")
+            )
         return problems
     decoder_only = [f"validate.gates.{name}" for name in DECODER_GATES if getattr(gates, name) is not None]
     decoder_only += [
@@ -774,6 +816,8 @@ def _check_order(recipe: Recipe) -> list[tuple[str, str]]:
                     f"{later!r} cannot run after {name!r} (passes[{i}]); order: {chain}",
                 )
             )
+    if recipe.package is not None and recipe.package.triton is not None and recipe.package.layout != "triton":
+        problems.append(("package.triton", 'the Triton repository\'s settings; add layout = "triton"'))
     if recipe.package is not None and recipe.validate_ is None:
         problems.append(
             ("package", "needs a [validate] section: a bundle ships the metrics it was validated with")

@@ -214,6 +214,8 @@ class Manifest:
     name: str | None = None
     # The deployment target the model was built for (trimformer.formats.targets), when known.
     target: str | None = None
+    # Serving layouts written into the bundle (``package --layout``): {"triton": {"repository": ...}}.
+    layouts: Mapping[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -239,6 +241,8 @@ class Manifest:
             out["name"] = self.name
         if self.target is not None:
             out["target"] = self.target
+        if self.layouts is not None:
+            out["layouts"] = dict(self.layouts)
         return out
 
     @classmethod
@@ -272,4 +276,5 @@ class Manifest:
             generation=_optional(data, "generation", dict, where),
             name=None if data.get("name") is None else check_model_name(_get(data, "name", str, where)),
             target=_optional(data, "target", str, where),
+            layouts=_optional(data, "layouts", dict, where),
         )

@@ -40,6 +40,7 @@ from trimformer.runtime.bundle import (
     read_verified,
 )
 from trimformer.runtime.encoding import KNOWN_INPUTS, EncodedText, TextEncoder
+from trimformer.runtime.scores import probabilities
 from trimformer.runtime.session import make_session, resolve_providers
 
 __all__ = ["SMOKE_TEXTS", "Prediction", "Predictor", "open_verified", "smoke_difference"]
@@ -287,9 +288,7 @@ class Predictor:
 
     def predictions(self, logits: np.ndarray) -> list[Prediction]:
         """Logits rows -> labels with their probabilities (softmax in float64)."""
-        logits = np.asarray(logits, dtype=np.float64)
-        shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
-        probs = shifted / shifted.sum(axis=-1, keepdims=True)
+        probs = probabilities(logits)
         out = []
         for row in probs:
             best = int(row.argmax())
