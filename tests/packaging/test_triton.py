@@ -5,20 +5,17 @@ entry in onnxruntime) answering as Predictor, the files verified with the bundle
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
-import types
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
-from google.protobuf import json_format, text_format
 
 from tests.builders import make_hf_model
+from tests.triton_backend import model_config_pb2, parse, run_ensemble, stand_in
 from trimformer.cli.commands import cli
 from trimformer.errors import UserError
 from trimformer.exporters import export_model
@@ -28,118 +25,6 @@ from trimformer.runtime import MANIFEST, Predictor, verify_bundle
 from trimformer.runtime.bundle import BundleError
 
 TEXTS = ["great phone, love it", "the battery died after a day " * 40, "ok", "Café crème — 10/10 👍"]
-
-
-def _model_config_pb2() -> Any:
-    """Triton's ModelConfig message, from tritonclient's copy of model_config.proto (loaded by path:
-    ``tritonclient.grpc``'s own __init__ needs grpcio, which the schema does not)."""
-    import tritonclient
-
-    path = Path(tritonclient.__file__).parent / "grpc" / "model_config_pb2.py"
-    spec = importlib.util.spec_from_file_location("triton_model_config_pb2", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _parse(config: Path) -> Any:
-    return text_format.Parse(config.read_text(), _model_config_pb2().ModelConfig())
-
-
-class _Tensor:
-    def __init__(self, name: str, array: np.ndarray) -> None:
-        self._name, self._array = name, np.asarray(array)
-
-    def name(self) -> str:
-        return self._name
-
-    def as_numpy(self) -> np.ndarray:
-        return self._array
-
-
-class _Error:
-    def __init__(self, message: str) -> None:
-        self._message = message
-
-    def message(self) -> str:
-        return self._message
-
-
-class _Response:
-    def __init__(self, output_tensors: list[_Tensor] | None = None, error: _Error | None = None) -> None:
-        self._tensors, self._error = output_tensors or [], error
-
-    def output_tensors(self) -> list[_Tensor]:
-        return self._tensors
-
-    def has_error(self) -> bool:
-        return self._error is not None
-
-    def error(self) -> _Error | None:
-        return self._error
-
-
-class _Request:
-    def __init__(self, tensors: list[_Tensor]) -> None:
-        self._tensors = tensors
-
-    def inputs(self) -> list[_Tensor]:
-        return self._tensors
-
-
-def _stand_in() -> types.ModuleType:
-    """triton_python_backend_utils as its README documents the parts model.py uses."""
-    module = types.ModuleType("triton_python_backend_utils")
-    module.Tensor = _Tensor  # type: ignore[attr-defined]
-    module.InferenceResponse = _Response  # type: ignore[attr-defined]
-    module.TritonError = _Error  # type: ignore[attr-defined]
-    module.get_input_tensor_by_name = lambda request, name: next(  # type: ignore[attr-defined]
-        (t for t in request.inputs() if t.name() == name), None
-    )
-    return module
-
-
-def _python_model(entry: Path, config: Any) -> Any:
-    """The entry's model.py as Triton's Python backend loads it: by path, then ``initialize``."""
-    spec = importlib.util.spec_from_file_location(f"triton_{entry.name}", entry / "1" / "model.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    model = module.TritonPythonModel()
-    args = {
-        "model_config": json.dumps(json_format.MessageToDict(config, preserving_proto_field_name=True)),
-        "model_repository": str(entry),
-        "model_version": "1",
-        "model_name": entry.name,
-        "model_instance_kind": "CPU",
-    }
-    model.initialize(args)
-    return model
-
-
-def _run_ensemble(repository: Path, name: str, texts: list[str]) -> dict[str, np.ndarray]:
-    """The ensemble's steps in order, each fed through its input_map and read through its output_map."""
-    ensemble = _parse(repository / name / "config.pbtxt")
-    values: dict[str, np.ndarray] = {"text": np.asarray([[t.encode("utf-8")] for t in texts], dtype=object)}
-    for step in ensemble.ensemble_scheduling.step:
-        entry = repository / step.model_name
-        config = _parse(entry / "config.pbtxt")
-        feeds = {inner: values[outer] for inner, outer in step.input_map.items()}
-        if config.backend == "python":
-            request = _Request([_Tensor(k, v) for k, v in feeds.items()])
-            (response,) = _python_model(entry, config).execute([request])
-            assert not response.has_error(), response.error().message()
-            outputs = {t.name(): t.as_numpy() for t in response.output_tensors()}
-        else:
-            assert config.platform == "onnxruntime_onnx"
-            session = ort.InferenceSession(
-                str(entry / "1" / "model.onnx"), providers=["CPUExecutionProvider"]
-            )
-            names = [o.name for o in config.output]
-            outputs = dict(zip(names, session.run(names, feeds), strict=True))
-        values.update({outer: outputs[inner] for inner, outer in step.output_map.items()})
-    return {o.name: values[o.name] for o in ensemble.output}
 
 
 @pytest.fixture(scope="module")
@@ -155,11 +40,11 @@ def test_every_config_parses_with_tritons_schema_and_matches_the_graph(classifie
     assert sorted(p.name for p in repository.iterdir()) == [
         "sentiment", "sentiment_onnx", "sentiment_scores", "sentiment_tokenizer",
     ]  # fmt: skip
-    onnx_config = _parse(repository / "sentiment_onnx" / "config.pbtxt")
+    onnx_config = parse(repository / "sentiment_onnx" / "config.pbtxt")
     assert onnx_config.platform == "onnxruntime_onnx" and onnx_config.max_batch_size == 16
     assert list(onnx_config.dynamic_batching.preferred_batch_size) == [4, 8, 16]
     assert onnx_config.dynamic_batching.max_queue_delay_microseconds == 2500
-    assert onnx_config.instance_group[0].kind == _model_config_pb2().ModelInstanceGroup.KIND_CPU
+    assert onnx_config.instance_group[0].kind == model_config_pb2().ModelInstanceGroup.KIND_CPU
     assert onnx_config.parameters["intra_op_thread_count"].string_value == "2"
     # Dims without Triton's implicit batch dimension: -1 where the graph's are dynamic.
     session = ort.InferenceSession(str(repository / "sentiment_onnx" / "1" / "model.onnx"))
@@ -168,12 +53,12 @@ def test_every_config_parses_with_tritons_schema_and_matches_the_graph(classifie
     }
     labels = len(Predictor(classifier).labels)
     assert [(o.name, list(o.dims)) for o in onnx_config.output] == [("logits", [labels])]
-    scores = _parse(repository / "sentiment_scores" / "config.pbtxt")
+    scores = parse(repository / "sentiment_scores" / "config.pbtxt")
     assert [(o.name, list(o.dims)) for o in scores.output] == [("label", [1]), ("scores", [labels])]
     assert (repository / "sentiment_onnx" / "1" / "model.onnx").read_bytes() == (
         classifier / "model.onnx"
     ).read_bytes()
-    ensemble = _parse(repository / "sentiment" / "config.pbtxt")
+    ensemble = parse(repository / "sentiment" / "config.pbtxt")
     assert ensemble.platform == "ensemble" and [i.name for i in ensemble.input] == ["text"]
     assert [o.name for o in ensemble.output] == ["label", "scores"]
     assert [s.model_name for s in ensemble.ensemble_scheduling.step] == [
@@ -185,8 +70,8 @@ def test_every_config_parses_with_tritons_schema_and_matches_the_graph(classifie
 
 
 def test_the_ensemble_answers_as_the_predictor(classifier: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _stand_in())
-    got = _run_ensemble(classifier / "triton", "sentiment", TEXTS)
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", stand_in())
+    got = run_ensemble(classifier / "triton", "sentiment", TEXTS)
     expected = Predictor(classifier).predict(TEXTS)
     assert [label.decode() for label in got["label"].reshape(-1)] == [p.label for p in expected]
     labels = Predictor(classifier).labels
@@ -203,8 +88,8 @@ def test_a_feature_extraction_bundle_returns_the_predictors_embeddings(
     package_artifact(tmp_path / "onnx", tmp_path / "embedder", layout="triton")
     repository = tmp_path / "embedder" / "triton"
     assert not (repository / "embedder_scores").exists()
-    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _stand_in())
-    got = _run_ensemble(repository, "embedder", TEXTS)
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", stand_in())
+    got = run_ensemble(repository, "embedder", TEXTS)
     np.testing.assert_allclose(
         got["sentence_embedding"], Predictor(tmp_path / "embedder").embed(TEXTS), atol=1e-5
     )

@@ -131,6 +131,12 @@ def test_a_decoder_pass_in_an_encoder_recipe(tmp_path: Path, tiny_bert: Path, ti
             "unknown keys ['batch']",
         ),
         ("[package]\ntriton = { kind = 'gpu' }\n", "package.triton", 'add layout = "triton"'),
+        ("[package]\nlayout = 'kserve'\n", "package.kserve", "needs storage_uri"),
+        (
+            "[package]\nlayout = 'kserve'\nkserve = { storage_uri = 'ftp://x/y' }\n",
+            "package.kserve",
+            "is not a location KServe downloads from",
+        ),
     ],
 )
 def test_bad_keys_types_and_files(

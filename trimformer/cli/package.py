@@ -37,10 +37,25 @@ def _triton_options(layout: str | None, given: dict[str, Any]) -> Any:
     from trimformer.packaging.triton import TritonOptions
 
     values = {key.removeprefix("triton_"): value for key, value in given.items() if value is not None}
-    if values and layout != "triton":
+    if values and layout not in ("triton", "kserve"):
         flags = ", ".join(f"--triton-{key.replace('_', '-')}" for key in values)
         raise UserError(f"{flags} apply to the Triton repository; add --layout triton")
     options = TritonOptions(**values)
+    options.check()
+    return options
+
+
+def _kserve_options(layout: str | None, given: dict[str, Any]) -> Any:
+    """``--kserve-*`` values as KServeOptions (checked now); refused without ``--layout kserve``."""
+    from trimformer.packaging.kserve import KServeOptions
+
+    values = {key.removeprefix("kserve_"): value for key, value in given.items() if value is not None}
+    if values and layout != "kserve":
+        flags = ", ".join(f"--kserve-{key.replace('_', '-')}" for key in values)
+        raise UserError(f"{flags} apply to the KServe InferenceService; add --layout kserve")
+    if layout != "kserve":
+        return None
+    options = KServeOptions(**values)
     options.check()
     return options
 
@@ -85,7 +100,17 @@ def _read_recipe(path: str | None) -> str | None:
 @click.option(
     "--layout",
     default=None,
-    help="Also write a serving layout into the bundle: triton (a Triton model repository under triton/).",
+    help="Also write a serving layout into the bundle: triton (a Triton model repository under triton/) "
+    "or kserve (that repository and kserve/inferenceservice.yaml).",
+)
+@click.option(
+    "--kserve-storage-uri",
+    default=None,
+    help="KServe: where the bundle's triton/ folder will be uploaded (s3://, gs://, pvc://, https://...).",
+)
+@click.option("--kserve-cpu", default=None, help="KServe: the predictor's CPU (requests = limits) [2].")
+@click.option(
+    "--kserve-memory", default=None, help="KServe: the predictor's memory (requests = limits) [2Gi]."
 )
 @click.option("--triton-max-batch-size", type=int, default=None, help="Triton: max_batch_size [32].")
 @click.option(
@@ -125,7 +150,9 @@ def package_command(
     from trimformer.packaging.package import package_artifact
 
     generation_settings = _generation_options(generation)
+    kserve_values = {key: triton.pop(key) for key in list(triton) if key.startswith("kserve_")}
     triton_options = _triton_options(layout, triton)
+    kserve_options = _kserve_options(layout, kserve_values)
     result = package_artifact(
         model,
         out,
@@ -137,6 +164,7 @@ def package_command(
         name=name,
         layout=layout,
         triton=triton_options,
+        kserve=kserve_options,
     )
     info = result.to_dict()
     note = "" if info["validated"] else " (no --report: the manifest carries no metrics)"

@@ -40,6 +40,7 @@ from trimformer.formats.decoder import (
 from trimformer.formats.targets import built_for
 from trimformer.formats.tasks import CAUSAL_LM
 from trimformer.fsutil import atomic_output_dir, check_output_dir, sha256_bytes, sha256_file
+from trimformer.packaging.kserve import KSERVE_FILE, KServeOptions, inference_service, kubernetes_name
 from trimformer.packaging.manifest import lineage_facts, model_facts, validation_facts
 from trimformer.packaging.ort_format import ORT_CONFIG_FILE, ORT_FILE, convert_to_ort
 from trimformer.packaging.triton import (
@@ -310,9 +311,11 @@ class _Facts:
     generation: GenerationSettings | None = None
     # The model's name for servers (package --name, else the recipe's name).
     name: str | None = None
-    # --layout triton: the repository's settings and its model name (checked before writing).
+    # --layout triton (or kserve): the repository's settings and its model name (checked before
+    # writing); --layout kserve: the InferenceService's settings too.
     triton: TritonOptions | None = None
     triton_name: str | None = None
+    kserve: KServeOptions | None = None
     # What the layouts written into the bundle record in the manifest.
     layouts: dict[str, Any] | None = None
 
@@ -391,8 +394,15 @@ def _write_bundle(
             tok.max_length,
             tok.pad_token_id,
         )
-        repository = write_triton_repository(source, facts.triton_name, facts.triton)
-        facts = replace(facts, layouts={"triton": repository})
+        layouts = {"triton": write_triton_repository(source, facts.triton_name, facts.triton)}
+        if facts.kserve is not None:
+            gpu = facts.triton.kind == "gpu"
+            (tmp / KSERVE_FILE).parent.mkdir()
+            (tmp / KSERVE_FILE).write_text(
+                inference_service(facts.triton_name, facts.kserve, gpu), encoding="utf-8"
+            )
+            layouts["kserve"] = {"file": KSERVE_FILE, "storage_uri": facts.kserve.storage_uri}
+        facts = replace(facts, layouts=layouts)
     return _finish_bundle(artifact, tmp, facts, tokenizer_files, smoke, ort_facts)
 
 
@@ -509,12 +519,14 @@ def package_artifact(
     name: str | None = None,
     layout: str | None = None,
     triton: TritonOptions | None = None,
+    kserve: KServeOptions | None = None,
 ) -> PackageResult:
     """Write the bundle folder ``out`` and ``<out>.tar.gz``; see the module docstring.
     ``generation`` overrides a causal LM's default generation settings (GenerationSettings keys);
     ``name`` is the model's name for servers (default: the recipe's ``name``, if any); ``layout``
     "triton" adds a Triton model repository (``trimformer.packaging.triton``) with ``triton``'s
-    settings (default: TritonOptions())."""
+    settings (default: TritonOptions()); "kserve" that repository and a KServe InferenceService
+    (``trimformer.packaging.kserve``) with ``kserve``'s settings (its storage URI is required)."""
     if layout is not None and layout not in LAYOUTS:
         raise UserError(f"unknown layout {layout!r}; known: {', '.join(LAYOUTS)}")
     artifact = ModelArtifact.open(artifact_dir)
@@ -522,11 +534,16 @@ def package_artifact(
     archive = archive_path_for(out)
     _check_destinations(artifact, out, archive, overwrite)
     facts = _gather_facts(artifact, report, recipe_text, generation, name)
-    if layout == "triton":
+    if layout in ("triton", "kserve"):
         options = triton or TritonOptions()
         triton_name = facts.name or out.name
         check_triton(artifact.task, triton_name, options)
         facts = replace(facts, triton=options, triton_name=triton_name)
+    if layout == "kserve":
+        service = kserve or KServeOptions()
+        service.check()
+        kubernetes_name(facts.triton_name or "")
+        facts = replace(facts, kserve=service)
     if ort_format and artifact.task == CAUSAL_LM:
         raise UserError("--ort is not supported for causal language models yet; package it without --ort")
     if ort_format and len(artifact.model_files()) > 1:

@@ -44,7 +44,8 @@ __all__ = [
     "write_triton_repository",
 ]
 
-LAYOUTS = ("triton",)
+# "kserve": this repository and an InferenceService that serves it (trimformer.packaging.kserve).
+LAYOUTS = ("triton", "kserve")
 TRITON_FOLDER = "triton"
 VERSION = "1"
 # numpy dtype names (the manifest's) -> Triton's data types.

@@ -40,6 +40,7 @@ from trimformer.pipeline.recipe import (
     PassSpec,
     Recipe,
     known_passes,
+    kserve_options,
     pass_config,
     stage_params,
     triton_options,
@@ -467,6 +468,7 @@ def _run_package(ctx: StageContext) -> StageResult:
         name=recipe.name,
         layout=recipe.package.layout,
         triton=None if recipe.package.triton is None else triton_options(recipe.package.triton),
+        kserve=None if recipe.package.kserve is None else kserve_options(recipe.package.kserve),
     )
     return StageResult({"archive": Path(result.archive).name if result.archive else None})
 

@@ -207,6 +207,8 @@ class PackageSection(_Strict):
     # "triton", the repository's settings (TritonOptions keys), checked when read.
     layout: str | None = None
     triton: dict[str, Any] | None = None
+    # layout = "kserve": the InferenceService's settings (KServeOptions keys; storage_uri required).
+    kserve: dict[str, Any] | None = None
 
     @field_validator("layout")
     @classmethod
@@ -222,6 +224,13 @@ class PackageSection(_Strict):
     def _triton(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
         if value is not None:
             triton_options(value)
+        return value
+
+    @field_validator("kserve")
+    @classmethod
+    def _kserve(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            kserve_options(value)
         return value
 
     @field_validator("generation")
@@ -252,6 +261,26 @@ def triton_options(values: dict[str, Any]) -> Any:
         options.check()
     except (TypeError, UserError) as exc:
         raise ValueError(str(exc).replace("--triton-", "").replace("-", "_")) from None
+    return options
+
+
+def kserve_options(values: dict[str, Any]) -> Any:
+    """``[package.kserve]`` as KServeOptions, every key and value checked."""
+    from dataclasses import fields
+
+    from trimformer.packaging.kserve import KServeOptions
+
+    known = sorted(f.name for f in fields(KServeOptions))
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"unknown keys {unknown}; known: {known}")
+    try:
+        options = KServeOptions(**values)
+        options.check()
+    except (TypeError, UserError) as exc:
+        raise ValueError(
+            str(exc).replace("--kserve-", "").replace("--layout kserve needs ", "needs ")
+        ) from None
     return options
 
 
@@ -759,7 +788,7 @@ def _check_task_sections(recipe: Recipe) -> list[tuple[str, str]]:
             problems.append(
                 ("validate.providers", 'causal LMs are validated on the cpu provider for now; use ["cpu"]')
             )
-        if recipe.package is not None and recipe.package.layout == "triton":
+        if recipe.package is not None and recipe.package.layout in ("triton", "kserve"):
             problems.append(
                 ("package.layout", "the Triton layout does not support causal language models yet; remove it")
             )
@@ -816,8 +845,15 @@ def _check_order(recipe: Recipe) -> list[tuple[str, str]]:
                     f"{later!r} cannot run after {name!r} (passes[{i}]); order: {chain}",
                 )
             )
-    if recipe.package is not None and recipe.package.triton is not None and recipe.package.layout != "triton":
+    package = recipe.package
+    if package is not None and package.triton is not None and package.layout not in ("triton", "kserve"):
         problems.append(("package.triton", 'the Triton repository\'s settings; add layout = "triton"'))
+    if package is not None and package.kserve is not None and package.layout != "kserve":
+        problems.append(("package.kserve", 'the InferenceService\'s settings; add layout = "kserve"'))
+    if package is not None and package.layout == "kserve" and package.kserve is None:
+        problems.append(
+            ("package.kserve", "needs storage_uri: where the bundle's triton/ folder will be uploaded")
+        )
     if recipe.package is not None and recipe.validate_ is None:
         problems.append(
             ("package", "needs a [validate] section: a bundle ships the metrics it was validated with")
