@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import re
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -246,42 +247,37 @@ class PackageSection(_Strict):
         return value
 
 
-def triton_options(values: dict[str, Any]) -> Any:
-    """``[package.triton]`` as TritonOptions, every key and value checked."""
+def _layout_options(kind: type, values: dict[str, Any], flag: str) -> Any:
+    """A ``[package.<flag>]`` table as ``kind`` (a layout's options dataclass), every key and value
+    checked; messages name the recipe's keys, not the command line's ``--<flag>-...`` options."""
     from dataclasses import fields
 
-    from trimformer.packaging.triton import TritonOptions
-
-    known = sorted(f.name for f in fields(TritonOptions))
+    known = sorted(f.name for f in fields(kind))
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise ValueError(f"unknown keys {unknown}; known: {known}")
     try:
-        options = TritonOptions(**values)
+        options = kind(**values)
         options.check()
     except (TypeError, UserError) as exc:
-        raise ValueError(str(exc).replace("--triton-", "").replace("-", "_")) from None
+        message = str(exc).replace(f"--layout {flag} needs ", "needs ")
+        message = re.sub(rf"--{flag}-([a-z-]+)", lambda m: m.group(1).replace("-", "_"), message)
+        raise ValueError(message) from None
     return options
+
+
+def triton_options(values: dict[str, Any]) -> Any:
+    """``[package.triton]`` as TritonOptions."""
+    from trimformer.packaging.triton import TritonOptions
+
+    return _layout_options(TritonOptions, values, "triton")
 
 
 def kserve_options(values: dict[str, Any]) -> Any:
-    """``[package.kserve]`` as KServeOptions, every key and value checked."""
-    from dataclasses import fields
-
+    """``[package.kserve]`` as KServeOptions."""
     from trimformer.packaging.kserve import KServeOptions
 
-    known = sorted(f.name for f in fields(KServeOptions))
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise ValueError(f"unknown keys {unknown}; known: {known}")
-    try:
-        options = KServeOptions(**values)
-        options.check()
-    except (TypeError, UserError) as exc:
-        raise ValueError(
-            str(exc).replace("--kserve-", "").replace("--layout kserve needs ", "needs ")
-        ) from None
-    return options
+    return _layout_options(KServeOptions, values, "kserve")
 
 
 class Recipe(_Strict):
