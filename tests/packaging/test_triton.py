@@ -100,7 +100,8 @@ def test_verify_checks_the_repository(classifier: Path, tmp_path: Path) -> None:
 
     copy = tmp_path / "copy"
     shutil.copytree(classifier, copy)
-    assert verify_bundle(copy)["task"] == "sequence-classification"
+    checked = verify_bundle(copy)
+    assert checked["task"] == "sequence-classification" and checked["triton"]["repository"] == "triton"
     tokenizer = copy / "triton" / "sentiment_tokenizer" / "1" / "tokenizer.json"
     tokenizer.write_text(tokenizer.read_text().replace('"ok"', '"ko"', 1) + " ")
     with pytest.raises(BundleError, match=r"tokenizer\.json"):
@@ -137,3 +138,23 @@ def test_a_decoder_bundle_is_refused(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="does not support causal language models yet"):
         package_artifact(tmp_path / "onnx", tmp_path / "out", layout="triton")
     assert not (tmp_path / "out").exists()
+
+
+def test_verify_refuses_a_repository_that_serves_another_model(classifier: Path, tmp_path: Path) -> None:
+    """Hashes all agree (the manifest rewritten and re-pinned), but the repository's model is not the bundle's."""
+    import hashlib
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(classifier, copy)
+    repository_model = copy / "triton" / "sentiment_onnx" / "1" / "model.onnx"
+    repository_model.write_bytes(repository_model.read_bytes() + b"\0")
+    manifest = json.loads((copy / MANIFEST).read_text())
+    data = repository_model.read_bytes()
+    entry = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    manifest["files"]["triton/sentiment_onnx/1/model.onnx"] = entry
+    raw = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
+    (copy / MANIFEST).write_bytes(raw)
+    (copy / "manifest.sha256").write_text(f"{hashlib.sha256(raw).hexdigest()}  manifest.json\n")
+    with pytest.raises(BundleError, match=r"sentiment_onnx/1/model\.onnx is not the bundle's model\.onnx"):
+        verify_bundle(copy)

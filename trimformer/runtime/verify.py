@@ -10,7 +10,10 @@ What is checked, in order (any failure raises a BundleError, a UserError, and no
 4. the model loads in onnxruntime from the verified bytes and, on the smoke texts recorded at
    packaging time, gives the recorded outputs within the recorded tolerance; the same for the
    ORT-format copy when the bundle has one. A causal-LM bundle loads in the Generator instead, which
-   replays the greedy smoke tokens (:mod:`trimformer.runtime.decoder_smoke`).
+   replays the greedy smoke tokens (:mod:`trimformer.runtime.decoder_smoke`);
+5. a Triton repository (``package --layout triton``): every entry the manifest names has its
+   ``config.pbtxt``, and the repository's model and tokenizer are the bundle's own, byte for byte
+   (their hashes in the manifest agree): a repository that serves another model is refused.
 """
 
 from __future__ import annotations
@@ -22,8 +25,9 @@ import onnxruntime as ort
 
 from trimformer.formats.tasks import CAUSAL_LM
 from trimformer.runtime.archive import archive_sidecar, is_archive_path
-from trimformer.runtime.bundle import VerifiedBundle
+from trimformer.runtime.bundle import BundleError, VerifiedBundle
 from trimformer.runtime.generator import Generator
+from trimformer.runtime.manifest import Manifest
 from trimformer.runtime.predictor import Predictor, open_verified
 
 __all__ = ["verify_bundle"]
@@ -51,12 +55,42 @@ def verify_bundle(
         return {**common, **_verify_encoder(verified, provider)}
 
 
+def _check_triton(spec: Manifest) -> dict[str, Any] | None:
+    """The Triton repository's entries are there and carry the bundle's model and tokenizer."""
+    layout = (spec.layouts or {}).get("triton")
+    if layout is None:
+        return None
+    try:
+        root, models = str(layout["repository"]), dict(layout["models"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BundleError(
+            f"the manifest's Triton layout is unreadable ({exc}); re-package the bundle"
+        ) from exc
+    files = spec.files
+    same = {
+        f"{root}/{models['onnx']}/1/model.onnx": spec.model.file,
+        f"{root}/{models['tokenizer']}/1/tokenizer.json": spec.tokenizer.file,
+    }
+    missing = [f"{root}/{m}/config.pbtxt" for m in models.values() if f"{root}/{m}/config.pbtxt" not in files]
+    missing += [copy for copy in same if copy not in files]
+    if missing:
+        raise BundleError(f"the bundle's Triton repository lacks {', '.join(missing)}; re-package the bundle")
+    for copy, original in same.items():
+        if files[copy].sha256 != files[original].sha256:
+            raise BundleError(
+                f"the Triton repository's {copy} is not the bundle's {original}; re-package the bundle"
+            )
+    return {"repository": root, "models": sorted(models.values())}
+
+
 def _verify_encoder(verified: VerifiedBundle, provider: str | list[str]) -> dict[str, Any]:
     """An encoder bundle: the Predictor (and the ORT-format copy's) replays the smoke outputs."""
     predictor = Predictor(verified, provider=provider)
     spec = verified.spec
     ort_predictor = Predictor(verified, model_format="ort") if spec.ort_format else None
+    triton = _check_triton(spec)
     return {
+        "triton": triton,
         "task": predictor.task,
         "labels": list(predictor.labels),
         "providers": predictor.providers,
