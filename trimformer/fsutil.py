@@ -14,6 +14,7 @@ import contextlib
 import errno
 import hashlib
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -59,6 +60,20 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
         raise UserError(f"output path {out} exists and is not a folder; remove it or choose another --out")
 
 
+def _new_folder(parent: Path, prefix: str) -> Path:
+    """A new, uniquely named folder with the permissions the user's umask gives (``mkdtemp``'s are
+    private, and an output folder such as a bundle or a Triton repository is meant to be read by a
+    service that may run as another user)."""
+    for _ in range(100):
+        path = parent / f"{prefix}{secrets.token_hex(6)}"
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(f"no free temporary name under {parent}")
+
+
 @contextlib.contextmanager
 def atomic_output_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder next to ``out``; on success it replaces ``out`` in one rename.
@@ -70,7 +85,7 @@ def atomic_output_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
     parent = out.parent if str(out.parent) else Path(".")
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+        tmp = _new_folder(parent, f".{out.name}.tmp-")
     except OSError as exc:
         raise UserError(f"cannot create output folder under {parent}: {exc.strerror or exc}") from exc
     try:

@@ -6,6 +6,7 @@ import errno
 import os
 import re
 import shutil
+import stat
 import subprocess
 from pathlib import Path
 
@@ -30,6 +31,17 @@ def test_atomic_output_dir_leaves_nothing_on_error(tmp_path: Path) -> None:
         (tmp / "half.bin").write_bytes(b"x")
         raise RuntimeError("boom")
     assert _leftovers(tmp_path) == []
+
+
+def test_atomic_output_dir_has_the_umasks_permissions_not_private_ones(tmp_path: Path) -> None:
+    """A bundle folder is read by servers that may run as another user: not mkdtemp's 0700."""
+    mask = os.umask(0o022)
+    try:
+        with atomic_output_dir(tmp_path / "out") as tmp:
+            (tmp / "f").write_text("x")
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755
 
 
 def test_atomic_output_dir_keeps_the_old_folder_on_error(tmp_path: Path) -> None:
