@@ -37,7 +37,7 @@ def _triton_options(layout: str | None, given: dict[str, Any]) -> Any:
     from trimformer.packaging.triton import TritonOptions
 
     values = {key.removeprefix("triton_"): value for key, value in given.items() if value is not None}
-    if values and layout not in ("triton", "kserve"):
+    if values and layout is None:
         flags = ", ".join(f"--triton-{key.replace('_', '-')}" for key in values)
         raise UserError(f"{flags} apply to the Triton repository; add --layout triton")
     options = TritonOptions(**values)
@@ -137,7 +137,7 @@ def package_command(
     generation: tuple[str, ...],
     layout: str | None,
     overwrite: bool,
-    **triton: Any,
+    **layout_options: Any,
 ) -> None:
     """Package MODEL (an artifact folder) into a self-verifying bundle folder and OUT.tar.gz.
 
@@ -150,8 +150,10 @@ def package_command(
     from trimformer.packaging.package import package_artifact
 
     generation_settings = _generation_options(generation)
-    kserve_values = {key: triton.pop(key) for key in list(triton) if key.startswith("kserve_")}
-    triton_options = _triton_options(layout, triton)
+    # The --triton-* and --kserve-* options (click passes them by their names).
+    triton_values = {k: v for k, v in layout_options.items() if k.startswith("triton_")}
+    kserve_values = {k: v for k, v in layout_options.items() if k.startswith("kserve_")}
+    triton_options = _triton_options(layout, triton_values)
     kserve_options = _kserve_options(layout, kserve_values)
     result = package_artifact(
         model,

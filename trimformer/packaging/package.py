@@ -534,7 +534,7 @@ def package_artifact(
     archive = archive_path_for(out)
     _check_destinations(artifact, out, archive, overwrite)
     facts = _gather_facts(artifact, report, recipe_text, generation, name)
-    if layout in ("triton", "kserve"):
+    if layout is not None:  # every layout (LAYOUTS) serves the bundle from a Triton repository
         options = triton or TritonOptions()
         triton_name = facts.name or out.name
         check_triton(artifact.task, triton_name, options)

@@ -74,7 +74,7 @@ class TritonOptions:
     def check(self) -> None:
         checks = [
             (self.max_batch_size >= 1, f"--triton-max-batch-size must be at least 1, got {self.max_batch_size}"),
-            (self.max_queue_delay_ms >= 0, f"--triton-max-queue-delay-ms must be 0 or more, got {self.max_queue_delay_ms}"),
+            (0 <= self.max_queue_delay_ms < 1e6, f"--triton-max-queue-delay-ms must be 0 or more, under 1e6, got {self.max_queue_delay_ms}"),
             (self.kind in ("cpu", "gpu"), f"--triton-kind is cpu or gpu, got {self.kind!r}"),
             (self.instances >= 1, f"--triton-instances must be at least 1, got {self.instances}"),
             (self.threads >= 0, f"--triton-threads must be 0 (onnxruntime's default) or more, got {self.threads}"),

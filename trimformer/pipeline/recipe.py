@@ -784,7 +784,7 @@ def _check_task_sections(recipe: Recipe) -> list[tuple[str, str]]:
             problems.append(
                 ("validate.providers", 'causal LMs are validated on the cpu provider for now; use ["cpu"]')
             )
-        if recipe.package is not None and recipe.package.layout in ("triton", "kserve"):
+        if recipe.package is not None and recipe.package.layout is not None:
             problems.append(
                 ("package.layout", "the Triton layout does not support causal language models yet; remove it")
             )
@@ -842,7 +842,7 @@ def _check_order(recipe: Recipe) -> list[tuple[str, str]]:
                 )
             )
     package = recipe.package
-    if package is not None and package.triton is not None and package.layout not in ("triton", "kserve"):
+    if package is not None and package.triton is not None and package.layout is None:
         problems.append(("package.triton", 'the Triton repository\'s settings; add layout = "triton"'))
     if package is not None and package.kserve is not None and package.layout != "kserve":
         problems.append(("package.kserve", 'the InferenceService\'s settings; add layout = "kserve"'))
