@@ -119,6 +119,10 @@ def test_verify_checks_the_repository(classifier: Path, tmp_path: Path) -> None:
         ),
         (["--triton-kind", "gpu"], "--triton-kind apply to the Triton repository; add --layout triton"),
         (["--layout", "triton", "--triton-kind", "tpu"], "--triton-kind is cpu or gpu"),
+        (
+            ["--layout", "triton", "--triton-max-queue-delay-ms", "inf"],
+            "--triton-max-queue-delay-ms must be 0",
+        ),
     ],
 )
 def test_refusals_are_one_line_exit_2_and_write_nothing(
@@ -140,6 +144,27 @@ def test_a_decoder_bundle_is_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
+def _repin(bundle: Path, manifest: dict) -> None:
+    """Write ``manifest`` and re-pin its digest, as someone who rewrites the whole folder could."""
+    import hashlib
+
+    raw = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
+    (bundle / MANIFEST).write_bytes(raw)
+    (bundle / "manifest.sha256").write_text(f"{hashlib.sha256(raw).hexdigest()}  manifest.json\n")
+
+
+def test_verify_refuses_an_unreadable_triton_layout_in_one_error(classifier: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(classifier, copy)
+    manifest = json.loads((copy / MANIFEST).read_text())
+    del manifest["layouts"]["triton"]["models"]["onnx"]
+    _repin(copy, manifest)
+    with pytest.raises(BundleError, match="Triton layout is unreadable"):
+        verify_bundle(copy)
+
+
 def test_verify_refuses_a_repository_that_serves_another_model(classifier: Path, tmp_path: Path) -> None:
     """Hashes all agree (the manifest rewritten and re-pinned), but the repository's model is not the bundle's."""
     import hashlib
@@ -153,8 +178,6 @@ def test_verify_refuses_a_repository_that_serves_another_model(classifier: Path,
     data = repository_model.read_bytes()
     entry = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
     manifest["files"]["triton/sentiment_onnx/1/model.onnx"] = entry
-    raw = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
-    (copy / MANIFEST).write_bytes(raw)
-    (copy / "manifest.sha256").write_text(f"{hashlib.sha256(raw).hexdigest()}  manifest.json\n")
+    _repin(copy, manifest)
     with pytest.raises(BundleError, match=r"sentiment_onnx/1/model\.onnx is not the bundle's model\.onnx"):
         verify_bundle(copy)

@@ -62,15 +62,15 @@ def _check_triton(spec: Manifest) -> dict[str, Any] | None:
         return None
     try:
         root, models = str(layout["repository"]), dict(layout["models"])
+        same = {
+            f"{root}/{models['onnx']}/1/model.onnx": spec.model.file,
+            f"{root}/{models['tokenizer']}/1/tokenizer.json": spec.tokenizer.file,
+        }
     except (KeyError, TypeError, ValueError) as exc:
         raise BundleError(
-            f"the manifest's Triton layout is unreadable ({exc}); re-package the bundle"
+            f"the manifest's Triton layout is unreadable (no {exc}); re-package the bundle"
         ) from exc
     files = spec.files
-    same = {
-        f"{root}/{models['onnx']}/1/model.onnx": spec.model.file,
-        f"{root}/{models['tokenizer']}/1/tokenizer.json": spec.tokenizer.file,
-    }
     missing = [f"{root}/{m}/config.pbtxt" for m in models.values() if f"{root}/{m}/config.pbtxt" not in files]
     missing += [copy for copy in same if copy not in files]
     if missing:
@@ -85,10 +85,10 @@ def _check_triton(spec: Manifest) -> dict[str, Any] | None:
 
 def _verify_encoder(verified: VerifiedBundle, provider: str | list[str]) -> dict[str, Any]:
     """An encoder bundle: the Predictor (and the ORT-format copy's) replays the smoke outputs."""
-    predictor = Predictor(verified, provider=provider)
     spec = verified.spec
+    triton = _check_triton(spec)  # cheap: before any session is built
+    predictor = Predictor(verified, provider=provider)
     ort_predictor = Predictor(verified, model_format="ort") if spec.ort_format else None
-    triton = _check_triton(spec)
     return {
         "triton": triton,
         "task": predictor.task,
