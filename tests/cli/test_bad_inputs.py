@@ -47,6 +47,18 @@ def _forget_source(folder: Path) -> None:
     (folder / "trimformer.json").write_text(json.dumps(meta))
 
 
+def _unigram_tokenizer(folder: Path) -> None:
+    from tokenizers import Tokenizer, models
+
+    Tokenizer(models.Unigram([("[PAD]", 0.0), ("good", -1.0)], 0, False)).save(str(folder / "tokenizer.json"))
+
+
+def _dangling_special(folder: Path) -> None:
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    spec["post_processor"]["special_tokens"]["[CLS]"]["ids"] = [999]
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+
+
 def _write(path: Path, text: str) -> Path:
     path.write_text(text, encoding="utf-8")
     return path
@@ -580,6 +592,63 @@ CASES: dict[str, tuple[Case, str]] = {
     "generate: streaming a batch": (
         lambda t, fx: ["generate", str(fx["llama_onnx"]), "--prompt", "a", "--prompt", "b", "--stream"],
         "give one --prompt",
+    ),
+    "trim-vocab: coverage under the threshold": (
+        lambda t, fx: [
+            "trim-vocab",
+            str(fx["onnx"]),
+            "--corpus",
+            str(fx["csv"]),
+            "--coverage",
+            "0.5",
+            "--out",
+            str(t / OUT),
+        ],
+        r"coverage: must be in \[0.95, 1\].*\(got 0.5\)",
+    ),
+    "trim-vocab: a corpus with no texts": (
+        lambda t, fx: [
+            "trim-vocab",
+            str(fx["onnx"]),
+            "--corpus",
+            str(_write(t / "empty.csv", "text,label\n,positive\n")),
+            "--out",
+            str(t / OUT),
+        ],
+        "has no texts",
+    ),
+    "trim-vocab: an unsupported tokenizer family": (
+        lambda t, fx: [
+            "trim-vocab",
+            str(_copy_artifact(fx, t, _unigram_tokenizer)),
+            "--corpus",
+            str(fx["csv"]),
+            "--out",
+            str(t / OUT),
+        ],
+        "supports WordPiece .* and byte-level BPE .*; this tokenizer.json has a Unigram model",
+    ),
+    "trim-vocab: a special token the vocabulary lacks": (
+        lambda t, fx: [
+            "trim-vocab",
+            str(_copy_artifact(fx, t, _dangling_special)),
+            "--corpus",
+            str(fx["csv"]),
+            "--out",
+            str(t / OUT),
+        ],
+        r"special token id\(s\) \[999\].*trimming would drop them",
+    ),
+    "trim-vocab: causal LM": (
+        lambda t, fx: [
+            "trim-vocab",
+            str(fx["llama_onnx"]),
+            "--corpus",
+            str(fx["csv"]),
+            "--out",
+            str(t / OUT),
+        ],
+        "the trim-vocab pass works on encoder graphs and .* is a causal-lm model",
     ),
     "quantize: causal LM": (
         lambda t, fx: [

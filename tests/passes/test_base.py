@@ -31,9 +31,17 @@ from trimformer.pipeline.stages.params import (
 
 
 def test_the_built_in_entries() -> None:
-    assert pass_order() == {"prune": 0, "fuse": 1, "quantize": 2, "fuse-decoder": 1, "weight-only": 2}
+    assert pass_order() == {
+        "prune": 0,
+        "fuse": 1,
+        "trim-vocab": 1,
+        "quantize": 2,
+        "fuse-decoder": 1,
+        "weight-only": 2,
+    }
     assert weight_changing_passes() == {"prune", "fp16", "weight-only"}
     assert PASS_REGISTRY["prune"].data == {"calibration", "source"}
+    assert PASS_REGISTRY["trim-vocab"].data == {"corpus"}
     assert PASS_REGISTRY["prune"].emits == frozenset()
     assert PASS_REGISTRY["quantize"].emits == {"com.microsoft"}
     # Which graphs a pass knows: every encoder pass refuses a causal LM, weight-only an encoder.

@@ -41,6 +41,7 @@ def run(tmp_path_factory: pytest.TempPathFactory, tiny_csv: Path) -> RunResult:
     make_hf_model(tmp / "src", layers=3, hidden=64, heads=4, ffn=128)
     passes = [
         {"name": "prune", "heads": 0.25, "ffn": 0.3, "min_heads": 1},
+        {"name": "trim-vocab"},
         {"name": "fuse"},
         {"name": "quantize"},
     ]
@@ -74,10 +75,25 @@ def test_every_layer_stays_fused_through_int8(run: RunResult) -> None:
     assert weights[embedding.input[2]].data_type == onnx.TensorProto.UINT8  # the word table
 
 
+def test_the_vocabulary_trimmed_before_fusion_is_the_one_quantized(run: RunResult) -> None:
+    from tokenizers import Tokenizer
+
+    trimmed = _stage(run, "trim-vocab")
+    vocab = Tokenizer.from_file(str(trimmed / "tokenizer.json")).get_vocab_size()
+    exported = Tokenizer.from_file(str(_stage(run, "export") / "tokenizer.json")).get_vocab_size()
+    assert vocab < exported
+    quantized = _stage(run, "quantize")
+    assert (quantized / "tokenizer.json").read_bytes() == (trimmed / "tokenizer.json").read_bytes()
+    model = ModelArtifact.open(quantized).load_model()
+    embedding = next(n for n in model.graph.node if n.op_type == "QEmbedLayerNormalization")
+    table = next(t for t in model.graph.initializer if t.name == embedding.input[2])
+    assert table.dims[0] == vocab
+
+
 def test_each_step_records_the_target(run: RunResult) -> None:
     lineage = ModelArtifact.open(_stage(run, "quantize")).meta.lineage
     steps = {step.step: step.params for step in lineage if step.step != "export"}
-    assert set(steps) == {"prune", "fuse", "quantize"}
+    assert set(steps) == {"prune", "trim-vocab", "fuse", "quantize"}
     assert {params["target"] for params in steps.values()} == {host_target().name}
 
 

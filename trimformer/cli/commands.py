@@ -21,6 +21,7 @@ from trimformer.cli.quantize import quantize_command
 from trimformer.cli.run import run_command
 from trimformer.cli.serve import serve_command
 from trimformer.cli.train import train_command
+from trimformer.cli.trim_vocab import trim_vocab_command
 from trimformer.cli.validate import validate_command
 from trimformer.cli.verify import verify_command
 
@@ -32,6 +33,7 @@ COMMANDS: tuple[click.Command, ...] = (
     export_command,
     fuse_command,
     prune_command,
+    trim_vocab_command,
     quantize_command,
     optimize_command,
     validate_command,

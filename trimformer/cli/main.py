@@ -83,7 +83,8 @@ def cli(state: State, debug: bool, as_json: bool, quiet: bool) -> None:
     Stages, in pipeline order; each reads a model or artifact folder and writes a new one:
       train, distill                  PyTorch: fine-tune a teacher (or train a causal LM), distil a student
       export                          PyTorch -> ONNX artifact, parity-checked
-      fuse, prune, quantize, optimize ONNX passes, each checked against its input
+      fuse, prune, trim-vocab,        ONNX passes, each checked against its input
+      quantize, optimize
       validate                        accuracy, fidelity, latency and gates with onnxruntime
       package                         artifact -> self-verifying bundle and .tar.gz
     Around them: verify rechecks a bundle; generate continues prompts with a causal LM;

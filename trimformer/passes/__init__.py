@@ -7,7 +7,7 @@ None of them imports torch.
 
 from __future__ import annotations
 
-from trimformer.passes import fp16, fuse, prune, quantize  # noqa: F401  (registration)
+from trimformer.passes import fp16, fuse, prune, quantize, trim_vocab  # noqa: F401  (registration)
 from trimformer.passes.base import (
     PASS_REGISTRY,
     PassConfig,

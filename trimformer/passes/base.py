@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from pydantic.fields import FieldInfo
 
 from trimformer.artifact import ModelArtifact
+from trimformer.data.vocabulary import VocabularyTexts
 from trimformer.errors import TrimformerError, UserError
 from trimformer.formats.decoder import DecoderSpec
 from trimformer.formats.targets import Target, check_graph
@@ -220,6 +221,8 @@ class PassContext:
     # A causal LM's graph contract and held-out prompts (token ids), for decoder passes' token parity.
     decoder_spec: DecoderSpec | None = None
     prompts: list[list[int]] | None = None
+    # A domain corpus and held-out texts with the artifact's tokenizer (vocabulary trimming).
+    vocabulary: VocabularyTexts | None = None
 
     def require_calibration(self, pass_name: str) -> Callable[[], CalibrationFeeds]:
         if self.calibration is None:
@@ -230,9 +233,9 @@ class PassContext:
 PassFactory = Callable[[Any, PassContext], FunctionalPass | InPlacePass]
 
 # What a pass may need besides its input graph: calibration rows, the PyTorch source it was
-# exported from, labelled rows to score candidates on.
+# exported from, labelled rows to score candidates on, a text corpus (vocabulary trimming).
 PassData = frozenset[str]
-DATA_KINDS = frozenset({"calibration", "source", "eval"})
+DATA_KINDS = frozenset({"calibration", "source", "eval", "corpus"})
 ModelKind = Literal["encoder", "decoder"]
 
 

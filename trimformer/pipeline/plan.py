@@ -35,6 +35,7 @@ from trimformer.passes.quantize.training_ranges import (
     check_training_settings,
 )
 from trimformer.passes.quantize.weight_only import WeightOnlyConfig
+from trimformer.passes.trim_vocab import TrimVocabConfig
 from trimformer.pipeline.context import Columns, DataRequest, build_pass_context, host_target
 from trimformer.pipeline.recipe import (
     PassSpec,
@@ -61,6 +62,7 @@ from trimformer.pipeline.stages.quantize import (
     run_weight_only,
 )
 from trimformer.pipeline.stages.result import StageResult
+from trimformer.pipeline.stages.trim_vocab import run_trim_vocab
 from trimformer.runtime.cpu import cpu_class
 
 __all__ = ["Stage", "StageContext", "StageResult", "build_plan", "variant_stages"]
@@ -364,12 +366,32 @@ def _run_fuse_decoder_stage(config: Any, spec: PassSpec, ctx: StageContext) -> S
     return StageResult({k: v for k, v in summary["fusions"].items() if v})
 
 
+def _run_trim_vocab_stage(config: Any, spec: PassSpec, ctx: StageContext) -> StageResult:
+    """Through run_trim_vocab: the corpus is [data] (its train split for a built-in set, the test
+    split held out), tokenizer files and config.json rewritten beside the model."""
+    recipe = ctx.recipe
+    assert recipe.data is not None  # the recipe check asks passes for [data]
+    columns = _columns(recipe)
+    summary = run_trim_vocab(
+        ctx.inputs["model"],
+        ctx.out,
+        recipe.resolve(recipe.data.source),
+        config,
+        text_column=columns["text_column"],
+        text_pair_column=columns["text_pair_column"],
+        overwrite=True,
+        target=recipe.target,
+    )
+    return StageResult.pick(summary, ("vocab_before", "vocab_after", "coverage", "size_mb"))
+
+
 _STAGE_ADAPTERS: dict[type[PassConfig], Callable[[Any, PassSpec, StageContext], StageResult]] = {
     DecoderFuseConfig: _run_fuse_decoder_stage,
     PruneConfig: _run_prune_stage,
     QuantizeConfig: _run_quantize_stage,
     FuseConfig: _run_fuse_stage,
     WeightOnlyConfig: _run_weight_only_stage,
+    TrimVocabConfig: _run_trim_vocab_stage,
 }
 
 
