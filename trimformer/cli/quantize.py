@@ -84,7 +84,10 @@ from trimformer.errors import UserError
 )
 @click.option("--lm-head", default=None, help="Weight-only: the lm_head as int4, int8 or float [int8].")
 @click.option(
-    "--embedding", default=None, help="Weight-only: the token table as float, int4 or int8 [float]."
+    "--embedding",
+    default=None,
+    help="The word table: int8, int4 (GatherBlockQuantized) or auto (int4 where --max-accuracy-drop "
+    "holds) [int8]; weight-only: float, int4 or int8 [float].",
 )
 @click.option(
     "--accuracy-level",
@@ -160,7 +163,6 @@ def quantize_command(
         "block_size": block_size,
         "symmetric": symmetric,
         "lm_head": lm_head,
-        "embedding": embedding,
         "accuracy_level": int(accuracy_level)
         if accuracy_level and accuracy_level.isdigit()
         else accuracy_level,
@@ -170,6 +172,7 @@ def quantize_command(
     if weight_only is not None:
         _refuse_int8_options()
         weight_only_options["samples"] = samples if _given("samples") else None
+        weight_only_options["embedding"] = embedding
         result = _run_weight_only(
             model, out, weight_only, calibration, target, overwrite, weight_only_options
         )
@@ -193,6 +196,7 @@ def quantize_command(
         fuse=not no_fuse,
         max_accuracy_drop=max_accuracy_drop,
         dynamic=dynamic,
+        embedding=embedding or "int8",  # type: ignore[arg-type]  # checked by the config
         calibration_cache=calibration_cache,
         ranges_from_training=ranges_from_training,
     )

@@ -48,3 +48,29 @@ def test_a_table_used_elsewhere_stays_float() -> None:
     model = _embedding_graph(table, tied=True)
     assert quantize_word_embeddings(model) == 0
     assert model.graph.node[0].op_type == "Gather"
+
+
+def test_the_table_in_4_bits_is_half_the_bytes_and_gathers_close_rows() -> None:
+    rng = np.random.default_rng(1)
+    table = (rng.standard_normal((500, 64)) * 0.05).astype(np.float32)
+    eight, four = _embedding_graph(table), _embedding_graph(table)
+    assert quantize_word_embeddings(eight) == 1 and quantize_word_embeddings(four, bits=4) == 1
+    node = four.graph.node[0]
+    assert node.op_type == "GatherBlockQuantized"
+    assert {a.name: helper.get_attribute_value(a) for a in node.attribute}["bits"] == 4
+
+    def table_bytes(model: onnx.ModelProto) -> int:
+        return sum(numpy_helper.to_array(t).nbytes for t in model.graph.initializer)
+
+    # Codes: two a byte (16,000 bytes against 32,000); scales and zero points per block of 32.
+    assert table_bytes(four) < 0.6 * table_bytes(eight)
+    ids = rng.integers(0, 500, size=(2, 9))
+    rows = {}
+    for name, model in (("8", eight), ("4", four)):
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        rows[name] = session.run(None, {"input_ids": ids})[0]
+    error4 = np.abs(rows["4"] - table[ids]).max()
+    # A 4-bit step is a block's range / 15: at most half of it off, and coarser than 8 bits.
+    block_range = np.ptp(table.reshape(500, 2, 32), axis=-1).max()
+    assert error4 <= block_range / 15 / 2 * 1.01
+    assert error4 > np.abs(rows["8"] - table[ids]).max()

@@ -150,6 +150,11 @@ def test_cli_accuracy_aware_mode(tiny_bert_onnx: Path, tiny_csv: Path, tmp_path:
         (["--method", "kl"], "unknown method 'kl'; known methods: minmax, entropy, percentile"),
         (["--samples", "500"], "has 120 rows but 500 were asked for"),
         (["--max-accuracy-drop", "1"], "needs an evaluation set"),
+        (["--embedding", "int2"], "embedding: must be one of int8, int4, auto (got 'int2')"),
+        (
+            ["--embedding", "auto"],
+            "embedding auto picks int4 or int8 by the accuracy budget; give max_accuracy_drop",
+        ),
         (["--text-column", "body"], "body"),
     ],
 )
@@ -214,3 +219,82 @@ def test_pairs_for_a_model_without_segment_input_are_refused(
         and "sentence pairs but the model takes only input_ids, attention_mask" in result.output
     )
     assert not out.exists()
+
+
+def _word_table(path: Path) -> tuple[str, int, int]:
+    """(op, bits, bytes) of the node that reads the word table by input_ids."""
+    model = ModelArtifact.open(path).load_model()
+    weights = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "GatherBlockQuantized" and node.input[1] == "input_ids":
+            bits = next(a.i for a in node.attribute if a.name == "bits")
+            return node.op_type, bits, len(weights[node.input[0]].raw_data)
+        if node.op_type == "QEmbedLayerNormalization":
+            return node.op_type, 8, len(weights[node.input[2]].raw_data)
+    raise AssertionError("no quantized word table")
+
+
+def test_a_4_bit_word_table_leaves_the_embedding_unfused(
+    tiny_bert_onnx: Path, tiny_csv: Path, tmp_path: Path
+) -> None:
+    common = ["quantize", str(tiny_bert_onnx), "--calibration", str(tiny_csv), "--samples", "32"]
+    for name, extra in (("int8", []), ("int4", ["--embedding", "int4"])):
+        result = CliRunner().invoke(cli, [*common, *extra, "--out", str(tmp_path / name)])
+        assert result.exit_code == 0, result.output
+    op8, bits8, bytes8 = _word_table(tmp_path / "int8")
+    op4, bits4, bytes4 = _word_table(tmp_path / "int4")
+    assert (op8, bits8) == ("QEmbedLayerNormalization", 8)
+    assert (op4, bits4) == ("GatherBlockQuantized", 4) and bytes4 * 2 == bytes8
+    ops = _ops(tmp_path / "int4")
+    assert (
+        ops["QAttention"] == 2
+        and "EmbedLayerNormalization" not in ops
+        and "QEmbedLayerNormalization" not in ops
+    )
+    assert _rel_error(tiny_bert_onnx, tmp_path / "int4") < 0.1
+    assert ModelArtifact.open(tmp_path / "int4").meta.lineage[-1].params["embedding"] == "int4"
+
+
+def test_the_auto_word_table_follows_the_accuracy_budget(
+    tiny_bert_onnx: Path, tiny_csv: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import trimformer.pipeline.context as context
+
+    real = context.onnx_accuracy_fn
+
+    def penalised(*args: object) -> object:
+        # A forced failure: any graph with a 4-bit table scores 3 points lower.
+        evaluate = real(*args)  # type: ignore[arg-type]
+
+        def score(model: object) -> float:
+            four = any(
+                n.op_type == "GatherBlockQuantized"
+                and any(a.name == "bits" and a.i == 4 for a in n.attribute)
+                for n in model.graph.node  # type: ignore[attr-defined]
+            )
+            return evaluate(model) - (0.03 if four else 0.0)
+
+        return score
+
+    monkeypatch.setattr(context, "onnx_accuracy_fn", penalised)
+    chosen = {}
+    for budget in ("5", "1"):
+        out = tmp_path / budget
+        args = ["--json", "quantize", str(tiny_bert_onnx), "--calibration", str(tiny_csv), "--samples", "32"]
+        args += [
+            "--eval",
+            str(tiny_csv),
+            "--max-accuracy-drop",
+            budget,
+            "--embedding",
+            "auto",
+            "--out",
+            str(out),
+        ]
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 0, result.output
+        chosen[budget] = _word_table(out)[1]
+        report = json.loads((out / REPORT_FILE).read_text())["word_table"]
+        assert report["bits"] == chosen[budget] and report["chosen_by"] == "accuracy budget"
+        assert report["drop_points_with_4bit_table"] >= 3.0 - 1e-6
+    assert chosen == {"5": 4, "1": 8}

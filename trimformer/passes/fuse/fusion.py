@@ -71,6 +71,9 @@ class FuseConfig(PassConfig):
     atol: float = Field(default=1e-3, gt=0.0)
     # onnxruntime's faster CPU kernels for the same arithmetic (cpu_kernels.py); off for GPU targets.
     cpu_kernels: bool = True
+    # EmbedLayerNormalization (word + position + segment lookups and their LayerNorm in one op). Off
+    # where the word table is stored in 4 bits: its quantized form holds 8-bit tables only.
+    embed_layer_norm: bool = True
 
     @field_validator("model_type")
     @classmethod
@@ -215,17 +218,20 @@ _FUSION_OPS = {
 _ORT_LOGGERS = ("onnxruntime.transformers", "fusion_attention", "fusion_embedlayer", "fusion_skiplayernorm")
 
 
-def _fusion_options(model_type: str, target: Target | None) -> Any:
-    """onnxruntime's fusion switches for ``target`` (every fusion its op set allows), or None."""
-    if target is None:
+def _fusion_options(config: FuseConfig, target: Target | None) -> Any:
+    """onnxruntime's fusion switches for ``target`` (every fusion its op set allows) and the
+    config, or None for onnxruntime's defaults."""
+    if target is None and config.embed_layer_norm:
         return None
     from onnxruntime.transformers.fusion_options import FusionOptions
 
-    options = FusionOptions(model_type)
-    allowed = target.allowed_ms_ops()
+    options = FusionOptions(config.model_type)
+    allowed = None if target is None else target.allowed_ms_ops()
     for switch, ops in _FUSION_OPS.items():
-        if hasattr(options, switch) and not set(ops) <= allowed:
+        if hasattr(options, switch) and allowed is not None and not set(ops) <= allowed:
             setattr(options, switch, False)
+    if not config.embed_layer_norm:
+        options.enable_embed_layer_norm = False
     return options
 
 
@@ -262,7 +268,7 @@ def fuse_proto(
                 model_type=config.model_type,
                 num_heads=num_heads,
                 hidden_size=hidden,
-                optimization_options=_fusion_options(config.model_type, target),
+                optimization_options=_fusion_options(config, target),
                 opt_level=0,
             )
     except Exception as exc:

@@ -1,4 +1,4 @@
-"""The word-embedding table in 8 bits where onnxruntime's embedding fusion does not apply.
+"""The word-embedding table in 8 or 4 bits, as onnxruntime's ``GatherBlockQuantized``.
 
 QEmbedLayerNormalization stores the tables in 8 bits, but onnxruntime fuses EmbedLayerNormalization
 only for BERT-like embeddings that feed an attention layer: not for RoBERTa and XLM-R (their position
@@ -7,15 +7,31 @@ most of an encoder's bytes (30,522 x 384 floats: 46.9 MB of MiniLM's 91), stayed
 stores it as onnxruntime's ``GatherBlockQuantized`` (com.microsoft; CPU and WebGPU kernels): uint8
 with a scale and zero point per block of ``block_size`` values along the hidden axis, dequantized as
 rows are gathered, so the arithmetic downstream is unchanged.
+
+4 bits (``embedding_bits = 4``) halves the table again: onnxruntime's own blockwise quantizer
+(``matmul_nbits_quantizer``, the bytes a ``MatMulNBits`` of the transposed table holds) packs two
+values a byte with a scale and a 4-bit zero point per block. QEmbedLayerNormalization holds 8-bit
+tables only, so a 4-bit table means the embedding fusion stays off (the lookups, their sum and the
+LayerNorm run as separate ops). A decoder's token table goes through the same function.
 """
 
 from __future__ import annotations
+
+import logging
+from typing import Any
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-__all__ = ["BLOCK_SIZE", "quantize_word_embeddings"]
+from trimformer.formats.targets import MS_DOMAIN
+
+__all__ = ["BLOCK_SIZE", "TABLE_BITS", "quantize_embedding", "quantize_word_embeddings", "quiet_quantizer"]
+
+logger = logging.getLogger(__name__)
+
+# The word table's widths GatherBlockQuantized reads.
+TABLE_BITS = (8, 4)
 
 # Values per scale along the hidden axis (a power of two of at least 16, as the kernel requires).
 BLOCK_SIZE = 32
@@ -34,9 +50,9 @@ def _block_quantize(table: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarr
     return codes.astype(np.uint8).reshape(rows, width), scale.astype(np.float32), zero.astype(np.uint8)
 
 
-def quantize_word_embeddings(model: onnx.ModelProto, block: int = BLOCK_SIZE) -> int:
-    """Rewrite, in place, the Gather of a float table by the token ids into GatherBlockQuantized;
-    returns how many."""
+def quantize_word_embeddings(model: onnx.ModelProto, block: int = BLOCK_SIZE, bits: int = 8) -> int:
+    """Rewrite, in place, the Gather of a float table by the token ids into GatherBlockQuantized
+    of ``bits``; returns how many."""
     graph = model.graph
     tables = {init.name: init for init in graph.initializer}
     uses: dict[str, int] = {}
@@ -53,6 +69,10 @@ def quantize_word_embeddings(model: onnx.ModelProto, block: int = BLOCK_SIZE) ->
         width = table.dims[1]
         axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
         if width % block or axis != 0:
+            continue
+        if bits == 4:
+            quantize_embedding(model, node, 4, block)
+            rewritten += 1
             continue
         codes, scale, zero = _block_quantize(numpy_helper.to_array(table), block)
         name = table.name
@@ -81,3 +101,53 @@ def quantize_word_embeddings(model: onnx.ModelProto, block: int = BLOCK_SIZE) ->
     if rewritten and not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return rewritten
+
+
+def quiet_quantizer() -> Any:
+    """onnxruntime's module sets the root logger to INFO when imported; undo that."""
+    root = logging.getLogger()
+    level = root.level
+    from onnxruntime.quantization import matmul_nbits_quantizer
+
+    root.setLevel(level)
+    logging.getLogger(matmul_nbits_quantizer.__name__).setLevel(logging.WARNING)
+    return matmul_nbits_quantizer
+
+
+def quantize_embedding(model: onnx.ModelProto, gather: onnx.NodeProto, bits: int, block_size: int) -> None:
+    """The token table as ``GatherBlockQuantized`` (uint8-packed, blocks along the hidden axis),
+    quantized by onnxruntime's blockwise kernel: the same bytes a MatMulNBits of its transpose holds."""
+    nbits = quiet_quantizer()
+    graph = model.graph
+    inits = {init.name: init for init in graph.initializer}
+    table = numpy_helper.to_array(inits[gather.input[0]]).astype(np.float32)
+    vocab, hidden = table.shape
+    quantizer = nbits.DefaultWeightOnlyQuantizer(
+        nbits.DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=False, bits=bits)
+    )
+    packed, scales, zero_points = quantizer.qbits_block_quant(np.ascontiguousarray(table.T))
+    base = gather.input[0]
+    tensors = {
+        base + "/q": packed.reshape(vocab, -1),
+        base + "/scales": scales.reshape(vocab, -1),
+        base + "/zero_points": zero_points.reshape(vocab, -1),
+    }
+    graph.initializer.extend(numpy_helper.from_array(array, name) for name, array in tensors.items())
+    axis = next((helper.get_attribute_value(a) for a in gather.attribute if a.name == "axis"), 0)
+    quantized = helper.make_node(
+        "GatherBlockQuantized",
+        [base + "/q", gather.input[1], base + "/scales", base + "/zero_points"],
+        list(gather.output),
+        name=gather.name + "/quantized",
+        domain=MS_DOMAIN,
+        gather_axis=axis,
+        quantize_axis=1,
+        block_size=block_size,
+        bits=bits,
+    )
+    index = list(graph.node).index(gather)
+    graph.node.remove(gather)
+    graph.node.insert(index, quantized)
+    if not any(base in node.input for node in graph.node):
+        graph.initializer.remove(inits[base])
+    logger.info("embedding %s: %d x %d at %d bits", base, vocab, hidden, bits)

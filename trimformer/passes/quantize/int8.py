@@ -20,8 +20,9 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import onnx
@@ -98,6 +99,10 @@ class QuantizeConfig(PassConfig):
     # Use the activation ranges of quantization-aware training (the artifact's qat_ranges.json,
     # handed over in ctx.training_ranges by the stage) instead of calibrating; SmoothQuant off.
     ranges_from_training: bool = False
+    # The word table: int8 (QEmbedLayerNormalization, or GatherBlockQuantized where no embedding
+    # fusion applies); int4 (GatherBlockQuantized, two values a byte: the embedding fusion stays
+    # off); auto: int4 where the model stays within max_accuracy_drop with it, else int8.
+    embedding: Literal["int8", "int4", "auto"] = Field("int8", description="one of int8, int4, auto")
 
     @field_validator("preset", "method", "format")
     @classmethod
@@ -109,6 +114,15 @@ class QuantizeConfig(PassConfig):
             except UserError as exc:  # pydantic reports a ValueError with the field's name
                 raise ValueError(str(exc)) from None
         return value
+
+    @model_validator(mode="after")
+    def _table_budget(self) -> QuantizeConfig:
+        if self.embedding == "auto" and self.max_accuracy_drop is None:
+            raise ValueError(
+                "embedding auto picks int4 or int8 by the accuracy budget; give max_accuracy_drop "
+                "(--max-accuracy-drop) and an evaluation set, or choose int8 or int4"
+            )
+        return self
 
     @model_validator(mode="after")
     def _training_options(self) -> QuantizeConfig:
@@ -179,7 +193,11 @@ class QuantizePass(FunctionalPass):
         if self.config.fuse and not any(
             n.op_type in ("Attention", "MultiHeadAttention") for n in proto.graph.node
         ):
-            fuse_cfg = FuseConfig(num_heads=self.config.num_heads, hidden_size=self.config.hidden_size)
+            fuse_cfg = FuseConfig(
+                num_heads=self.config.num_heads,
+                hidden_size=self.config.hidden_size,
+                embed_layer_norm=self.config.embedding == "int8",
+            )
             proto, fuse_stats = fuse_proto(proto, fuse_cfg, self.ctx.scratch, self.ctx.target)
             stats["fusion"] = fuse_stats
         else:
@@ -357,7 +375,11 @@ class QuantizePass(FunctionalPass):
                     typed, candidates, settings, Path(scratch_dir.name), amax
                 )
             phases.done("calibrate")
-            quantized, rewrites = quantize_model(typed, ranges, settings, chosen, cfg.dynamic)
+
+            def quantize(bits: int) -> tuple[onnx.ModelProto, dict[str, int]]:
+                return quantize_model(typed, ranges, settings, chosen, cfg.dynamic, table_bits=bits)
+
+            quantized, rewrites = self._with_table(float_proto, quantize, settings, stats)
             phases.done("quantize")
             if cfg.max_accuracy_drop is not None:
                 quantized, stats["accuracy_aware"] = fit_accuracy_budget(
@@ -375,6 +397,61 @@ class QuantizePass(FunctionalPass):
             return quantized, rewrites, self._keep_cache()
         finally:
             scratch_dir.cleanup()
+
+    def _with_table(
+        self,
+        float_proto: onnx.ModelProto,
+        quantize: Callable[[int], tuple[onnx.ModelProto, dict[str, int]]],
+        settings: QuantizerSettings,
+        stats: dict[str, Any],
+    ) -> tuple[onnx.ModelProto, dict[str, int]]:
+        """The quantized model with its word table at the asked bits; "auto" tries 4 bits and keeps
+        them where the model's accuracy drop stays within the budget, else quantizes at 8."""
+        asked = self.config.embedding
+        if asked == "int8":
+            return quantize(8)
+        if not settings.embeddings or "GatherBlockQuantized" not in self._target_ops():
+            if asked == "int4":
+                raise UserError(
+                    "embedding int4 stores the word table as GatherBlockQuantized in the qoperator format; "
+                    f"{self._target_name()} runs no such table; use --embedding int8"
+                )
+            stats["word_table"] = {"bits": 8, "chosen_by": f"{self._target_name()} has no 4-bit table kernel"}
+            return quantize(8)
+        four = quantize(4)
+        if not four[1].get("word_embeddings_4bit"):
+            raise UserError(
+                "the graph's embeddings are already fused (EmbedLayerNormalization, whose quantized form holds "
+                "8-bit tables only); for a 4-bit word table quantize the unfused graph"
+            )
+        if asked == "int4":
+            return four
+        evaluate, budget = self.ctx.evaluate, self.config.max_accuracy_drop
+        if evaluate is None or budget is None:
+            raise UserError("--embedding auto needs an evaluation set; pass --eval DATA")
+        reference = evaluate(float_proto)
+        score = evaluate(four[0])
+        drop = round((reference - score) * 100.0, 4)
+        keep = drop <= budget
+        stats["word_table"] = {
+            "bits": 4 if keep else 8,
+            "chosen_by": "accuracy budget",
+            "budget_points": budget,
+            "accuracy_float": round(reference, 5),
+            "accuracy_with_4bit_table": round(score, 5),
+            "drop_points_with_4bit_table": drop,
+        }
+        logger.info(
+            "word table: 4 bits drop %.2f points (budget %g): keeping %d bits", drop, budget, 4 if keep else 8
+        )
+        return four if keep else quantize(8)
+
+    def _target_ops(self) -> frozenset[str]:
+        target = self.ctx.target
+        return frozenset({"GatherBlockQuantized"}) if target is None else target.allowed_ms_ops()
+
+    def _target_name(self) -> str:
+        return "this preset" if self.ctx.target is None else f"target {self.ctx.target.name}"
 
     def _keep_cache(self) -> dict[str, Path]:
         """The calibration ranges, beyond the scratch folder's life: the stage copies them into the artifact."""

@@ -74,9 +74,11 @@ def quantize_model(
     settings: QuantizerSettings,
     nodes: list[str],
     dynamic: bool = False,
+    table_bits: int = 8,
 ) -> tuple[onnx.ModelProto, dict[str, int]]:
     """Quantize ``nodes`` of a typed float model with onnxruntime's quantizers; returns the model
-    and the counts of our post-rewrites."""
+    and the counts of our post-rewrites. ``table_bits``: the word table's, where no embedding
+    fusion carries it (QEmbedLayerNormalization is 8-bit)."""
     work = onnx.ModelProto()
     work.CopyFrom(model)
     try:
@@ -91,8 +93,9 @@ def quantize_model(
     if settings.cpu_kernels and (dynamic or settings.integer_ops):
         rewrites.update(prefer_cpu_kernels(quantized))
     if settings.embeddings and not any(n.op_type == "QEmbedLayerNormalization" for n in quantized.graph.node):
-        # No embedding fusion to carry the tables in 8 bits (RoBERTa, a first layer pruned headless).
-        rewrites["word_embeddings_8bit"] = quantize_word_embeddings(quantized)
+        # No embedding fusion to carry the tables in 8 bits (RoBERTa, a first layer pruned headless,
+        # or a 4-bit table asked for: the fusion was left off).
+        rewrites[f"word_embeddings_{table_bits}bit"] = quantize_word_embeddings(quantized, bits=table_bits)
     return quantized, rewrites
 
 

@@ -45,6 +45,7 @@ from trimformer.passes.quantize.accuracy_level import (
     measure_fidelity,
     set_accuracy_level,
 )
+from trimformer.passes.quantize.embeddings import quantize_embedding, quiet_quantizer
 
 __all__ = [
     "WEIGHT_ONLY_BITS",
@@ -166,19 +167,8 @@ def untie_lm_head(model: onnx.ModelProto, lm_head: onnx.NodeProto) -> bool:
     return True
 
 
-def _quiet_quantizer() -> Any:
-    """onnxruntime's module sets the root logger to INFO when imported; undo that."""
-    root = logging.getLogger()
-    level = root.level
-    from onnxruntime.quantization import matmul_nbits_quantizer
-
-    root.setLevel(level)
-    logging.getLogger(matmul_nbits_quantizer.__name__).setLevel(logging.WARNING)
-    return matmul_nbits_quantizer
-
-
 def _algo_config(config: WeightOnlyConfig, feeds: list[dict[str, np.ndarray]] | None) -> Any:
-    nbits = _quiet_quantizer()
+    nbits = quiet_quantizer()
     if config.algo == "gptq":
         return nbits.GPTQWeightOnlyQuantConfig(calibration_data_reader=_FeedList(feeds or []))
     if config.algo == "hqq":
@@ -198,7 +188,7 @@ def _run_quantizer(model: onnx.ModelProto, algo_config: Any, config: WeightOnlyC
         if not _consumers(model.graph, value.name)
     ]
     model.graph.node.extend(readers)
-    nbits = _quiet_quantizer()
+    nbits = quiet_quantizer()
     quantizer = nbits.MatMulNBitsQuantizer(
         model,
         bits=config.bits,
@@ -234,45 +224,6 @@ def _unhide(model: onnx.ModelProto, weight: str | None) -> None:
     for node in _consumers(model.graph, hide.output[0]):
         node.input[:] = [weight if name == hide.output[0] else name for name in node.input]
     model.graph.node.remove(hide)
-
-
-def quantize_embedding(model: onnx.ModelProto, gather: onnx.NodeProto, bits: int, block_size: int) -> None:
-    """The token table as ``GatherBlockQuantized`` (uint8-packed, blocks along the hidden axis),
-    quantized by onnxruntime's blockwise kernel: the same bytes a MatMulNBits of its transpose holds."""
-    nbits = _quiet_quantizer()
-    graph = model.graph
-    inits = _initializers(graph)
-    table = numpy_helper.to_array(inits[gather.input[0]]).astype(np.float32)
-    vocab, hidden = table.shape
-    quantizer = nbits.DefaultWeightOnlyQuantizer(
-        nbits.DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=False, bits=bits)
-    )
-    packed, scales, zero_points = quantizer.qbits_block_quant(np.ascontiguousarray(table.T))
-    base = gather.input[0]
-    tensors = {
-        base + "/q": packed.reshape(vocab, -1),
-        base + "/scales": scales.reshape(vocab, -1),
-        base + "/zero_points": zero_points.reshape(vocab, -1),
-    }
-    graph.initializer.extend(numpy_helper.from_array(array, name) for name, array in tensors.items())
-    axis = next((helper.get_attribute_value(a) for a in gather.attribute if a.name == "axis"), 0)
-    quantized = helper.make_node(
-        "GatherBlockQuantized",
-        [base + "/q", gather.input[1], base + "/scales", base + "/zero_points"],
-        list(gather.output),
-        name=gather.name + "/quantized",
-        domain=MS_DOMAIN,
-        gather_axis=axis,
-        quantize_axis=1,
-        block_size=block_size,
-        bits=bits,
-    )
-    index = list(graph.node).index(gather)
-    graph.node.remove(gather)
-    graph.node.insert(index, quantized)
-    if not _consumers(graph, base):
-        graph.initializer.remove(inits[base])
-    logger.info("embedding %s: %d x %d at %d bits", base, vocab, hidden, bits)
 
 
 def share_lm_head_blocks(model: onnx.ModelProto, gather: onnx.NodeProto, bits: int) -> bool:
