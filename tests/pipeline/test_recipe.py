@@ -113,6 +113,7 @@ def test_a_decoder_pass_in_an_encoder_recipe(tmp_path: Path, tiny_bert: Path, ti
             "unknown provider 'gpu'; allowed: cpu, cuda",
         ),
         ("[validate]\ngrid = ['1by128']\n", "validate.grid", "BATCHxSEQ"),
+        ("[validate]\ngates = { max_size_mb = 0 }\n", "validate.gates.max_size_mb", "more than 0 (got 0)"),
         ("[data]\nsource = 'nope.csv'\n", "data.source", "does not exist"),
         ("[model]\nsource = 'missing-model'\n", "model.source", "does not exist"),
         ("[model]\nsource = 'builtin:gpt5'\n", "model.source", "unknown built-in model"),

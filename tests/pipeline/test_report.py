@@ -66,10 +66,14 @@ def test_report_of_a_run(
     assert [s["name"] for s in report["stages"]] == ["export", "prune", TEST_PASS, "validate"]
 
     plots = sorted(p.name for p in folder.glob("*.png"))
-    assert plots == ["latency-cpu.png", "pareto-cpu.png", "pruning-prune.png"]
+    assert plots == ["latency-cpu.png", "pareto-cpu.png", "pruning-prune.png", "size.png"]
+    size = report["size"]
+    assert size["model"] == TEST_PASS and size["limit_mb"] is None
+    assert size["embeddings_mb"] + size["encoder_mb"] == pytest.approx(size["model_files_mb"], abs=2e-3)
 
     markdown = (folder / "report.md").read_text()
     assert "| export | reference |" in markdown and f"| {TEST_PASS} | final |" in markdown
+    assert f"## Size ({TEST_PASS})" in markdown and "| embedding tables |" in markdown
     for row in layers:
         cells = f"| {row['layer']} | {row['heads_kept']}/4 | {row['ffn_kept']}/64 |"
         assert cells in markdown
@@ -79,7 +83,7 @@ def test_report_of_a_run(
     parser.feed(page)
     # Opens offline: no script, stylesheet link or external reference; every plot is inline.
     assert parser.refs == []
-    assert len(parser.images) == 3
+    assert len(parser.images) == 4
     for src in parser.images:
         assert src.startswith("data:image/png;base64,")
         assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"

@@ -155,6 +155,48 @@ def test_a_chunked_body_over_the_limit_is_cut_off_while_reading(classifier: Runn
     assert response.status_code == 413 and "passes 4096 bytes" in response.json()["error"]
 
 
+def _http_exchange(sock: socket.socket, head: bytes, body_parts: list[bytes]) -> bytes:
+    """Send one request (the body in parts, a pause between them) and read one whole response."""
+    sock.sendall(head)
+    for part in body_parts:
+        time.sleep(0.1)
+        sock.sendall(part)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+    header, _, rest = data.partition(b"\r\n\r\n")
+    length = int(
+        next(line for line in header.split(b"\r\n") if line.lower().startswith(b"content-length")).split(
+            b":"
+        )[1]
+    )
+    while len(rest) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        rest += chunk
+    return header + b"\r\n\r\n" + rest
+
+
+def test_a_client_still_sending_an_oversized_body_gets_its_413_and_keeps_the_connection(
+    classifier: Running,
+) -> None:
+    """The 413 is answered from the declared length; the rest of the body the client is still
+    sending is read and dropped, so the keep-alive connection serves the next request."""
+    body = json.dumps({"texts": ["a" * 5000]}).encode()
+    head = f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    valid = json.dumps({"texts": ["good phone"]}).encode()
+    valid_head = f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(valid)}\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", classifier.port), timeout=10) as sock:
+        first = _http_exchange(sock, head.encode(), [body[:2000], body[2000:]])
+        assert first.startswith(b"HTTP/1.1 413") and b"at most 4096" in first
+        second = _http_exchange(sock, valid_head.encode(), [valid])
+        assert second.startswith(b"HTTP/1.1 200") and b"predictions" in second
+
+
 def test_an_internal_error_is_500_without_a_traceback(
     classifier: Running, monkeypatch: pytest.MonkeyPatch
 ) -> None:

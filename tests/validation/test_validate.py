@@ -106,6 +106,33 @@ def test_accuracy_gate_fails_against_a_different_model(
         assert validate(cfg)["gates"]["passed"]
 
 
+def test_size_gate_and_breakdown_need_no_reference(
+    tiny_bert_onnx: Path, tiny_csv: Path, tmp_path: Path
+) -> None:
+    from trimformer.artifact import ModelArtifact
+
+    size_mb = ModelArtifact.open(tiny_bert_onnx).size_bytes() / 1e6
+    report = validate(
+        _fast(
+            model=str(tiny_bert_onnx),
+            data=str(tiny_csv),
+            max_size_mb=size_mb * 1.01,
+            out=str(tmp_path / "ok"),
+        )
+    )
+    parts = report["size_breakdown"]
+    assert report["gates"]["passed"] and parts["model_files_mb"] == round(size_mb, 3)
+    # The word (and position, type) tables plus the rest are the model files; the tokenizer is beside them.
+    assert parts["embeddings_mb"] + parts["encoder_mb"] == pytest.approx(parts["model_files_mb"], abs=2e-3)
+    assert parts["embeddings_mb"] > 0 and parts["tokenizer_mb"] > 0
+    with pytest.raises(GateFailed, match=r"max_size_mb: the model files are .* MB \(limit 0\.05\)"):
+        validate(
+            _fast(model=str(tiny_bert_onnx), data=str(tiny_csv), max_size_mb=0.05, out=str(tmp_path / "r"))
+        )
+    with pytest.raises(UserError, match="--max-size-mb must be a positive number of MB"):
+        validate(_fast(model=str(tiny_bert_onnx), data=str(tiny_csv), max_size_mb=0.0))
+
+
 def test_gates_need_a_reference(tiny_bert_onnx: Path, tiny_csv: Path) -> None:
     with pytest.raises(UserError, match="pass --reference"):
         validate(_fast(model=str(tiny_bert_onnx), data=str(tiny_csv), max_accuracy_drop=1.0))

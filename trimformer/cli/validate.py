@@ -36,6 +36,9 @@ from trimformer.errors import GateFailed
     "--min-speedup", type=float, default=None, help="Gate: p50 speed-up over the reference, every shape."
 )
 @click.option(
+    "--max-size-mb", type=float, default=None, help="Gate: the model files' size in MB (no reference needed)."
+)
+@click.option(
     "--perplexity-context",
     type=int,
     default=None,

@@ -8,21 +8,11 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from trimformer.errors import UserError
+from trimformer.formats.tokenizer_files import TOKENIZER_FILES
 
 __all__ = ["TOKENIZER_FILES", "load_tokenizer"]
 
 logger = logging.getLogger(__name__)
-
-# Files that travel with a model so Hugging Face loaders (and Optimum) can rebuild the tokenizer.
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "vocab.txt",
-    "vocab.json",
-    "merges.txt",
-    "sentencepiece.bpe.model",
-)
 
 
 def load_tokenizer(folder: Path) -> Tokenizer:

@@ -39,6 +39,7 @@ from trimformer.formats.decoder import (
 )
 from trimformer.formats.targets import built_for
 from trimformer.formats.tasks import CAUSAL_LM
+from trimformer.formats.tokenizer_files import TOKENIZER_FILES
 from trimformer.fsutil import atomic_output_dir, check_output_dir, sha256_bytes, sha256_file
 from trimformer.packaging.kserve import KSERVE_FILE, KServeOptions, inference_service, kubernetes_name
 from trimformer.packaging.manifest import lineage_facts, model_facts, validation_facts
@@ -78,20 +79,8 @@ __all__ = ["BUNDLE_TOKENIZER_FILES", "PackageResult", "archive_path_for", "packa
 
 logger = logging.getLogger(__name__)
 
-# The tokenizer files Hugging Face loaders (and Optimum) read; tokenizer.json is the one the
-# runtime reads. A superset of trimformer.data.tokenizer.TOKENIZER_FILES, repeated here so that
-# packaging does not import the torch-side sources package.
-BUNDLE_TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.txt",
-    "vocab.json",
-    "merges.txt",
-    "sentencepiece.bpe.model",
-    "spiece.model",
-)
+# The tokenizer files Hugging Face loaders (and Optimum) read; tokenizer.json is the one the runtime reads.
+BUNDLE_TOKENIZER_FILES = TOKENIZER_FILES
 CONFIG_FILE = "config.json"
 # Smoke tolerance, times max(1, largest |output|): float graphs agree to ~1e-6 across machines;
 # integer kernels differ more between CPUs (VNNI or not), hence the wider margin for quantized graphs.

@@ -431,6 +431,7 @@ def _run_validate(ctx: StageContext) -> StageResult:
             out=str(folder / "final"),
             max_accuracy_drop=None if same else section.gates.max_accuracy_drop,
             min_speedup=None if same else section.gates.min_speedup,
+            max_size_mb=section.gates.max_size_mb,
             **common,
         )
         try:

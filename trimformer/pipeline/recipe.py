@@ -159,13 +159,15 @@ class PassSpec(_Strict):
 class Gates(_Strict):
     max_accuracy_drop: float | None = Field(default=None, ge=0)
     min_speedup: float | None = Field(default=None, gt=0)
+    # The final model's files (model.onnx and external data), in MB.
+    max_size_mb: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     # A causal LM's gates (trimformer.validation.decoder), against the PyTorch model it came from.
     max_perplexity_increase: float | None = Field(default=None, ge=0)
     min_token_agreement: float | None = Field(default=None, ge=0, le=1)
     min_decode_speedup: float | None = Field(default=None, gt=0)
 
 
-ENCODER_GATES = ("max_accuracy_drop", "min_speedup")
+ENCODER_GATES = ("max_accuracy_drop", "min_speedup", "max_size_mb")
 DECODER_GATES = ("max_perplexity_increase", "min_token_agreement", "min_decode_speedup")
 
 

@@ -156,6 +156,7 @@ def collect_report(recipe: Recipe, result: RunResult) -> dict[str, Any]:
         for p in result.stages
     ]
     providers: dict[str, Any] = {}
+    size: dict[str, Any] | None = None
     validate = next((p for p in result.stages if p.stage.kind == "validate" and p.name in done), None)
     if validate is not None:
         reference_stage = validate.stage.inputs.get("reference")
@@ -191,6 +192,8 @@ def collect_report(recipe: Recipe, result: RunResult) -> dict[str, Any]:
                 "gates": final.get("gates"),
                 "env": final.get("env"),
             }
+            if final.get("size_breakdown") and size is None:
+                size = {"model": final_name, **final["size_breakdown"]}
     pruning = []
     for p in artifact_stages:
         if p.stage.kind == "pass" and p.stage.params.get("pass") == "prune":
@@ -206,6 +209,7 @@ def collect_report(recipe: Recipe, result: RunResult) -> dict[str, Any]:
         "stages": stages,
         "providers": providers,
         "pruning": pruning,
+        "size": _with_limit(size, recipe),
         "target": _target_of(artifact_stages[-1].out) if artifact_stages else None,
         "gates_passed": result.gates_passed,
         "gate_failures": result.gate_failures,
@@ -213,7 +217,43 @@ def collect_report(recipe: Recipe, result: RunResult) -> dict[str, Any]:
     }
 
 
+def _with_limit(size: dict[str, Any] | None, recipe: Recipe) -> dict[str, Any] | None:
+    """The final model's size breakdown and the recipe's size gate, if any."""
+    if size is None:
+        return None
+    section = recipe.validate_
+    return {**size, "limit_mb": None if section is None else section.gates.max_size_mb}
+
+
 # -- plots --------------------------------------------------------------------------------------
+_SIZE_PARTS = (
+    ("embeddings_mb", "embedding tables"),
+    ("encoder_mb", "encoder"),
+    ("tokenizer_mb", "tokenizer"),
+)
+
+
+def _size_plot(plt: Any, size: dict[str, Any]) -> bytes:
+    """One stacked bar: where the shipped bytes go, against the size gate."""
+    fig, ax = plt.subplots(figsize=(7.0, 1.9))
+    left = 0.0
+    for (key, label), color in zip(_SIZE_PARTS, ("#4c72b0", "#55a868", "#c44e52"), strict=True):
+        width = float(size[key])
+        ax.barh([0], [width], left=left, color=color, label=f"{label} {width:.2f} MB")
+        left += width
+    if size.get("limit_mb"):
+        ax.axvline(size["limit_mb"], color="black", linestyle="--", label=f"gate {size['limit_mb']:g} MB")
+    ax.set_yticks([])
+    ax.set_xlabel("MB")
+    ax.set_xlim(0, max(left, size.get("limit_mb") or 0) * 1.08)
+    # The gate bounds the model files (the first two parts); the tokenizer ships beside them.
+    ax.set_title(
+        f"{size['model']}: model files {size['model_files_mb']:.2f} MB, tokenizer {size['tokenizer_mb']:.2f} MB"
+    )
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.45), ncol=4, fontsize=8, frameon=False)
+    return _png(fig)
+
+
 def _png(fig: Any) -> bytes:
     buffer = io.BytesIO()
     # No timestamp or software tag: the same numbers give the same bytes.
@@ -336,6 +376,8 @@ def _plots(report: dict[str, Any]) -> dict[str, bytes]:
         decoding = [r for r in info["variants"] if r.get("decode_tokens_per_s")]
         if decoding:
             plots[f"decode-{provider}.png"] = _decode_plot(plt, provider, decoding)
+    if report.get("size"):
+        plots["size.png"] = _size_plot(plt, report["size"])
     for entry in report["pruning"]:
         png = _pruning_plot(plt, entry)
         if png is not None:
@@ -376,6 +418,14 @@ def _gate_lines(report: dict[str, Any]) -> list[str]:
     return ["FAILED: " + failure for failure in report["gate_failures"]]
 
 
+def _size_table(size: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    rows = [[label, _fmt(size[key])] for key, label in _SIZE_PARTS]
+    rows.append(["model files (the size gate)", _fmt(size["model_files_mb"])])
+    if size.get("limit_mb"):
+        rows.append(["gate", f"at most {size['limit_mb']:g}"])
+    return ["part", "MB"], rows
+
+
 def render_markdown(report: dict[str, Any], plot_files: list[str]) -> str:
     def table(head: list[str], rows: list[list[str]]) -> list[str]:
         return [
@@ -388,6 +438,8 @@ def render_markdown(report: dict[str, Any], plot_files: list[str]) -> str:
     lines = [f"# Run report: {title}", "", "## Gates", "", *[f"- {g}" for g in _gate_lines(report)], ""]
     for provider, info in report["providers"].items():
         lines += [f"## Variants ({provider})", "", *table(*_variant_table(info)), ""]
+    if report.get("size"):
+        lines += [f"## Size ({report['size']['model']})", "", *table(*_size_table(report["size"])), ""]
     if report["pruning"]:
         for entry in report["pruning"]:
             lines += [f"## Pruning map ({entry['stage']})", ""]
@@ -439,6 +491,8 @@ def render_html(report: dict[str, Any], plots: dict[str, bytes]) -> str:
     ]
     for provider, info in report["providers"].items():
         parts.append(f"<h2>Variants ({esc(provider)})</h2>" + table(*_variant_table(info)))
+    if report.get("size"):
+        parts.append(f"<h2>Size ({esc(report['size']['model'])})</h2>" + table(*_size_table(report["size"])))
     for name, data in plots.items():
         encoded = base64.b64encode(data).decode("ascii")
         parts.append(f'<figure><img alt="{esc(name)}" src="data:image/png;base64,{encoded}"></figure>')

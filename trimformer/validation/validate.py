@@ -41,6 +41,7 @@ from trimformer.validation.latency import PeakMemory, summarize, time_calls
 from trimformer.validation.reference import ReferenceOpener, artifact_encoder, load_reference
 from trimformer.validation.report_md import render_decoder_markdown, render_validation_markdown
 from trimformer.validation.runners import ModelRunner, OrtRunner, ProviderOptions, default_threads
+from trimformer.validation.size import size_breakdown
 
 __all__ = ["DEFAULT_GRID", "ValidateConfig", "parse_grid", "validate"]
 
@@ -90,6 +91,8 @@ class ValidateConfig:
     natural_samples: int = 100
     max_accuracy_drop: float | None = None
     min_speedup: float | None = None
+    # The model files' size (model.onnx and its external data), in MB: an edge build's promise.
+    max_size_mb: float | None = None
     out: str | None = None
     overwrite: bool = True
     text_column: str | None = None
@@ -113,6 +116,8 @@ class ValidateConfig:
             raise UserError(f"--max-accuracy-drop must be at least 0 points, got {self.max_accuracy_drop}")
         if self.min_speedup is not None and self.min_speedup <= 0:
             raise UserError(f"--min-speedup must be positive, got {self.min_speedup}")
+        if self.max_size_mb is not None and not 0 < self.max_size_mb < float("inf"):
+            raise UserError(f"--max-size-mb must be a positive number of MB, got {self.max_size_mb}")
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -274,6 +279,10 @@ def _gates(report: dict[str, Any], config: ValidateConfig) -> dict[str, Any]:
         for key, value in report["speedup"].items():
             if value < config.min_speedup:
                 failed.append(f"min_speedup: {value:.2f}x at {key} (needs {config.min_speedup:.2f}x)")
+    if config.max_size_mb is not None and report["size_mb"] > config.max_size_mb:
+        failed.append(
+            f"max_size_mb: the model files are {report['size_mb']:.2f} MB (limit {config.max_size_mb:.2f})"
+        )
     return {"passed": not failed, "failed": failed}
 
 
@@ -355,6 +364,7 @@ def _combined_report(
     report["model_hash"] = artifact.model_hash()
     # The deployment target the model was built for (None before targets existed).
     report["target"] = built_for([step.params for step in artifact.meta.lineage])
+    report["size_breakdown"] = size_breakdown(artifact)
     if len(measured) > 1:
         report["by_provider"] = {one["provider"]: dict(one) for one, _ in measured}
     failed: list[str] = []
@@ -369,9 +379,13 @@ def _combined_report(
 def _validate_decoder(
     config: ValidateConfig, artifact: ModelArtifact, threads: int, opener: DecoderOpener | None
 ) -> dict[str, Any]:
-    if config.max_accuracy_drop is not None or config.min_speedup is not None:
+    if (
+        config.max_accuracy_drop is not None
+        or config.min_speedup is not None
+        or config.max_size_mb is not None
+    ):
         raise UserError(
-            "--max-accuracy-drop and --min-speedup are encoder gates; a causal LM takes "
+            "--max-accuracy-drop, --min-speedup and --max-size-mb are encoder gates; a causal LM takes "
             "--max-perplexity-increase, --min-token-agreement and --min-decode-speedup"
         )
     if config.provider != "cpu" or config.providers:
