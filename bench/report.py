@@ -18,6 +18,7 @@ COLUMNS = [
     ("p90_natural_ms", "p90 nat"),
     ("throughput_32x128_per_s", "32x128 /s"),
     ("speedup_vs_ort_fp32", "x ORT FP32"),
+    ("speedup_natural_vs_ort_fp32", "x FP32 nat"),
     ("size_mb", "MB"),
     ("produce_seconds", "make s"),
     ("produce_peak_rss_mb", "make MB"),

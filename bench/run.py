@@ -285,6 +285,22 @@ def variants(
                 f"--out {w}/tf-edge --overwrite",
             ],
         ),
+        # The edge recipe's last steps on the same pruned student: the vocabulary the train tweets
+        # use (99 % of their tokens) and the word table in 4 bits (docs/VOCABULARY.md).
+        Variant(
+            "trimformer edge + trim-vocab + 4-bit word table",
+            "trimformer",
+            w / "tf-edge-trim",
+            precision="int8",
+            command=[
+                "bash",
+                "-c",
+                f"{TF} --quiet trim-vocab {w}/tf-edge-pruned --corpus builtin:tweets --coverage 0.99 "
+                f"--out {w}/tf-edge-trimmed --overwrite && "
+                f"{TF} --quiet quantize {w}/tf-edge-trimmed --calibration builtin:tweets --embedding int4 "
+                f"--out {w}/tf-edge-trim --overwrite",
+            ],
+        ),
     ]
     return out
 
