@@ -34,12 +34,15 @@ def _cycling(run: Callable[[Batch], np.ndarray], feeds: Sequence[Batch]) -> Call
 
 
 def _latency(
-    runners: dict[str, Callable[[Batch], np.ndarray]], shapes: dict[str, list[Batch]], rounds: int
+    runners: dict[str, Callable[[Batch], np.ndarray]],
+    shapes: dict[str, dict[str, list[Batch]]],
+    rounds: int,
 ) -> dict[str, dict[str, list[float]]]:
     """Samples in ms, ``result[variant][shape]``: interleaved rounds, every variant once per round
-    in a rotating order, 20 calls per round of each batch-1 shape and 2 of 32x128."""
+    in a rotating order, 20 calls per round of each batch-1 shape and 2 of 32x128. ``shapes`` holds
+    each variant's own feeds (a trimmed vocabulary numbers the same texts differently)."""
     calls = {
-        name: {shape: _cycling(run, feeds) for shape, feeds in shapes.items()}
+        name: {shape: _cycling(run, feeds) for shape, feeds in shapes[name].items()}
         for name, run in runners.items()
     }
     per_round = {"1x128": 20, "natural": 20, "32x128": 2}
@@ -72,12 +75,23 @@ def measure_variants(
     test = load_dataset("builtin:tweets", split="test", limit=limit)
     targets = map_labels(test.labels or [], source.labels)
     names = ("input_ids", "attention_mask", "token_type_ids")
-    encoder = Encoder(load_tokenizer(teacher), names, 128, source.pad_token_id)
-    padded_1 = [encoder([test.texts[0]], pad_to=128)]
-    padded_32 = [encoder(test.texts[:32], pad_to=128)]
-    natural = [encoder([t]) for t in test.texts[:200]]
+    teacher_encoder = Encoder(load_tokenizer(teacher), names, 128, source.pad_token_id)
+
+    def encoder_of(folder: Path) -> Any:
+        """A variant's own tokenizer where it ships one (trim-vocab renumbers the vocabulary)."""
+        if folder.is_dir() and (folder / "tokenizer.json").is_file():
+            return Encoder(load_tokenizer(folder), names, 128, source.pad_token_id)
+        return teacher_encoder
+
+    def shapes_of(encoder: Any) -> dict[str, list[Batch]]:
+        return {
+            "1x128": [encoder([test.texts[0]], pad_to=128)],
+            "natural": [encoder([t]) for t in test.texts[:200]],
+            "32x128": [encoder(test.texts[:32], pad_to=128)],
+        }
 
     live = [v for v in variants if v.skipped is None]
+    encoders = {v.name: teacher_encoder if v.torch else encoder_of(v.path) for v in live}
     runners: dict[str, Any] = {}
     for v in live:
         if v.torch:
@@ -85,10 +99,10 @@ def measure_variants(
         else:
             runners[v.name] = SessionRunner(v.path / "model.onnx", threads).run
     print("measuring accuracy ...", flush=True)
-    logits = {name: _predict_all(run, encoder, test.texts) for name, run in runners.items()}
+    logits = {name: _predict_all(run, encoders[name], test.texts) for name, run in runners.items()}
     reference = logits[live[0].name] if live and live[0].torch else None
     print("measuring latency ...", flush=True)
-    samples = _latency(runners, {"1x128": padded_1, "natural": natural, "32x128": padded_32}, rounds)
+    samples = _latency(runners, {name: shapes_of(encoders[name]) for name in runners}, rounds)
     print("measuring the machine's peak ...", flush=True)
     peaks = {"int8": measure_peak("MatMulInteger", threads), "fp32": measure_peak("MatMul", threads)}
     fp32_name = next((v.name for v in live if v.name.startswith("ORT FP32")), None)

@@ -27,7 +27,7 @@ import copy
 import json
 import string
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -192,20 +192,33 @@ def _bpe_closure(spec: dict[str, Any], vocab: dict[str, int], kept: set[int]) ->
     return closure
 
 
-def _referenced_ids(node: Any) -> set[int]:
-    """Ids a post-processor names (TemplateProcessing's ``ids``, Bert/RobertaProcessing's pairs)."""
+def _map_ids(node: Any, change: Callable[[int], int]) -> Any:
+    """A post-processor with ``change`` applied to every special-token id it names
+    (TemplateProcessing's ``ids``, Bert/RobertaProcessing's ``[token, id]`` pairs, Sequence's
+    ``processors``): the one walker of that structure, for reading the ids and for remapping them."""
     if isinstance(node, list):
-        return set().union(*(_referenced_ids(v) for v in node)) if node else set()
+        return [_map_ids(v, change) for v in node]
     if not isinstance(node, dict):
-        return set()
-    found: set[int] = set()
+        return node
+    out = {}
     for key, value in node.items():
         if key == "ids" and isinstance(value, list):
-            found.update(int(i) for i in value)
+            out[key] = [change(int(i)) for i in value]
         elif key in ("sep", "cls") and isinstance(value, list) and len(value) == 2:
-            found.add(int(value[1]))
+            out[key] = [value[0], change(int(value[1]))]
         else:
-            found |= _referenced_ids(value)
+            out[key] = _map_ids(value, change)
+    return out
+
+
+def _referenced_ids(node: Any) -> set[int]:
+    found: set[int] = set()
+
+    def record(token_id: int) -> int:
+        found.add(token_id)
+        return token_id
+
+    _map_ids(node, record)
     return found
 
 
@@ -283,24 +296,6 @@ def plan_vocabulary(
     )
 
 
-def _remap_ids(node: Any, remap: dict[int, int]) -> Any:
-    """A post-processor with its special-token ids remapped (TemplateProcessing's ``ids``,
-    BertProcessing/RobertaProcessing's ``[token, id]`` pairs, Sequence's ``processors``)."""
-    if isinstance(node, list):
-        return [_remap_ids(v, remap) for v in node]
-    if not isinstance(node, dict):
-        return node
-    out = {}
-    for key, value in node.items():
-        if key == "ids" and isinstance(value, list):
-            out[key] = [remap[int(i)] for i in value]
-        elif key in ("sep", "cls") and isinstance(value, list) and len(value) == 2:
-            out[key] = [value[0], remap[int(value[1])]]
-        else:
-            out[key] = _remap_ids(value, remap)
-    return out
-
-
 def trimmed_tokenizer_json(tokenizer_json: str, plan: VocabularyPlan) -> str:
     """The tokenizer.json of the trimmed vocabulary (same normalizer, pre-tokenizer, decoder)."""
     spec = copy.deepcopy(json.loads(tokenizer_json))
@@ -320,7 +315,7 @@ def trimmed_tokenizer_json(tokenizer_json: str, plan: VocabularyPlan) -> str:
     for token in spec.get("added_tokens", []):
         token["id"] = remap[int(token["id"])]
     if spec.get("post_processor") is not None:
-        spec["post_processor"] = _remap_ids(spec["post_processor"], remap)
+        spec["post_processor"] = _map_ids(spec["post_processor"], remap.__getitem__)
     padding = spec.get("padding")
     if padding is not None and padding.get("pad_id") is not None:
         padding["pad_id"] = remap[int(padding["pad_id"])]
