@@ -27,6 +27,20 @@ def _predict_all(run: Callable[[Batch], np.ndarray], encoder: Any, texts: Sequen
     return np.concatenate(out)
 
 
+def _fidelity(out: np.ndarray, targets: np.ndarray, reference: np.ndarray | None) -> dict[str, Any]:
+    """Accuracy, and agreement and mean KL with the PyTorch reference's logits (when there is one)."""
+    fidelity: dict[str, Any] = {"accuracy": round(float((out.argmax(-1) == targets).mean()), 4)}
+    if reference is None:
+        return {**fidelity, "agreement": None, "mean_kl": None}
+    ref = _softmax(reference)
+    kl = (ref * (np.log(ref + 1e-12) - np.log(_softmax(out) + 1e-12))).sum(-1).mean()
+    return {
+        **fidelity,
+        "agreement": round(float((out.argmax(-1) == reference.argmax(-1)).mean()), 4),
+        "mean_kl": round(float(kl), 5),
+    }
+
+
 def _cycling(run: Callable[[Batch], np.ndarray], feeds: Sequence[Batch]) -> Callable[[], object]:
     """One call per feed in turn (real texts of natural length), wrapping around."""
     turn = itertools.cycle(feeds)
@@ -62,11 +76,29 @@ def _size_mb(folder: Path) -> float:
     return round(sum(p.stat().st_size for p in files) / 1e6, 2)
 
 
+def _encoder(folder: Path, teacher: Path, pad_token_id: int) -> Any:
+    """The encoder of a variant's own tokenizer.json, else the teacher's."""
+    from trimformer.data import Encoder
+    from trimformer.data.tokenizer import load_tokenizer
+
+    names = ("input_ids", "attention_mask", "token_type_ids")
+    source = folder if folder.is_dir() and (folder / "tokenizer.json").is_file() else teacher
+    return Encoder(load_tokenizer(source), names, 128, pad_token_id)
+
+
+def _shapes(encoder: Any, texts: Sequence[str]) -> dict[str, list[Batch]]:
+    """The latency feeds: one text padded to 128, 200 texts at their own length, 32 x 128."""
+    return {
+        "1x128": [encoder([texts[0]], pad_to=128)],
+        "natural": [encoder([t]) for t in texts[:200]],
+        "32x128": [encoder(list(texts[:32]), pad_to=128)],
+    }
+
+
 def measure_variants(
     variants: list[Any], teacher: Path, threads: int, rounds: int, limit: int | None
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    from trimformer.data import Encoder, load_dataset, map_labels
-    from trimformer.data.tokenizer import load_tokenizer
+    from trimformer.data import load_dataset, map_labels
     from trimformer.sources import load_source
     from trimformer.sources.runner import TorchRunner
 
@@ -74,24 +106,9 @@ def measure_variants(
     assert source.labels is not None
     test = load_dataset("builtin:tweets", split="test", limit=limit)
     targets = map_labels(test.labels or [], source.labels)
-    names = ("input_ids", "attention_mask", "token_type_ids")
-    teacher_encoder = Encoder(load_tokenizer(teacher), names, 128, source.pad_token_id)
-
-    def encoder_of(folder: Path) -> Any:
-        """A variant's own tokenizer where it ships one (trim-vocab renumbers the vocabulary)."""
-        if folder.is_dir() and (folder / "tokenizer.json").is_file():
-            return Encoder(load_tokenizer(folder), names, 128, source.pad_token_id)
-        return teacher_encoder
-
-    def shapes_of(encoder: Any) -> dict[str, list[Batch]]:
-        return {
-            "1x128": [encoder([test.texts[0]], pad_to=128)],
-            "natural": [encoder([t]) for t in test.texts[:200]],
-            "32x128": [encoder(test.texts[:32], pad_to=128)],
-        }
-
     live = [v for v in variants if v.skipped is None]
-    encoders = {v.name: teacher_encoder if v.torch else encoder_of(v.path) for v in live}
+    # Each variant encodes with its own tokenizer (trim-vocab renumbers the vocabulary).
+    encoders = {v.name: _encoder(teacher if v.torch else v.path, teacher, source.pad_token_id) for v in live}
     runners: dict[str, Any] = {}
     for v in live:
         if v.torch:
@@ -102,7 +119,7 @@ def measure_variants(
     logits = {name: _predict_all(run, encoders[name], test.texts) for name, run in runners.items()}
     reference = logits[live[0].name] if live and live[0].torch else None
     print("measuring latency ...", flush=True)
-    samples = _latency(runners, {name: shapes_of(encoders[name]) for name in runners}, rounds)
+    samples = _latency(runners, {name: _shapes(encoders[name], test.texts) for name in runners}, rounds)
     print("measuring the machine's peak ...", flush=True)
     peaks = {"int8": measure_peak("MatMulInteger", threads), "fp32": measure_peak("MatMul", threads)}
     fp32_name = next((v.name for v in live if v.name.startswith("ORT FP32")), None)
@@ -122,23 +139,7 @@ def measure_variants(
         ops = fp32_ops if v.torch else count_ops(v.path / "model.onnx")
         row.update(
             {
-                "accuracy": round(float((out.argmax(-1) == targets).mean()), 4),
-                "agreement": None
-                if reference is None
-                else round(float((out.argmax(-1) == reference.argmax(-1)).mean()), 4),
-                "mean_kl": None
-                if reference is None
-                else round(
-                    float(
-                        (
-                            _softmax(reference)
-                            * (np.log(_softmax(reference) + 1e-12) - np.log(_softmax(out) + 1e-12))
-                        )
-                        .sum(-1)
-                        .mean()
-                    ),
-                    5,
-                ),
+                **_fidelity(out, targets, reference),
                 "p50_1x128_ms": round(p50, 3),
                 "p90_1x128_ms": round(float(np.percentile(s["1x128"], 90)), 3),
                 "p50_natural_ms": round(float(np.percentile(s["natural"], 50)), 3),

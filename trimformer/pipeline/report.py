@@ -134,6 +134,38 @@ def _target_of(folder: Path) -> str | None:
     return built_for([step.get("params") or {} for step in lineage if isinstance(step, dict)])
 
 
+def _variant_rows(
+    folder: Path,
+    final: dict[str, Any],
+    final_name: str,
+    reference_stage: str | None,
+    artifact_stages: list[Any],
+) -> tuple[list[dict[str, Any]], str | None]:
+    """One provider's rows (reference, intermediates, final) with their Pareto flags, and the shape
+    the flags are taken at."""
+    rows = []
+    ref = final.get("reference")
+    if ref is not None:
+        rows.append(_variant_row(reference_stage or "reference", "reference", ref))
+    for p in artifact_stages:
+        if p.name in (reference_stage, final_name):
+            continue
+        variant = _read_json(folder / p.name / "report.json")
+        if variant is not None:
+            rows.append(_variant_row(p.name, "intermediate", variant))
+    rows.append(_variant_row(final_name, "final" if ref is not None else "final (reference)", final))
+    shape = next(iter(final.get("latency_ms", {})), None)
+    points = [
+        (r["latency_ms"][shape]["p50"], r["accuracy"])
+        for r in rows
+        if shape in r["latency_ms"] and r["accuracy"] is not None
+    ]
+    flags = iter(pareto_front(points))
+    for r in rows:
+        r["pareto"] = next(flags) if shape in r["latency_ms"] and r["accuracy"] is not None else None
+    return rows, shape
+
+
 def collect_report(recipe: Recipe, result: RunResult) -> dict[str, Any]:
     """Gather every variant's numbers from the stage folders of a run."""
     by_name = {p.name: p for p in result.stages}
@@ -165,27 +197,8 @@ def collect_report(recipe: Recipe, result: RunResult) -> dict[str, Any]:
             final = _read_json(folder / "final" / "report.json")
             if final is None:
                 continue
-            rows = []
-            ref = final.get("reference")
-            if ref is not None:
-                rows.append(_variant_row(reference_stage or "reference", "reference", ref))
-            for p in artifact_stages:
-                if p.name in (reference_stage, final_stage):
-                    continue
-                variant = _read_json(folder / p.name / "report.json")
-                if variant is not None:
-                    rows.append(_variant_row(p.name, "intermediate", variant))
             final_name = final_stage or "model"
-            rows.append(_variant_row(final_name, "final" if ref is not None else "final (reference)", final))
-            shape = next(iter(final.get("latency_ms", {})), None)
-            points = [
-                (r["latency_ms"][shape]["p50"], r["accuracy"])
-                for r in rows
-                if shape in r["latency_ms"] and r["accuracy"] is not None
-            ]
-            flags = iter(pareto_front(points))
-            for r in rows:
-                r["pareto"] = next(flags) if shape in r["latency_ms"] and r["accuracy"] is not None else None
+            rows, shape = _variant_rows(folder, final, final_name, reference_stage, artifact_stages)
             providers[folder.name] = {
                 "shape": shape,
                 "variants": rows,
