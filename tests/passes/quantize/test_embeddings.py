@@ -8,7 +8,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from trimformer.passes.quantize.embeddings import quantize_word_embeddings
+from trimformer.passes.quantize.embeddings import quantize_other_tables, quantize_word_embeddings
 
 
 def _embedding_graph(table: np.ndarray, tied: bool = False) -> onnx.ModelProto:
@@ -74,3 +74,48 @@ def test_the_table_in_4_bits_is_half_the_bytes_and_gathers_close_rows() -> None:
     block_range = np.ptp(table.reshape(500, 2, 32), axis=-1).max()
     assert error4 <= block_range / 15 / 2 * 1.01
     assert error4 > np.abs(rows["8"] - table[ids]).max()
+
+
+def test_beside_a_4_bit_word_table_large_position_tables_go_to_8_bits() -> None:
+    rng = np.random.default_rng(2)
+    word = (rng.standard_normal((300, 64)) * 0.05).astype(np.float32)
+    position = (rng.standard_normal((600, 64)) * 0.05).astype(np.float32)  # 153.6 KB in float
+    types = (rng.standard_normal((2, 64)) * 0.05).astype(np.float32)  # 512 bytes: stays float
+    nodes = [
+        helper.make_node("Gather", ["word", "input_ids"], ["w"]),
+        helper.make_node("Gather", ["position", "position_ids"], ["p"]),
+        helper.make_node("Gather", ["types", "token_type_ids"], ["t"]),
+        helper.make_node("Sum", ["w", "p", "t"], ["out"]),
+    ]
+    inputs = [
+        helper.make_tensor_value_info(name, TensorProto.INT64, ["batch", "seq"])
+        for name in ("input_ids", "position_ids", "token_type_ids")
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        inputs,
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
+        [
+            numpy_helper.from_array(a, n)
+            for a, n in ((word, "word"), (position, "position"), (types, "types"))
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert quantize_word_embeddings(model, bits=4) == 1 and quantize_other_tables(model) == 1
+    bits = {
+        n.input[1]: next(a.i for a in n.attribute if a.name == "bits")
+        for n in model.graph.node
+        if n.op_type == "GatherBlockQuantized"
+    }
+    assert bits == {"input_ids": 4, "position_ids": 8}
+    assert [n.op_type for n in model.graph.node].count("Gather") == 1  # the token-type table
+    feeds = {name: rng.integers(0, 2, size=(2, 5)) for name in ("token_type_ids",)}
+    feeds |= {
+        "input_ids": rng.integers(0, 300, size=(2, 5)),
+        "position_ids": rng.integers(0, 600, size=(2, 5)),
+    }
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    out = session.run(None, feeds)[0]
+    exact = word[feeds["input_ids"]] + position[feeds["position_ids"]] + types[feeds["token_type_ids"]]
+    assert np.abs(out - exact).max() < 0.05 * 6 / 15  # within a 4-bit step of the word table's range

@@ -15,7 +15,7 @@ import onnx
 from trimformer.errors import UserError
 from trimformer.passes.fuse.cpu_kernels import prefer_cpu_kernels
 from trimformer.passes.fuse.integer_matmul import fuse_matmul_integer_to_float
-from trimformer.passes.quantize.embeddings import quantize_word_embeddings
+from trimformer.passes.quantize.embeddings import quantize_other_tables, quantize_word_embeddings
 from trimformer.passes.quantize.graph import Candidate
 from trimformer.passes.quantize.presets import QuantizerSettings
 
@@ -96,6 +96,8 @@ def quantize_model(
         # No embedding fusion to carry the tables in 8 bits (RoBERTa, a first layer pruned headless,
         # or a 4-bit table asked for: the fusion was left off).
         rewrites[f"word_embeddings_{table_bits}bit"] = quantize_word_embeddings(quantized, bits=table_bits)
+        if table_bits == 4:
+            rewrites["position_tables_8bit"] = quantize_other_tables(quantized)
     return quantized, rewrites
 
 
