@@ -639,6 +639,17 @@ CASES: dict[str, tuple[Case, str]] = {
         ],
         r"special token id\(s\) \[999\].*trimming would drop them",
     ),
+    "trim-vocab: a tokenizer.json that is not JSON": (
+        lambda t, fx: [
+            "trim-vocab",
+            str(_copy_artifact(fx, t, lambda f: (f / "tokenizer.json").write_text("{not json"))),
+            "--corpus",
+            str(fx["csv"]),
+            "--out",
+            str(t / OUT),
+        ],
+        "tokenizer.json is not a valid tokenizers file",
+    ),
     "trim-vocab: causal LM": (
         lambda t, fx: [
             "trim-vocab",

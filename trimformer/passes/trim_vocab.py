@@ -156,7 +156,6 @@ class TrimVocabPass(FunctionalPass):
         self.config = config
         self.texts: VocabularyTexts = ctx.vocabulary
         self.scratch = ctx.scratch
-        self.new_json = ""
 
     def call(self, model: ir.Model) -> PassReport:
         texts = self.texts
@@ -168,7 +167,6 @@ class TrimVocabPass(FunctionalPass):
         table = find_word_table(trimmed.graph)
         bytes_before, bytes_after = gather_rows(table, plan.kept)
         new_json = trimmed_tokenizer_json(texts.tokenizer_json, plan)
-        self.new_json = new_json
         after = ir.to_proto(trimmed)
         names = [i.name for i in before.graph.input]
         new_pad = plan.old_to_new()[texts.pad_token_id]
@@ -176,9 +174,11 @@ class TrimVocabPass(FunctionalPass):
         old_encoder = TextEncoder(texts.tokenizer_json, names, texts.max_length, texts.pad_token_id)
         new_encoder = TextEncoder(new_json, names, texts.max_length, new_pad)
         stats = self._stats(plan, str(table.name), bytes_before, bytes_after, new_json)
-        stats["corpus_check"] = self._check_corpus(plan, (before, after), (old_encoder, new_encoder))
+        stats["corpus_check"] = self._check_corpus(
+            plan, new_json, (before, after), (old_encoder, new_encoder)
+        )
         if texts.holdout:
-            stats["holdout"] = self._check_holdout((before, after), (old_encoder, new_encoder))
+            stats["holdout"] = self._check_holdout(new_json, (before, after), (old_encoder, new_encoder))
         path = self.scratch / f"trim-vocab-{id(self)}-{TOKENIZER_FILE}"
         path.write_text(new_json, encoding="utf-8")
         return PassReport(trimmed, modified=True, stats=stats, files={TOKENIZER_FILE: path})
@@ -204,6 +204,7 @@ class TrimVocabPass(FunctionalPass):
     def _check_corpus(
         self,
         plan: VocabularyPlan,
+        new_json: str,
         models: tuple[onnx.ModelProto, onnx.ModelProto],
         encoders: tuple[TextEncoder, TextEncoder],
     ) -> dict[str, Any]:
@@ -212,7 +213,7 @@ class TrimVocabPass(FunctionalPass):
         remap = plan.old_to_new()
         corpus = self.texts.corpus
         old_ids = encode_whole(self.texts.tokenizer_json, corpus)
-        new_ids = encode_whole(self.new_json, corpus)
+        new_ids = encode_whole(new_json, corpus)
         unchanged = [
             text
             for text, old, new in zip(corpus, old_ids, new_ids, strict=True)
@@ -236,12 +237,15 @@ class TrimVocabPass(FunctionalPass):
         return {"texts_changed": changed, "texts_compared": len(sample), "max_abs_diff": diff}
 
     def _check_holdout(
-        self, models: tuple[onnx.ModelProto, onnx.ModelProto], encoders: tuple[TextEncoder, TextEncoder]
+        self,
+        new_json: str,
+        models: tuple[onnx.ModelProto, onnx.ModelProto],
+        encoders: tuple[TextEncoder, TextEncoder],
     ) -> dict[str, Any]:
         """How other texts of the domain fare: tokenization changed, outputs agreeing."""
         holdout = list(self.texts.holdout)
         old = encode_whole(self.texts.tokenizer_json, holdout)
-        new = encode_whole(self.new_json, holdout)
+        new = encode_whole(new_json, holdout)
         changed = sum([t for _, t in a] != [t for _, t in b] for a, b in zip(old, new, strict=True))
         sample = _sample(holdout, self.config.check_texts)
         before = _run(models[0], encoders[0], sample)

@@ -18,6 +18,7 @@ from tokenizers import Tokenizer
 
 from trimformer.artifact import ModelArtifact
 from trimformer.data import TextDataset, load_dataset
+from trimformer.data.tokenizer import load_tokenizer
 from trimformer.data.vocabulary import VocabularyTexts, trimmed_vocab_files
 from trimformer.errors import UserError
 from trimformer.formats.targets import AUTO_TARGET
@@ -126,7 +127,8 @@ def run_trim_vocab(
     tokenizer_path = artifact.path / artifact.meta.tokenizer.file
     if not tokenizer_path.is_file():
         raise UserError(f"{artifact.path} has no {artifact.meta.tokenizer.file}; export the model again")
-    tokenizer_json = tokenizer_path.read_text(encoding="utf-8")
+    # The project's one reader refuses a malformed file in one line before anything else runs.
+    tokenizer_json = load_tokenizer(artifact.path).to_str()
     texts, held = _read_texts(corpus, holdout, text_column, text_pair_column)
     vocabulary = VocabularyTexts(
         tokenizer_json=tokenizer_json,
